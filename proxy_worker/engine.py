@@ -1,0 +1,158 @@
+"""One proxy step: the newest tokens of the protected rows → their Δ rows.
+
+The engine owns the two-copy proxy (θ+εg, θ−εg) and its KV cache. Callers (the vLLM adapters)
+tell it about rows coming and going and ask for Δ of the rows that need it; rows that are not
+asked about cost nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from proxy_worker.cache import ProxyBudgetExceeded, ProxyKVCache, RowState
+from proxy_worker.config import ProxyConfig, load_config
+from proxy_worker.delta import finite_difference, zero_non_finite
+from proxy_worker.gradient_file import load_gradient
+from proxy_worker.model import StackedProxy
+from proxy_worker.plan import build_plan
+from proxy_worker.weights import load_proxy_state, perturbed_copies, stack_copies
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown proxy dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass
+class StepResult:
+    """Δ rows in the order asked for (fp32, zero where a row failed) and what the step did."""
+
+    delta: torch.Tensor
+    failed: dict[int, str] = field(default_factory=dict)
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+
+
+class ProxyEngine:
+    """Finite-difference Δ for batched rows over a shared, bounded proxy KV cache."""
+
+    def __init__(
+        self,
+        model: StackedProxy,
+        epsilon: float,
+        token_budget: int,
+        block_size: int = 16,
+        max_pass_tokens: int = 512,
+    ) -> None:
+        if model.copies != 2:
+            raise ValueError("the engine needs exactly two copies: θ+εg and θ−εg")
+        if not epsilon > 0:
+            raise ValueError(f"epsilon must be > 0, got {epsilon}")
+        self.model = model
+        self.epsilon = epsilon
+        self.max_pass_tokens = max_pass_tokens
+        self.cache = ProxyKVCache(model.cfg, 2, model.dtype, token_budget, block_size, model.device)
+
+    @classmethod
+    def from_files(
+        cls,
+        proxy_dir: str | Path,
+        gradient_path: str | Path,
+        epsilon: float,
+        dtype: str = "float32",
+        token_budget: int = 16384,
+        device: torch.device | str = "cpu",
+    ) -> ProxyEngine:
+        """Load θ and g, validate them against each other, and build θ ± εg (fp32, then cast)."""
+        cfg = load_config(proxy_dir)
+        theta = load_proxy_state(proxy_dir, cfg)
+        grad = load_gradient(gradient_path, cfg)
+        params = stack_copies(perturbed_copies(theta, grad, (epsilon, -epsilon)), cfg, parse_dtype(dtype))
+        return cls(StackedProxy(cfg, params, device), epsilon, token_budget)
+
+    @property
+    def cfg(self) -> ProxyConfig:
+        return self.model.cfg
+
+    def add(self, index: int, prompt: Sequence[int], output: Sequence[int] = ()) -> None:
+        """Track a row. ``output`` may be a live list that grows; it is read at step time."""
+        self.cache.add(index, prompt, output)
+
+    def remove(self, index: int) -> None:
+        self.cache.remove(index)
+
+    def move(self, src: int, dst: int) -> None:
+        self.cache.move(src, dst)
+
+    def swap(self, a: int, b: int) -> None:
+        self.cache.swap(a, b)
+
+    def rebuild(self, index: int) -> None:
+        self.cache.rebuild(index)
+
+    def step(self, indices: Sequence[int]) -> StepResult:
+        """Δ for each row in ``indices`` given its current token history.
+
+        A row whose history shrank is recomputed from scratch; a row with nothing new reuses its
+        last Δ (a chunked-prefill row asked again). A row that cannot get KV space is reported in
+        ``failed`` with Δ = 0 and stays failed until removed or rebuilt; so is a non-finite Δ (for
+        that step only). Nothing here raises for a single row's sake.
+        """
+        result = StepResult(torch.zeros(len(indices), self.cfg.vocab_size, device=self.model.device))
+        work: list[tuple[int, RowState, int]] = []
+        for pos, index in enumerate(indices):
+            row = self.cache.rows.get(index)
+            if row is None:
+                result.failed[index] = "row was never added"
+                continue
+            if row.length < row.computed:
+                self.cache.rebuild(index)
+            if row.error is not None:
+                result.failed[index] = row.error
+            elif row.length == 0:
+                result.failed[index] = "row has no tokens"
+            elif row.length == row.computed and row.last_delta is not None:
+                result.delta[pos] = row.last_delta
+            else:
+                try:
+                    self.cache.reserve(row, row.length)
+                except ProxyBudgetExceeded as exc:
+                    self.cache.rebuild(index)
+                    row.error = result.failed[index] = str(exc)
+                    continue
+                work.append((pos, row, row.length))
+        self._run(work, indices, result)
+        return result
+
+    def _run(self, work: list[tuple[int, RowState, int]], indices: Sequence[int], result: StepResult) -> None:
+        """Advance every row in ``work`` to its target length, ``max_pass_tokens`` per row per pass."""
+        while work:
+            rows = [row for _, row, _ in work]
+            ends = [min(target, row.computed + self.max_pass_tokens) for _, row, target in work]
+            new = [row.tokens(row.computed, end) for row, end in zip(rows, ends, strict=True)]
+            slots = self.cache.slot_table(rows, max(ends))
+            plan = build_plan(new, [r.computed for r in rows], slots, self.cfg.sliding_window, self.model.device)
+            delta, bad = zero_non_finite(finite_difference(self.model.logits(plan, self.cache.store), self.epsilon))
+            remaining = []
+            for j, ((pos, row, target), end) in enumerate(zip(work, ends, strict=True)):
+                count = end - row.computed
+                if count == 1 and row.computed > 0:
+                    result.decode_tokens += 1
+                else:
+                    result.prefill_tokens += count
+                row.computed = end
+                if end < target:
+                    remaining.append((pos, row, target))
+                    continue
+                row.last_delta = delta[j]
+                result.delta[pos] = delta[j]
+                if bool(bad[j]):
+                    result.failed[indices[pos]] = "non-finite delta"
+            work = remaining

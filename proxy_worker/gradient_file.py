@@ -1,0 +1,45 @@
+"""The gradient file g: safetensors with exactly the proxy's parameter names, plus metadata.
+
+A gradient that does not belong to the proxy (another architecture, a missing or extra tensor, a
+wrong shape, NaN/inf) must stop start-up with a message naming the first mismatch: serving with
+a wrong g silently protects nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from proxy_worker.config import ProxyConfig
+from proxy_worker.weights import WeightsError, check_tensors, expected_shapes, read_safetensors
+
+CONFIG_HASH_KEY = "proxy_config_hash"
+
+
+def save_gradient(path: str | Path, grad: Mapping[str, torch.Tensor], metadata: Mapping[str, object]) -> None:
+    """Write g (fp32, contiguous) with string metadata; the parent folder is created."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in grad.items()}
+    save_file(tensors, str(path), metadata={k: str(v) for k, v in metadata.items()})
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_gradient(path: str | Path, cfg: ProxyConfig) -> dict[str, torch.Tensor]:
+    """Read g and check it against the proxy config; raises WeightsError naming the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"gradient {path}: file not found")
+    grad = read_safetensors([path])
+    stored_hash = read_metadata(path).get(CONFIG_HASH_KEY)
+    if stored_hash is not None and stored_hash != cfg.digest:
+        raise WeightsError(f"gradient {path}: computed for proxy config {stored_hash}, but this proxy is {cfg.digest}")
+    check_tensors(grad, expected_shapes(cfg), f"gradient {path}")
+    return {k: v.to(torch.float32) for k, v in grad.items()}

@@ -1,0 +1,143 @@
+"""A minimal decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3) with a leading *copy*
+dimension: C weight sets (θ+εg and θ−εg) run in ONE pass as batched matmuls.
+
+``transformer_forward`` is a pure function of the parameters, so the same code serves the
+two-copy serving pass, the exact JVP (``torch.func.jvp`` over one copy) and the gradient tool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from proxy_worker.config import ProxyConfig
+from proxy_worker.plan import StepPlan
+from proxy_worker.rope import RotaryTable, apply_rotary
+
+Params = Mapping[str, torch.Tensor]
+Output = Literal["last", "all"] | torch.Tensor
+
+
+@dataclass
+class KVStore:
+    """Paged key/value storage for every layer and copy: ``k[layer]`` is [C, slots, kv_heads, head_dim]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm: normalise in fp32, cast back, then scale. ``weight`` broadcasts over copies."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-copy ``x @ W.T (+ b)``: x [C, N, in], W [C, out, in] → [C, N, out] (one batched matmul)."""
+    out = torch.matmul(x, weight.transpose(-1, -2))
+    return out if bias is None else out + bias[:, None, :]
+
+
+def attention(
+    q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, plan: StepPlan, scale: float
+) -> torch.Tensor:
+    """Causal (optionally windowed) grouped-query attention for packed rows.
+
+    q: [C, N, Hq, D]; k_store/v_store: [C, S, Hkv, D] (a paged cache or the pass's own k/v).
+    Returns [C, N, Hq*D] in the packed token order.
+    """
+    c, _, hq, d = q.shape
+    b, smax = plan.query_index.shape
+    tmax = plan.kv_index.shape[1]
+    hkv = k_store.shape[2]
+    g = hq // hkv
+    qb = q[:, plan.query_index].view(c, b, smax, hkv, g, d).permute(0, 1, 3, 4, 2, 5)
+    kb = k_store[:, plan.kv_index].permute(0, 1, 3, 2, 4)
+    vb = v_store[:, plan.kv_index].permute(0, 1, 3, 2, 4)
+    scores = torch.matmul(qb.reshape(c, b, hkv, g * smax, d), kb.transpose(-1, -2)) * scale
+    scores = scores.view(c, b, hkv, g, smax, tmax)
+    scores = scores.masked_fill(~plan.mask[None, :, None, None], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = torch.matmul(probs.view(c, b, hkv, g * smax, tmax), vb)
+    out = out.view(c, b, hkv, g, smax, d).permute(0, 1, 4, 2, 3, 5).reshape(c, b, smax, hq * d)
+    return out[:, plan.query_valid]
+
+
+def transformer_forward(
+    params: Params,
+    cfg: ProxyConfig,
+    rope: RotaryTable,
+    plan: StepPlan,
+    kv: KVStore | None = None,
+    output: Output = "last",
+) -> torch.Tensor:
+    """Logits [C, B, V] for each row's newest token (``"last"``), [C, N, V] for every new token
+    (``"all"``), or [C, K, V] for the packed token indices given as a tensor.
+
+    With ``kv`` the new keys/values are written into the paged store and attention reads each
+    row's whole prefix from it; without, the pass attends over its own tokens (full forward).
+    """
+    embed = params["embed"]
+    dtype = embed.dtype
+    x = embed[:, plan.tokens]
+    c, n, _ = x.shape
+    hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    cos, sin = rope.lookup(plan.positions, dtype)
+    eps, scale = cfg.rms_norm_eps, d**-0.5
+    for layer in range(cfg.num_layers):
+        p = f"layers.{layer}."
+        h = rms_norm(x, params[p + "attn_norm"][:, None, :], eps)
+        qkv = linear(h, params[p + "qkv"], params.get(p + "qkv_bias"))
+        q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
+        q, k, v = q.view(c, n, hq, d), k.view(c, n, hkv, d), v.view(c, n, hkv, d)
+        if cfg.qk_norm:
+            q = rms_norm(q, params[p + "q_norm"][:, None, None, :], eps)
+            k = rms_norm(k, params[p + "k_norm"][:, None, None, :], eps)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is None:
+            k_store, v_store = k, v
+        else:
+            kv.k[layer][:, plan.write_index] = k
+            kv.v[layer][:, plan.write_index] = v
+            k_store, v_store = kv.k[layer], kv.v[layer]
+        x = x + linear(attention(q, k_store, v_store, plan, scale), params[p + "o"])
+        h = rms_norm(x, params[p + "mlp_norm"][:, None, :], eps)
+        gate, up = linear(h, params[p + "gate_up"]).chunk(2, dim=-1)
+        x = x + linear(F.silu(gate) * up, params[p + "down"])
+    if isinstance(output, torch.Tensor):
+        x = x[:, output]
+    elif output == "last":
+        x = x[:, plan.last_index]
+    x = rms_norm(x, params["norm"][:, None, :], eps)
+    return linear(x, params["lm_head"])
+
+
+class StackedProxy:
+    """The proxy's C weight copies in the serving dtype, ready to run batched passes."""
+
+    def __init__(self, cfg: ProxyConfig, params: Params, device: torch.device | str = "cpu") -> None:
+        self.cfg = cfg
+        self.params = {k: v.to(device) for k, v in params.items()}
+        self.rope = RotaryTable(cfg, device)
+        self.device = torch.device(device)
+
+    @property
+    def copies(self) -> int:
+        return self.params["embed"].shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params["embed"].dtype
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.params.values())
+
+    @torch.inference_mode()
+    def logits(self, plan: StepPlan, kv: KVStore | None = None, output: Output = "last") -> torch.Tensor:
+        return transformer_forward(self.params, self.cfg, self.rope, plan, kv, output)

@@ -1,0 +1,160 @@
+"""Proxy weights: reading HF safetensors, the perturbed copies θ ± εg, and the fused layout the
+forward pass runs on.
+
+The fused layout concatenates q/k/v and gate/up so a layer is four matmuls, and every tensor has a
+leading *copy* dimension so the perturbed copies run in one batched pass.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from proxy_worker.config import ProxyConfig
+
+Params = dict[str, torch.Tensor]
+
+
+class WeightsError(ValueError):
+    """A weights or gradient file does not fit the proxy it is used with."""
+
+
+def safetensors_files(model_dir: str | Path) -> list[Path]:
+    """The shard list of a HF checkpoint directory (single file or ``*.index.json``)."""
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [root / s for s in shards]
+    single = root / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise WeightsError(f"{root}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_safetensors(paths: Sequence[str | Path]) -> dict[str, torch.Tensor]:
+    """All tensors of the given files; a missing or corrupt file is a WeightsError naming it."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in paths:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    tensors[name] = f.get_tensor(name)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise WeightsError(f"{path}: cannot read safetensors ({exc})") from exc
+    return tensors
+
+
+def expected_shapes(cfg: ProxyConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter name (HF naming) of the proxy and its shape; biases are handled separately."""
+    h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for n in range(cfg.num_layers):
+        p = f"model.layers.{n}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+        }
+        if cfg.family == "qwen2":
+            shapes |= {
+                p + "self_attn.q_proj.bias": (q,),
+                p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.bias": (kv,),
+            }
+        if cfg.qk_norm:
+            shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+    shapes["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+def check_tensors(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
+    """Raise WeightsError naming the first missing, extra, misshapen or non-finite tensor."""
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise WeightsError(f"{what}: missing tensor {name!r}")
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise WeightsError(
+                f"{what}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(shape)}"
+            )
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise WeightsError(f"{what}: unexpected tensor {extra[0]!r} (not a proxy parameter)")
+    for name in expected:
+        if not torch.isfinite(tensors[name]).all():
+            raise WeightsError(f"{what}: tensor {name!r} contains non-finite values")
+
+
+def load_proxy_state(model_dir: str | Path, cfg: ProxyConfig) -> dict[str, torch.Tensor]:
+    """The proxy's parameters in fp32, checked against its config.
+
+    A checkpoint of a tied model may also carry ``lm_head.weight``; it is dropped (it IS the
+    embedding), so names match what gradients are computed for.
+    """
+    tensors = read_safetensors(safetensors_files(model_dir))
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    check_tensors(tensors, expected_shapes(cfg), f"proxy weights in {model_dir}")
+    return {k: v.to(torch.float32) for k, v in tensors.items()}
+
+
+def perturbed_copies(
+    theta: Mapping[str, torch.Tensor],
+    direction: Mapping[str, torch.Tensor] | None,
+    scales: Sequence[float],
+) -> list[dict[str, torch.Tensor]]:
+    """θ + s·direction for each scale s, formed in fp32 (the caller casts afterwards)."""
+    copies = []
+    for s in scales:
+        if direction is None or s == 0:
+            copies.append({k: v.to(torch.float32) for k, v in theta.items()})
+        else:
+            copies.append({k: v.to(torch.float32) + s * direction[k].to(torch.float32) for k, v in theta.items()})
+    return copies
+
+
+def fuse(state: Mapping[str, torch.Tensor], cfg: ProxyConfig) -> Params:
+    """HF-named tensors of ONE copy → the fused layout used by the forward pass."""
+    fused: Params = {"embed": state["model.embed_tokens.weight"], "norm": state["model.norm.weight"]}
+    if not cfg.tie_word_embeddings:
+        fused["lm_head"] = state["lm_head.weight"]
+    for n in range(cfg.num_layers):
+        p, a, m = f"model.layers.{n}.", f"model.layers.{n}.self_attn.", f"model.layers.{n}.mlp."
+        out = f"layers.{n}."
+        fused[out + "attn_norm"] = state[p + "input_layernorm.weight"]
+        fused[out + "mlp_norm"] = state[p + "post_attention_layernorm.weight"]
+        fused[out + "qkv"] = torch.cat([state[a + f"{x}_proj.weight"] for x in "qkv"], dim=0)
+        if a + "q_proj.bias" in state:
+            fused[out + "qkv_bias"] = torch.cat([state[a + f"{x}_proj.bias"] for x in "qkv"], dim=0)
+        fused[out + "o"] = state[a + "o_proj.weight"]
+        fused[out + "gate_up"] = torch.cat([state[m + "gate_proj.weight"], state[m + "up_proj.weight"]], 0)
+        fused[out + "down"] = state[m + "down_proj.weight"]
+        if cfg.qk_norm:
+            fused[out + "q_norm"] = state[a + "q_norm.weight"]
+            fused[out + "k_norm"] = state[a + "k_norm.weight"]
+    return fused
+
+
+def stack_copies(copies: Sequence[Mapping[str, torch.Tensor]], cfg: ProxyConfig, dtype: torch.dtype) -> Params:
+    """Fuse each copy, cast to the serving dtype, and stack along a new leading copy dimension.
+
+    Tied embeddings stay one tensor (``lm_head`` aliases ``embed``), as in the HF model.
+    """
+    fused = [fuse(c, cfg) for c in copies]
+    stacked = {k: torch.stack([f[k] for f in fused]).to(dtype).contiguous() for k in fused[0]}
+    if cfg.tie_word_embeddings:
+        stacked["lm_head"] = stacked["embed"]
+    return stacked

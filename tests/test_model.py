@@ -1,0 +1,149 @@
+"""The proxy transformer against Hugging Face transformers, and its cache/batching invariants."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from proxy_worker.cache import ProxyKVCache
+from proxy_worker.config import load_config
+from proxy_worker.model import StackedProxy
+from proxy_worker.plan import build_plan
+from proxy_worker.weights import load_proxy_state, perturbed_copies, stack_copies
+from tests.tiny_models import load_hf, save_tiny
+
+SEQS = [[5, 9, 33, 2, 7, 100, 3, 4, 55, 66, 77, 88, 301, 17], [3, 4, 5], list(range(40, 90))]
+
+
+def one_copy(path):
+    cfg = load_config(path)
+    theta = load_proxy_state(path, cfg)
+    return cfg, theta, StackedProxy(cfg, stack_copies([theta], cfg, torch.float32))
+
+
+def hf_logits(model, seqs):
+    with torch.no_grad():
+        return torch.cat([model(torch.tensor([s])).logits[0] for s in seqs])
+
+
+@pytest.mark.parametrize(
+    "family,kw",
+    [
+        ("llama", {}),
+        ("qwen2", {}),
+        ("qwen3", {}),
+        ("mistral", {"sliding_window": 9}),
+        ("llama", {"tie": True}),
+        ("qwen2", {"shard": True}),
+    ],
+    ids=["llama", "qwen2-bias", "qwen3-qknorm", "mistral-window", "llama-tied", "qwen2-sharded"],
+)
+def test_logits_match_transformers(model_dir, family, kw):
+    path = model_dir(family, **kw)
+    _, _, proxy = one_copy(path)
+    plan = build_plan(SEQS, [0] * len(SEQS), sliding_window=proxy.cfg.sliding_window)
+    ours = proxy.logits(plan, output="all")[0]
+    ref = hf_logits(load_hf(path), SEQS)
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_sharded_checkpoint_really_is_sharded(model_dir):
+    path = model_dir("qwen2", shard=True)
+    assert (path / "model.safetensors.index.json").is_file()
+    assert len(list(path.glob("model-*.safetensors"))) > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_tracks_fp32(model_dir, dtype):
+    path = model_dir("llama")
+    cfg, theta, full = one_copy(path)
+    half = StackedProxy(cfg, stack_copies([theta], cfg, dtype))
+    plan = build_plan(SEQS, [0] * len(SEQS))
+    a, b = full.logits(plan, output="all")[0], half.logits(plan, output="all")[0].float()
+    assert half.dtype == dtype
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.99
+
+
+def test_incremental_chunks_equal_full_forward(model_dir):
+    path = model_dir("qwen3")
+    cfg, _, proxy = one_copy(path)
+    seq = SEQS[2]
+    full = proxy.logits(build_plan([seq], [0]), output="all")[0]
+    cache = ProxyKVCache(cfg, 1, torch.float32, token_budget=256, block_size=4)
+    cache.add(0, seq)
+    row = cache.rows[0]
+    rng = random.Random(1)
+    while row.computed < len(seq):
+        end = min(len(seq), row.computed + rng.randint(1, 9))
+        cache.reserve(row, end)
+        plan = build_plan([seq[row.computed : end]], [row.computed], cache.slot_table([row], end))
+        got = proxy.logits(plan, cache.store)[0, 0]
+        assert (got - full[end - 1]).abs().max().item() <= 1e-4
+        row.computed = end
+
+
+def test_rows_of_different_lengths_batched_equal_each_alone(model_dir):
+    path = model_dir("llama")
+    cfg, _, proxy = one_copy(path)
+    # two rows with cached prefixes of different lengths, extended by different chunk sizes
+    cache = ProxyKVCache(cfg, 1, torch.float32, token_budget=512, block_size=8)
+    prefixes, news = [SEQS[2][:30], SEQS[0][:5], [7]], [SEQS[2][30:31], SEQS[0][5:12], [8, 9, 10]]
+    rows = []
+    for i, (pre, new) in enumerate(zip(prefixes, news, strict=True)):
+        cache.add(i, pre + new)
+        row = cache.rows[i]
+        cache.reserve(row, len(pre) + len(new))
+        proxy.logits(build_plan([pre], [0], cache.slot_table([row], len(pre))), cache.store)
+        row.computed = len(pre)
+        rows.append(row)
+    ends = [len(p) + len(n) for p, n in zip(prefixes, news, strict=True)]
+    plan = build_plan(news, [len(p) for p in prefixes], cache.slot_table(rows, max(ends)))
+    batched = proxy.logits(plan, cache.store)[0]
+    for i, (pre, new) in enumerate(zip(prefixes, news, strict=True)):
+        alone = proxy.logits(build_plan([pre + new], [0]))[0, 0]
+        assert (batched[i] - alone).abs().max().item() <= 1e-4
+
+
+def test_two_copy_pass_equals_two_hf_models(model_dir, tmp_path):
+    path = model_dir("qwen2")
+    cfg = load_config(path)
+    theta = load_proxy_state(path, cfg)
+    gen = torch.Generator().manual_seed(3)
+    grad = {k: torch.randn(v.shape, generator=gen) for k, v in theta.items()}
+    eps = 0.05
+    plus, minus = perturbed_copies(theta, grad, (eps, -eps))
+    stacked = StackedProxy(cfg, stack_copies([plus, minus], cfg, torch.float32))
+    assert stacked.copies == 2
+    plan = build_plan(SEQS, [0] * len(SEQS))
+    ours = stacked.logits(plan, output="all")
+    for copy, weights in enumerate((plus, minus)):
+        hf = load_hf(path)
+        hf.load_state_dict(weights, strict=False)
+        ref = hf_logits(hf, SEQS)
+        assert (ours[copy] - ref).abs().max().item() <= 1e-4
+    assert (ours[0] - ours[1]).abs().max().item() > 1e-3
+
+
+def test_tied_copies_share_one_embedding_tensor(model_dir):
+    path = model_dir("llama", tie=True)
+    cfg = load_config(path)
+    theta = load_proxy_state(path, cfg)
+    assert "lm_head.weight" not in theta
+    params = stack_copies([theta, theta], cfg, torch.float32)
+    assert params["lm_head"] is params["embed"]
+
+
+def test_perturbed_weights_formed_in_fp32_then_cast(tmp_path, tokenizer):
+    path = save_tiny(tmp_path / "m", "llama", vocab_size=len(tokenizer), tokenizer=tokenizer)
+    cfg = load_config(path)
+    theta = {k: torch.full_like(v, 1.0) for k, v in load_proxy_state(path, cfg).items()}
+    grad = {k: torch.ones_like(v) for k, v in theta.items()}
+    # 1 + 1e-3 is not representable in bf16 steps of 2^-7 but rounding must happen once, after the sum
+    (plus,) = perturbed_copies(theta, grad, (1e-3,))
+    params = stack_copies([plus], cfg, torch.bfloat16)
+    assert plus["model.norm.weight"].dtype == torch.float32
+    assert torch.allclose(plus["model.norm.weight"], torch.tensor(1.001))
+    assert params["norm"].dtype == torch.bfloat16

@@ -66,7 +66,7 @@ def tokenize_trace(tokenizer: Any, rec: dict[str, Any], append_eos: bool = True)
     prompt = tokenizer(rec["prompt"])["input_ids"]
     completion = tokenizer(rec["completion"], add_special_tokens=False)["input_ids"]
     if append_eos and tokenizer.eos_token_id is not None:
-        completion = completion + [tokenizer.eos_token_id]
+        completion = [*completion, tokenizer.eos_token_id]
     return TokenizedTrace(list(prompt) + list(completion), len(prompt))
 
 

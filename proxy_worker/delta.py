@@ -20,9 +20,14 @@ from proxy_worker.plan import StepPlan
 from proxy_worker.rope import RotaryTable
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 for half-precision inputs; fp64 stays fp64 (ground-truth runs)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def finite_difference(logits: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """Δ from the two copies' logits [2, B, V] (copy 0 = θ+εg, copy 1 = θ−εg), all in fp32."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    """Δ from the two copies' logits [2, B, V] (copy 0 = θ+εg, copy 1 = θ−εg), in fp32 or wider."""
+    logp = torch.log_softmax(at_least_fp32(logits), dim=-1)
     return (logp[0] - logp[1]) / (2.0 * epsilon)
 
 
@@ -43,7 +48,7 @@ def exact_delta(
 
     def logprobs(*tensors: torch.Tensor) -> torch.Tensor:
         params = dict(zip(names, tensors, strict=True))
-        return torch.log_softmax(transformer_forward(params, cfg, rope, plan, output=output).float(), dim=-1)
+        return torch.log_softmax(at_least_fp32(transformer_forward(params, cfg, rope, plan, output=output)), dim=-1)
 
     primals = tuple(theta[k] for k in names)
     tangents = tuple(direction[k].to(theta[k].dtype) for k in names)

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from proxy_worker.config import ProxyConfig
 
@@ -44,7 +44,7 @@ def read_safetensors(paths: Sequence[str | Path]) -> dict[str, torch.Tensor]:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
                     tensors[name] = f.get_tensor(name)
-        except (OSError, RuntimeError, ValueError) as exc:
+        except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
             raise WeightsError(f"{path}: cannot read safetensors ({exc})") from exc
     return tensors
 

@@ -1,0 +1,95 @@
+"""The gradient tool against a direct autograd computation through the HF model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from proxy_worker import gradient
+from proxy_worker.config import load_config
+from proxy_worker.gradient_file import CONFIG_HASH_KEY, load_gradient, read_metadata
+from proxy_worker.traces import TraceError, read_traces, tokenize_trace
+from proxy_worker.weights import expected_shapes, load_proxy_state
+from tests.tiny_models import load_hf
+
+TRACES = [
+    {"prompt": "What is 12 plus 30?", "completion": "12 + 30 = 42. #### 42"},
+    {"prompt": "Alice has 3 apples and buys 5.", "completion": "3 + 5 = 8 apples. #### 8"},
+    {"messages": [{"role": "user", "content": "Solve x + 4 = 10"}, {"role": "assistant", "content": "x = 6 #### 6"}]},
+    {"prompt": "Four boxes of 6 eggs?", "completion": "Each box holds 6 eggs, 4 boxes hold 24 eggs. #### 24"},
+]
+
+
+def reference_gradient(path, tokenizer, records):
+    """mean_i(mean NLL of trace i's completion tokens), differentiated by plain autograd on HF."""
+    model = load_hf(path)
+    losses = []
+    for rec in records:
+        t = tokenize_trace(tokenizer, rec)
+        ids = torch.tensor([t.ids])
+        logits = model(ids).logits[0]
+        losses.append(F.cross_entropy(logits[t.prompt_len - 1 : -1], ids[0, t.prompt_len :]))
+    loss = torch.stack(losses).mean()
+    loss.backward()
+    return {name: p.grad for name, p in model.named_parameters()}, loss.item()
+
+
+def relative_error(a: dict, b: dict) -> float:
+    num = sum(float(((a[k] - b[k]).double() ** 2).sum()) for k in b)
+    den = sum(float((b[k].double() ** 2).sum()) for k in b)
+    return (num / den) ** 0.5
+
+
+@pytest.mark.parametrize("family,kw", [("llama", {"tie": True}), ("qwen2", {})], ids=["llama-tied", "qwen2"])
+def test_gradient_matches_direct_autograd(model_dir, tokenizer, family, kw):
+    path = model_dir(family, **kw)
+    cfg = load_config(path)
+    traces = [tokenize_trace(tokenizer, r) for r in TRACES]
+    # a small pass budget forces several passes, checking the accumulation across them
+    grad, loss = gradient.compute_gradient(cfg, load_proxy_state(path, cfg), traces, batch_tokens=40)
+    ref, ref_loss = reference_gradient(path, tokenizer, TRACES)
+    assert set(grad) == set(ref) == set(expected_shapes(cfg))
+    assert relative_error(grad, ref) <= 1e-5
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+
+
+def test_traces_are_weighted_equally_not_by_length():
+    short = gradient.TokenizedTrace([1, 2, 3], 2)
+    long = gradient.TokenizedTrace(list(range(1, 30)), 2)
+    assert short.completion_tokens == 1 and long.completion_tokens == 27
+    assert "mean over traces" in gradient.WEIGHTING
+
+
+def test_cli_writes_named_tensors_and_metadata(model_dir, tmp_path):
+    path = model_dir("qwen3")
+    traces = tmp_path / "holdout.jsonl"
+    traces.write_text("\n".join(json.dumps(r) for r in TRACES) + "\n")
+    out = tmp_path / "g" / "grad.safetensors"
+    assert gradient.main(["--proxy", str(path), "--traces", str(traces), "--out", str(out)]) == 0
+    cfg = load_config(path)
+    grad = load_gradient(out, cfg)
+    assert set(grad) == set(expected_shapes(cfg))
+    assert any(float(g.abs().max()) > 0 for g in grad.values())
+    meta = read_metadata(out)
+    assert meta[CONFIG_HASH_KEY] == cfg.digest
+    assert int(meta["num_traces"]) == len(TRACES)
+    assert int(meta["num_tokens"]) > 0 and float(meta["mean_loss"]) > 0
+    assert meta["dtype"] == "float32" and "mean over traces" in meta["weighting"]
+
+
+@pytest.mark.parametrize(
+    "line,needle",
+    [
+        ("{not json", ":1: invalid JSON"),
+        ('{"prompt": "x"}', ":1: expected"),
+        ('{"messages": [{"role": "user", "content": "x"}]}', "must end with an assistant"),
+    ],
+)
+def test_bad_trace_lines_name_the_line(tmp_path, line, needle):
+    f = tmp_path / "t.jsonl"
+    f.write_text(line + "\n")
+    with pytest.raises(TraceError, match=needle):
+        read_traces(f)

@@ -59,7 +59,7 @@ class ProxyKVCache:
             raise ValueError(f"proxy token budget {token_budget} is below one block ({block_size})")
         self.block_size = block_size
         self.num_blocks = token_budget // block_size
-        shape = (cfg.num_layers, copies, self.num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, copies, cfg.num_kv_heads, self.num_blocks * block_size, cfg.head_dim)
         self.store = KVStore(
             torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
         )

@@ -24,7 +24,7 @@ Output = Literal["last", "all"] | torch.Tensor
 
 @dataclass
 class KVStore:
-    """Paged key/value storage for every layer and copy: ``k[layer]`` is [C, slots, kv_heads, head_dim]."""
+    """Paged key/value storage for every layer and copy: ``k[layer]`` is [C, kv_heads, slots, head_dim]."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -48,23 +48,26 @@ def attention(
 ) -> torch.Tensor:
     """Causal (optionally windowed) grouped-query attention for packed rows.
 
-    q: [C, N, Hq, D]; k_store/v_store: [C, S, Hkv, D] (a paged cache or the pass's own k/v).
+    q: [C, N, Hq, D]; k_store/v_store: [C, Hkv, S, D] (a paged cache or the pass's own k/v).
+    The store is head-major so one ``index_select`` gathers every row's prefix contiguously and
+    the matmuls batch over (copy, kv head, row) without further copies.
     Returns [C, N, Hq*D] in the packed token order.
     """
     c, _, hq, d = q.shape
+    hkv = k_store.shape[1]
+    g = hq // hkv
     b, smax = plan.query_index.shape
     tmax = plan.kv_index.shape[1]
-    hkv = k_store.shape[2]
-    g = hq // hkv
-    qb = q[:, plan.query_index].view(c, b, smax, hkv, g, d).permute(0, 1, 3, 4, 2, 5)
-    kb = k_store[:, plan.kv_index].permute(0, 1, 3, 2, 4)
-    vb = v_store[:, plan.kv_index].permute(0, 1, 3, 2, 4)
-    scores = torch.matmul(qb.reshape(c, b, hkv, g * smax, d), kb.transpose(-1, -2)) * scale
-    scores = scores.view(c, b, hkv, g, smax, tmax)
-    scores = scores.masked_fill(~plan.mask[None, :, None, None], float("-inf"))
+    flat = plan.kv_index.reshape(-1)
+    kb = k_store.index_select(2, flat).view(c, hkv, b, tmax, d)
+    vb = v_store.index_select(2, flat).view(c, hkv, b, tmax, d)
+    qb = q[:, plan.query_index].view(c, b, smax, hkv, g, d).permute(0, 3, 1, 4, 2, 5)
+    scores = torch.matmul(qb.reshape(c, hkv, b, g * smax, d), kb.transpose(-1, -2)) * scale
+    scores = scores.view(c, hkv, b, g, smax, tmax)
+    scores = scores.masked_fill(~plan.mask[None, None, :, None], float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    out = torch.matmul(probs.view(c, b, hkv, g * smax, tmax), vb)
-    out = out.view(c, b, hkv, g, smax, d).permute(0, 1, 4, 2, 3, 5).reshape(c, b, smax, hq * d)
+    out = torch.matmul(probs.view(c, hkv, b, g * smax, tmax), vb)
+    out = out.view(c, hkv, b, g, smax, d).permute(0, 2, 4, 1, 3, 5).reshape(c, b, smax, hq * d)
     return out[:, plan.query_valid]
 
 
@@ -99,11 +102,12 @@ def transformer_forward(
             q = rms_norm(q, params[p + "q_norm"][:, None, None, :], eps)
             k = rms_norm(k, params[p + "k_norm"][:, None, None, :], eps)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
         if kv is None:
             k_store, v_store = k, v
         else:
-            kv.k[layer][:, plan.write_index] = k
-            kv.v[layer][:, plan.write_index] = v
+            kv.k[layer].index_copy_(2, plan.write_index, k)
+            kv.v[layer].index_copy_(2, plan.write_index, v)
             k_store, v_store = kv.k[layer], kv.v[layer]
         x = x + linear(attention(q, k_store, v_store, plan, scale), params[p + "o"])
         h = rms_norm(x, params[p + "mlp_norm"][:, None, :], eps)

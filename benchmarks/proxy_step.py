@@ -1,0 +1,215 @@
+"""Proxy decode-step latency: one copy vs two copies in ONE batched pass vs two copies one after the
+other, over batch × context, with the bytes, FLOPs and roofline each step implies.
+
+    python -m benchmarks.proxy_step --out benchmarks/results/proxy_step-cpu.json
+    python -m benchmarks.proxy_step --shape qwen2.5-0.5b --dtype bfloat16 --device cuda   # on a GPU
+
+Every row already holds ``context`` cached tokens (random KV: values do not change the cost) and
+each step adds one token per row: plan + forward + log-softmax (Δ for two copies). All modes run
+side by side in one process, so the ratios are meaningful on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from proxy_worker.cache import ProxyKVCache
+from proxy_worker.config import ProxyConfig, parse_config
+from proxy_worker.delta import finite_difference
+from proxy_worker.engine import DTYPES
+from proxy_worker.model import StackedProxy
+from proxy_worker.plan import build_plan
+
+SHAPES = {
+    "smollm2-135m": dict(
+        model_type="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+    ),
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+    ),
+    "qwen2.5-1.5b": dict(
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+    ),
+}
+
+
+def random_params(cfg: ProxyConfig, copies: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    """Fused-layout random weights (cost does not depend on values)."""
+    from proxy_worker.weights import expected_shapes, stack_copies
+
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(s, generator=gen) * 0.02 for k, s in expected_shapes(cfg).items()}
+    return {k: v.to(device) for k, v in stack_copies([state] * copies, cfg, dtype).items()}
+
+
+def matmul_params(cfg: ProxyConfig) -> int:
+    """Parameters read by matmuls per step (embedding rows are gathered, the LM head is read whole)."""
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    per_layer = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * d + cfg.num_heads * d * h + 3 * h * i
+    return cfg.num_layers * per_layer + cfg.vocab_size * h
+
+
+def step_cost(cfg: ProxyConfig, copies: int, batch: int, context: int, elem: int) -> tuple[float, float]:
+    """(bytes, FLOPs) of one decode step: weights + KV read, matmuls + attention."""
+    kv_bytes = copies * batch * context * cfg.kv_bytes_per_token // 4 * elem
+    weight_bytes = copies * matmul_params(cfg) * elem
+    flops = (
+        2 * copies * batch * matmul_params(cfg)
+        + 4 * copies * batch * context * cfg.num_layers * cfg.num_heads * cfg.head_dim
+    )
+    return float(weight_bytes + kv_bytes), float(flops)
+
+
+def machine_roofline(device: str, dtype: torch.dtype) -> tuple[float, float]:
+    """(bytes/s, FLOP/s) measured here: a large copy and a large matmul."""
+    x = torch.empty(64 * 2**20, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    bw = 2 * x.numel() * 4 / _median_time(lambda: y.copy_(x), 5, device)
+    a = torch.randn(2048, 2048, dtype=dtype, device=device)
+    flops = 2 * 2048**3 / _median_time(lambda: a @ a, 5, device)
+    return bw, flops
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _median_time(fn: Callable[[], object], iters: int, device: str) -> float:
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def decode_fn(models: list[StackedProxy], batch: int, context: int, device: str) -> Callable[[], object]:
+    """A step function for ``models`` run in sequence (one model = one batched pass)."""
+    caches = []
+    for model in models:
+        cache = ProxyKVCache(model.cfg, model.copies, model.dtype, batch * (context + 16), 16, device)
+        for r in range(batch):
+            cache.add(r, [0] * (context + 1))
+            cache.reserve(cache.rows[r], context + 1)
+        caches.append(cache)
+    rows = [caches[0].rows[r] for r in range(batch)]
+    slots = caches[0].slot_table(rows, context + 1)
+
+    def step() -> torch.Tensor:
+        plan = build_plan([[1]] * batch, [context] * batch, slots, None, device)
+        logits = torch.cat([m.logits(plan, c.store) for m, c in zip(models, caches, strict=True)])
+        if logits.shape[0] == 2:
+            return finite_difference(logits, 1e-2)
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    return step
+
+
+def run(args: argparse.Namespace) -> dict:
+    cfg = parse_config({**SHAPES[args.shape], "max_position_embeddings": 8192}, args.shape)
+    dtype = DTYPES[args.dtype]
+    elem = torch.tensor([], dtype=dtype).element_size()
+    bw, peak = machine_roofline(args.device, dtype)
+    print(f"{args.shape} {args.dtype} on {args.device}: measured {bw / 1e9:.1f} GB/s, {peak / 1e9:.0f} GFLOP/s")
+    one = StackedProxy(cfg, random_params(cfg, 1, dtype, args.device), args.device)
+    two = StackedProxy(cfg, random_params(cfg, 2, dtype, args.device), args.device)
+    modes = {"one_copy": [one], "two_batched": [two], "two_sequential": [one, one]}
+    points = []
+    header = f"{'batch':>5} {'ctx':>5} {'one ms':>8} {'batched ms':>10} {'seq ms':>8} {'bat/seq':>7} {'bat/one':>7} {'roof ms':>8} {'% roof':>6}"
+    print(header)
+    for context in args.contexts:
+        for batch in args.batches:
+            ms = {}
+            for name, models in modes.items():
+                fn = decode_fn(models, batch, context, args.device)
+                ms[name] = 1e3 * _median_time(fn, args.iters, args.device)
+                del fn
+                gc.collect()
+            nbytes, flops = step_cost(cfg, 2, batch, context, elem)
+            roof_ms = 1e3 * max(nbytes / bw, flops / peak)
+            point = dict(
+                batch=batch,
+                context=context,
+                **{f"{k}_ms": v for k, v in ms.items()},
+                batched_over_sequential=ms["two_batched"] / ms["two_sequential"],
+                batched_over_one=ms["two_batched"] / ms["one_copy"],
+                step_bytes=nbytes,
+                step_flops=flops,
+                roofline_ms=roof_ms,
+                share_of_roofline=roof_ms / ms["two_batched"],
+            )
+            points.append(point)
+            print(
+                f"{batch:>5} {context:>5} {ms['one_copy']:>8.1f} {ms['two_batched']:>10.1f} {ms['two_sequential']:>8.1f} "
+                f"{point['batched_over_sequential']:>7.2f} {point['batched_over_one']:>7.2f} {roof_ms:>8.1f} "
+                f"{100 * point['share_of_roofline']:>5.0f}%",
+                flush=True,
+            )
+    return dict(
+        shape=args.shape,
+        dtype=args.dtype,
+        device=args.device,
+        machine=platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(),
+        measured_bytes_per_s=bw,
+        measured_flops=peak,
+        points=points,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[128, 1024])
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    result = run(args)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

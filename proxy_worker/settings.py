@@ -1,0 +1,134 @@
+"""Operator settings of the antidistillation processor, and per-request arguments.
+
+vLLM builds logits processors itself, in two processes: the API server (``validate_params``, at
+admission) and the engine worker (``__init__``). Both read the same settings, from the
+``antidistillation`` key of vLLM's ``--additional-config`` JSON (the worker sees the engine
+config) or from the ``ANTIDISTILL_CONFIG`` environment variable (a JSON string or a path to a JSON
+file), which the API-server process also sees. ``antidistill serve`` sets both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_VAR = "ANTIDISTILL_CONFIG"
+CONFIG_KEY = "antidistillation"
+Mode = Literal["ad", "permutation"]
+REQUEST_KEYS = ("ad_lambda", "ad_profile", "ad_mode")
+
+
+class SettingsError(ValueError):
+    """The processor's configuration is missing or invalid; start-up must stop."""
+
+
+class ProcessorSettings(BaseModel):
+    """Keys of the ``antidistillation`` config object (see README: "Processor settings")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    proxy: str = Field(description="proxy model directory (HF config.json + safetensors + tokenizer)")
+    profiles: dict[str, str] = Field(description="profile name → gradient .safetensors path", min_length=1)
+    default_profile: str | None = Field(None, description="profile used when a request names none")
+    epsilon: float = Field(1e-3, gt=0, description="finite-difference step ε (calibrate per proxy and dtype)")
+    proxy_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    token_budget: int = Field(16384, ge=16, description="proxy KV tokens per profile, preallocated")
+    max_lambda: float = Field(50.0, ge=0, description="largest ad_lambda a request may ask for")
+    allowed_modes: list[Mode] = Field(default_factory=lambda: ["ad"])
+    permutation_seed: int = 0
+    check_tokenizer: bool = Field(True, description="refuse a proxy whose tokens differ from the teacher's")
+
+    @field_validator("profiles")
+    @classmethod
+    def _names(cls, profiles: dict[str, str]) -> dict[str, str]:
+        for name in profiles:
+            if not name or not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"profile name {name!r} must be letters, digits, '-' or '_'")
+        return profiles
+
+    @model_validator(mode="after")
+    def _default(self) -> ProcessorSettings:
+        if self.default_profile is None:
+            self.default_profile = next(iter(self.profiles))
+        elif self.default_profile not in self.profiles:
+            raise ValueError(f"default_profile {self.default_profile!r} is not one of {sorted(self.profiles)}")
+        if "ad" not in self.allowed_modes:
+            raise ValueError("allowed_modes must include 'ad'")
+        return self
+
+
+def parse_settings(raw: Any, source: str) -> ProcessorSettings:
+    try:
+        return ProcessorSettings.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise SettingsError(f"{source}: {field}: {first['msg']}") from None
+
+
+def _from_env() -> Any | None:
+    value = os.environ.get(ENV_VAR)
+    if not value:
+        return None
+    text = value if value.lstrip().startswith("{") else Path(value).read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"{ENV_VAR}: invalid JSON ({exc})") from None
+
+
+def load_settings(additional_config: Mapping[str, Any] | None = None) -> ProcessorSettings:
+    """Settings from the engine's additional config, else from ``ANTIDISTILL_CONFIG``."""
+    if additional_config and CONFIG_KEY in additional_config:
+        return parse_settings(additional_config[CONFIG_KEY], f"--additional-config {CONFIG_KEY}")
+    raw = _from_env()
+    if raw is None:
+        raise SettingsError(
+            f"antidistillation processor is not configured: pass --additional-config "
+            f"'{{\"{CONFIG_KEY}\": {{...}}}}' or set {ENV_VAR}"
+        )
+    return parse_settings(raw.get(CONFIG_KEY, raw) if isinstance(raw, dict) else raw, ENV_VAR)
+
+
+@dataclass(frozen=True)
+class RequestArgs:
+    """What one request asked for, already validated."""
+
+    lam: float = 0.0
+    profile: str = ""
+    mode: Mode = "ad"
+
+    @property
+    def protected(self) -> bool:
+        return self.lam > 0
+
+
+def parse_request_args(extra_args: Mapping[str, Any] | None, settings: ProcessorSettings) -> RequestArgs:
+    """Validate ``vllm_xargs`` → RequestArgs; ValueError names the field (HTTP 400 at admission)."""
+    args = dict(extra_args or {})
+    unknown = sorted(k for k in args if k.startswith("ad_") and k not in REQUEST_KEYS)
+    if unknown:
+        raise ValueError(
+            f"vllm_xargs.{unknown[0]}: unknown antidistillation argument (known: {', '.join(REQUEST_KEYS)})"
+        )
+    lam = args.get("ad_lambda", 0.0)
+    if isinstance(lam, bool) or not isinstance(lam, int | float):
+        raise ValueError(f"vllm_xargs.ad_lambda: must be a number, got {type(lam).__name__}")
+    if not math.isfinite(lam) or lam < 0 or lam > settings.max_lambda:
+        raise ValueError(f"vllm_xargs.ad_lambda: must be finite and in [0, {settings.max_lambda:g}], got {lam!r}")
+    profile = args.get("ad_profile", settings.default_profile)
+    if not isinstance(profile, str) or profile not in settings.profiles:
+        raise ValueError(f"vllm_xargs.ad_profile: unknown profile {profile!r} (loaded: {', '.join(settings.profiles)})")
+    mode = args.get("ad_mode", "ad")
+    if mode not in ("ad", "permutation"):
+        raise ValueError(f"vllm_xargs.ad_mode: must be 'ad' or 'permutation', got {mode!r}")
+    if mode not in settings.allowed_modes:
+        raise ValueError(f"vllm_xargs.ad_mode: {mode!r} is not enabled on this server")
+    return RequestArgs(float(lam), profile, mode)

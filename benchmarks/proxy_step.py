@@ -152,7 +152,10 @@ def run(args: argparse.Namespace) -> dict:
     two = StackedProxy(cfg, random_params(cfg, 2, dtype, args.device), args.device)
     modes = {"one_copy": [one], "two_batched": [two], "two_sequential": [one, one]}
     points = []
-    header = f"{'batch':>5} {'ctx':>5} {'one ms':>8} {'batched ms':>10} {'seq ms':>8} {'bat/seq':>7} {'bat/one':>7} {'roof ms':>8} {'% roof':>6}"
+    header = (
+        f"{'batch':>5} {'ctx':>5} {'one ms':>8} {'batched ms':>10} {'seq ms':>8} {'bat/seq':>7} {'bat/one':>7} "
+        f"{'roof ms':>8} {'% roof':>6}"
+    )
     print(header)
     for context in args.contexts:
         for batch in args.batches:
@@ -177,7 +180,8 @@ def run(args: argparse.Namespace) -> dict:
             )
             points.append(point)
             print(
-                f"{batch:>5} {context:>5} {ms['one_copy']:>8.1f} {ms['two_batched']:>10.1f} {ms['two_sequential']:>8.1f} "
+                f"{batch:>5} {context:>5} {ms['one_copy']:>8.1f} {ms['two_batched']:>10.1f} "
+                f"{ms['two_sequential']:>8.1f} "
                 f"{point['batched_over_sequential']:>7.2f} {point['batched_over_one']:>7.2f} {roof_ms:>8.1f} "
                 f"{100 * point['share_of_roofline']:>5.0f}%",
                 flush=True,

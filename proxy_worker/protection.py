@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -81,18 +81,18 @@ class Protection:
                 settings.proxy, teacher_tokenizer, cfg.vocab_size, teacher_width or cfg.vocab_size
             )
         theta = load_proxy_state(settings.proxy, cfg)
-        eps, dtype = settings.epsilon, parse_dtype(settings.proxy_dtype)
+        dtype = parse_dtype(settings.proxy_dtype)
         engines = {}
-        for name, path in settings.profiles.items():
-            copies = perturbed_copies(theta, load_gradient(path, cfg), (eps, -eps))
-            engine = ProxyEngine(
-                StackedProxy(cfg, stack_copies(copies, cfg, dtype), device), eps, settings.token_budget
-            )
-            engines[name] = engine
+        for name, spec in settings.profiles.items():
+            eps = spec.epsilon or settings.epsilon
+            copies = perturbed_copies(theta, load_gradient(spec.gradient, cfg), (eps, -eps))
+            model = StackedProxy(cfg, stack_copies(copies, cfg, dtype), device)
+            engines[name] = engine = ProxyEngine(model, eps, settings.token_budget)
             log.info(
-                "antidistillation profile %r: proxy copies %.1f MiB + KV cache %.1f MiB (%d tokens) on %s",
+                "antidistillation profile %r (ε=%g): proxy copies %.1f MiB + KV cache %.1f MiB (%d tokens) on %s",
                 name,
-                engine.model.parameter_bytes / 2**20,
+                eps,
+                model.parameter_bytes / 2**20,
                 engine.cache.nbytes / 2**20,
                 engine.cache.capacity_tokens,
                 device,
@@ -130,16 +130,25 @@ class Protection:
         if rb is not None:
             self.rows[a] = rb
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """Add λ·Δ to every protected row in place; rows with λ = 0 are never touched."""
+    def apply(self, logits: torch.Tensor, logits_rows: Mapping[int, int] | None = None) -> torch.Tensor:
+        """Add λ·Δ to every protected row in place; rows with λ = 0 are never touched.
+
+        ``logits_rows`` maps a row index to its logits row when they differ (V2 runner: request
+        slot → batch position); rows missing from it are not in this step.
+        """
         if not self.rows:
             return logits
         start = time.perf_counter()
         try:
             for profile, engine in self.engines.items():
-                indices = [i for i, r in self.rows.items() if r.args.profile == profile and i < logits.shape[0]]
+                indices = [
+                    i
+                    for i, r in self.rows.items()
+                    if r.args.profile == profile and (i in logits_rows if logits_rows is not None else i < len(logits))
+                ]
                 if indices:
-                    self._apply_profile(logits, engine, indices)
+                    targets = [logits_rows[i] for i in indices] if logits_rows is not None else indices
+                    self._apply_profile(logits, engine, indices, targets)
         except Exception:
             log.exception("antidistillation step failed; protected rows fall back to Δ = 0 for this step")
             self.stats.count_failure("other")
@@ -147,7 +156,7 @@ class Protection:
         self.stats.proxy_seconds += time.perf_counter() - start
         return logits
 
-    def _apply_profile(self, logits: torch.Tensor, engine: ProxyEngine, indices: list[int]) -> None:
+    def _apply_profile(self, logits: torch.Tensor, engine: ProxyEngine, indices: list[int], targets: list[int]) -> None:
         result = engine.step(indices)
         delta = result.delta
         rows = [self.rows[i] for i in indices]
@@ -159,7 +168,7 @@ class Protection:
             self.stats.count_failure(reason)
             log.warning("antidistillation row %d unprotected this step: %s", index, reason)
         lambdas = torch.tensor([r.args.lam for r in rows], dtype=torch.float32, device=delta.device)
-        target = torch.tensor(indices, device=logits.device)
+        target = torch.tensor(targets, device=logits.device)
         add_scaled(logits, target, lambdas.to(logits.device), delta.to(logits.device))
         self.stats.protected_rows += len(indices)
         self.stats.prefill_tokens += result.prefill_tokens

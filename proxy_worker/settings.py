@@ -29,13 +29,24 @@ class SettingsError(ValueError):
     """The processor's configuration is missing or invalid; start-up must stop."""
 
 
+class ProfileSpec(BaseModel):
+    """One gradient profile; ε defaults to the global one (calibrate per gradient: it scales with |g|)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gradient: str
+    epsilon: float | None = Field(None, gt=0)
+
+
 class ProcessorSettings(BaseModel):
     """Keys of the ``antidistillation`` config object (see README: "Processor settings")."""
 
     model_config = ConfigDict(extra="forbid")
 
     proxy: str = Field(description="proxy model directory (HF config.json + safetensors + tokenizer)")
-    profiles: dict[str, str] = Field(description="profile name → gradient .safetensors path", min_length=1)
+    profiles: dict[str, ProfileSpec] = Field(
+        description="profile name → gradient path, or {gradient, epsilon}", min_length=1
+    )
     default_profile: str | None = Field(None, description="profile used when a request names none")
     epsilon: float = Field(1e-3, gt=0, description="finite-difference step ε (calibrate per proxy and dtype)")
     proxy_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -45,16 +56,20 @@ class ProcessorSettings(BaseModel):
     permutation_seed: int = 0
     check_tokenizer: bool = Field(True, description="refuse a proxy whose tokens differ from the teacher's")
 
-    @field_validator("profiles")
+    @field_validator("profiles", mode="before")
     @classmethod
-    def _names(cls, profiles: dict[str, str]) -> dict[str, str]:
+    def _names(cls, profiles: Any) -> Any:
+        if not isinstance(profiles, dict):
+            return profiles
         for name in profiles:
             if not name or not name.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"profile name {name!r} must be letters, digits, '-' or '_'")
-        return profiles
+        return {k: {"gradient": v} if isinstance(v, str) else v for k, v in profiles.items()}
 
     @model_validator(mode="after")
     def _default(self) -> ProcessorSettings:
+        for spec in self.profiles.values():
+            spec.epsilon = spec.epsilon or self.epsilon
         if self.default_profile is None:
             self.default_profile = next(iter(self.profiles))
         elif self.default_profile not in self.profiles:
@@ -85,16 +100,27 @@ def _from_env() -> Any | None:
 
 
 def load_settings(additional_config: Mapping[str, Any] | None = None) -> ProcessorSettings:
-    """Settings from the engine's additional config, else from ``ANTIDISTILL_CONFIG``."""
+    """Settings from ``ANTIDISTILL_CONFIG`` and/or the engine's ``--additional-config``.
+
+    Both may be given (``antidistill serve`` sets both) but must then agree: the API server
+    validates requests against the one it sees and the worker serves with the other.
+    """
+    from_config = None
     if additional_config and CONFIG_KEY in additional_config:
-        return parse_settings(additional_config[CONFIG_KEY], f"--additional-config {CONFIG_KEY}")
+        from_config = parse_settings(additional_config[CONFIG_KEY], f"--additional-config {CONFIG_KEY}")
     raw = _from_env()
-    if raw is None:
+    from_env = None
+    if raw is not None:
+        from_env = parse_settings(raw.get(CONFIG_KEY, raw) if isinstance(raw, dict) else raw, ENV_VAR)
+    if from_config is not None and from_env is not None and from_config != from_env:
+        raise SettingsError(f"{ENV_VAR} and --additional-config {CONFIG_KEY} disagree; give one, or the same")
+    settings = from_config or from_env
+    if settings is None:
         raise SettingsError(
-            f"antidistillation processor is not configured: pass --additional-config "
-            f"'{{\"{CONFIG_KEY}\": {{...}}}}' or set {ENV_VAR}"
+            f"antidistillation processor is not configured: set {ENV_VAR} (a JSON file or string; the "
+            f"API server needs it to validate requests) or pass --additional-config '{{\"{CONFIG_KEY}\": ...}}'"
         )
-    return parse_settings(raw.get(CONFIG_KEY, raw) if isinstance(raw, dict) else raw, ENV_VAR)
+    return settings
 
 
 @dataclass(frozen=True)

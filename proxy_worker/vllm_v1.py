@@ -26,6 +26,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def use_vllm_logging() -> None:
+    """Route this package's log records through vLLM's handlers, so operators see them in the
+    worker's log (start-up memory per profile, fallbacks) with vLLM's format and level."""
+    ours, theirs = logging.getLogger("proxy_worker"), logging.getLogger("vllm")
+    if not ours.handlers and theirs.handlers:
+        for handler in theirs.handlers:
+            ours.addHandler(handler)
+        ours.setLevel(theirs.level or logging.INFO)
+        ours.propagate = False
+
+
 @cache
 def admission_settings() -> ProcessorSettings:
     """Settings in the API-server process (no engine config there: see proxy_worker.settings)."""
@@ -43,6 +54,7 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         parse_request_args(sampling_params.extra_args, admission_settings())
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
+        use_vllm_logging()
         self.settings = load_settings(vllm_config.additional_config)
         model = vllm_config.model_config
         self.protection = Protection.from_settings(

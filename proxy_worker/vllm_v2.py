@@ -1,0 +1,94 @@
+"""vLLM V2-model-runner logits processor (CUDA default when Triton is present). EXPERIMENTAL:
+vLLM's V2 runner cannot run on CPU, so this path is unit-tested against its interface objects
+only, and has an end-to-end GPU script (``benchmarks/gpu_v2_check.py``) that has not yet been run.
+
+    VLLM_USE_V2_MODEL_RUNNER=1 --logits-processors proxy_worker.vllm_v2:AntidistillationLogitsProcessorV2
+
+The V2 runner keys requests by persistent *slot*, reorders logits rows every step, keeps token
+history on the device and gives no removal callback. So: arguments are recorded per slot in
+``add_request``; at each ``apply`` the slots in the step are mapped to their rows, slots that left
+the step release their proxy KV, and each protected slot's host-side history is brought up to
+date from the step's input tokens (one small device→host copy), re-reading the device history
+only when a slot is new or was away.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
+
+from proxy_worker.protection import Protection
+from proxy_worker.settings import RequestArgs, load_settings, parse_request_args
+from proxy_worker.vllm_v1 import admission_settings, use_vllm_logging
+
+if TYPE_CHECKING:
+    import torch
+    from vllm import SamplingParams
+    from vllm.config import VllmConfig
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
+
+log = logging.getLogger(__name__)
+
+
+class AntidistillationLogitsProcessorV2(LogitsProcessor):
+    """Adds λ·Δ to the raw logits of slots whose request set ``vllm_xargs.ad_lambda`` > 0."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        parse_request_args(sampling_params.extra_args, admission_settings())
+
+    def __init__(self, vllm_config: VllmConfig, req_states: LogitsProcRequestState) -> None:
+        use_vllm_logging()
+        self.settings = load_settings(vllm_config.additional_config)
+        self.req_states = req_states
+        model = vllm_config.model_config
+        self.protection = Protection.from_settings(
+            self.settings, req_states.device, teacher_tokenizer=model.tokenizer, teacher_width=model.get_vocab_size()
+        )
+        self.args: dict[int, RequestArgs] = {}
+        self.history: dict[int, list[int]] = {}
+
+    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        """A (new or resumed) request takes ``req_idx``: forget the slot's previous occupant."""
+        self.protection.remove(req_idx)
+        self.history.pop(req_idx, None)
+        try:
+            args = parse_request_args(sampling_params.extra_args, self.settings)
+        except ValueError as exc:  # admission already validated; only a config drift gets here
+            log.error("antidistillation arguments rejected in the worker, slot unprotected: %s", exc)
+            args = RequestArgs()
+        if not args.protected:
+            self.args.pop(req_idx, None)
+            return False
+        self.args[req_idx] = args
+        return True
+
+    def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
+        if not self.args:
+            return logits
+        slots = [int(s) for s in ctx.idx_mapping_np]
+        present = {slot: row for row, slot in enumerate(slots) if slot in self.args}
+        for slot in [s for s in self.history if s not in present]:
+            self.protection.remove(slot)
+            del self.history[slot]
+        if not present:
+            return logits
+        rows = list(present.values())
+        newest = ctx.input_ids[rows].tolist()
+        for (slot, row), token in zip(present.items(), newest, strict=True):
+            self._sync(slot, int(ctx.seq_lens_upper_bound_np[row]), int(token))
+        return self.protection.apply(logits, present)
+
+    def _sync(self, slot: int, length: int, newest: int) -> None:
+        """Make the slot's host history exactly its ``length``-token prefix ending in ``newest``."""
+        history = self.history.get(slot)
+        if history is None:
+            history = self.history[slot] = []
+            self.protection.add(slot, self.args[slot], history, ())
+        del history[length - 1 :]
+        if len(history) < length - 1:
+            device_ids = self.req_states.all_token_ids.gpu[slot, len(history) : length - 1]
+            history.extend(int(t) for t in device_ids.tolist())
+        history.append(newest)

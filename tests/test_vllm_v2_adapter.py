@@ -17,7 +17,7 @@ from proxy_worker.delta import finite_difference
 from proxy_worker.model import StackedProxy
 from proxy_worker.plan import build_plan
 from proxy_worker.vllm_v2 import AntidistillationLogitsProcessorV2
-from proxy_worker.weights import load_proxy_state, perturbed_copies, stack_copies
+from proxy_worker.weights import perturbed_copies, stack_copies
 from tests.vllm_setup import EPSILONS, build_models
 
 MAX_REQS, MAX_LEN = 8, 64
@@ -106,7 +106,7 @@ def test_v2_adapter_follows_slots_reorders_and_reuse(runner, models):
                 expected = base[row].clone()
                 expected[:320] += lam * reference_delta(models, profile, histories[slot])
                 # fp32 round-off of cached vs full passes, amplified by 1/(2ε)
-                assert torch.allclose(out[row], expected, atol=5e-3, rtol=1e-3), (step, slot)
+                assert torch.allclose(out[row], expected, atol=1e-2, rtol=1e-3), (step, slot)
             else:
                 assert torch.equal(out[row], base[row])
         for s in histories:

@@ -33,8 +33,7 @@ bench-proxy: venv
 	$(PY) -m benchmarks.proxy_step --out benchmarks/results/proxy_step-cpu.json
 
 serve: venv
-	@echo "make serve: the server arrives with the server issue (#4); nothing to serve yet." >&2
-	@exit 2
+	$(PY) -m server serve --embedded-default
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

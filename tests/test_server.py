@@ -1,0 +1,261 @@
+"""`antidistill serve` as a real process on tiny models, driven by the stock OpenAI SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from server.tiers import new_key
+from tests.servers import free_port, running_server
+from tests.vllm_setup import build_models
+
+TIERS = {
+    "free": {"lambda": 3.0, "max_lambda": 6.0, "max_tokens": 64},
+    "pro": {"lambda": 1.0, "min_lambda": 0.5, "max_lambda": 2.0, "profile": "code"},
+    "internal": {"lambda": 0.0, "max_lambda": 5.0},
+    "limited": {"lambda": 1.0, "rpm": 3},
+    "single": {"lambda": 1.0, "max_concurrent": 1},
+    "watched": {"lambda": 0.5, "max_lambda": 1.0, "escalation": {"tokens_per_hour": 20, "lambda": 4.0}},
+}
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    models = build_models(root)
+    keys, entries = {}, []
+    for tier in [*TIERS, "revoked"]:
+        key, digest = new_key()
+        keys[tier] = key
+        entries.append({"sha256": digest, "tier": "free" if tier == "revoked" else tier, "revoked": tier == "revoked"})
+    tiers = root / "tiers.yaml"
+    tiers.write_text(yaml.safe_dump({"tiers": TIERS, "keys": entries}))
+    port = free_port()
+    audit = root / "audit.jsonl"
+    args = [
+        "-m",
+        "server",
+        "serve",
+        "--proxy",
+        str(models.proxy),
+        "--gradient",
+        f"math={models.gradients['math']}",
+        "--gradient",
+        f"code={models.gradients['code']}",
+        "--tiers",
+        str(tiers),
+        "--audit-log",
+        str(audit),
+        "--model",
+        str(models.teacher),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "256",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    log = root / "server.log"
+    with running_server(args, {"VLLM_CPU_KVCACHE_SPACE": "1"}, log, port) as base:
+        yield {
+            "base": base,
+            "keys": keys,
+            "models": models,
+            "tiers": tiers,
+            "entries": entries,
+            "audit": audit,
+            "log": log,
+            "pid": _server_pid(port),
+        }
+
+
+def _server_pid(port: int) -> int:
+    import psutil
+
+    for conn in psutil.net_connections("tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == "LISTEN":
+            return conn.pid
+    raise RuntimeError("server pid not found")
+
+
+def client(dep, tier: str | None, **kw) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=dep["base"] + "/v1", api_key=dep["keys"][tier] if tier else "none", max_retries=0, **kw
+    )
+
+
+def model_name(dep) -> str:
+    return str(dep["models"].teacher)
+
+
+def chat(dep, tier, **kw):
+    params = {
+        "model": model_name(dep),
+        "messages": [{"role": "user", "content": "Alice has 3 apples"}],
+        "max_tokens": 8,
+        "temperature": 0,
+        **kw,
+    }
+    return client(dep, tier).chat.completions.with_raw_response.create(**params)
+
+
+@pytest.mark.parametrize("tier", ["free", "pro", "internal"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_sdk_per_tier(deployment, tier, stream):
+    expected = {"free": "3", "pro": "1", "internal": "0"}[tier]
+    raw = chat(deployment, tier, stream=stream)
+    assert raw.headers["x-antidistillation-tier"] == tier
+    assert raw.headers["x-antidistillation-lambda"] == expected
+    if stream:
+        text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    else:
+        text = raw.parse().choices[0].message.content
+    assert text
+    comp = client(deployment, tier).completions.with_raw_response.create(
+        model=model_name(deployment), prompt="The sum of 12", max_tokens=8, stream=stream
+    )
+    assert comp.headers["x-antidistillation-lambda"] == expected
+    assert comp.status_code == 200
+
+
+def test_floor_cannot_be_bypassed(deployment):
+    dep = deployment
+    prompt = dict(model=model_name(dep), prompt="The sum of 12", max_tokens=16, temperature=0)
+    for attempt in ({"vllm_xargs": {"ad_lambda": 0}}, {"vllm_xargs": {"ad_lambda": 2.9}}):
+        with pytest.raises(openai.PermissionDeniedError, match=r"allowed range \[3, 6\]"):
+            client(dep, "free").completions.create(**prompt, extra_body=attempt)
+    with pytest.raises(openai.PermissionDeniedError, match="allowed range"):
+        client(dep, "free", default_headers={"X-Antidistillation-Lambda": "0"}).completions.create(**prompt)
+    for smuggled in ({"ad_lambda": 0}, {"metadata": {"ad_lambda": 0}}, {"vllm_xargs": {"ad_profile": "code"}}):
+        with pytest.raises(openai.PermissionDeniedError):
+            client(dep, "free").completions.create(**prompt, extra_body=smuggled)
+    # temperature 0 is protected: the free tier's greedy tokens differ from the unprotected ones
+    free = client(dep, "free").completions.create(**prompt).choices[0].text
+    clean = client(dep, "internal").completions.create(**prompt).choices[0].text
+    assert free != clean
+    inside = client(dep, "free").completions.with_raw_response.create(
+        **prompt, extra_body={"vllm_xargs": {"ad_lambda": 5}}
+    )
+    assert inside.headers["x-antidistillation-lambda"] == "5"
+
+
+def test_auth_errors(deployment):
+    dep = deployment
+    body = {"model": model_name(dep), "prompt": "x", "max_tokens": 2}
+    missing = httpx.post(dep["base"] + "/v1/completions", json=body)
+    assert missing.status_code == 401 and missing.json()["error"]["message"] == "missing API key"
+    for key in ("ad-not-a-real-key", dep["keys"]["revoked"]):
+        res = httpx.post(dep["base"] + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert res.status_code == 401 and "invalid or revoked" in res.json()["error"]["message"]
+    assert httpx.get(dep["base"] + "/v1/models").status_code == 401
+    assert httpx.get(dep["base"] + "/health").status_code == 200
+    assert httpx.get(dep["base"] + "/metrics").status_code == 200
+    assert httpx.post(dep["base"] + "/tokenize", json={"prompt": "x"}).status_code == 404
+    over = httpx.post(
+        dep["base"] + "/v1/completions",
+        json={**body, "max_tokens": 65},
+        headers={"Authorization": f"Bearer {dep['keys']['free']}"},
+    )
+    assert over.status_code == 403 and "max_tokens" in over.json()["error"]["message"]
+
+
+def test_rate_and_concurrency_limits(deployment):
+    dep = deployment
+    c = client(dep, "limited")
+    for _ in range(3):
+        c.completions.create(model=model_name(dep), prompt="x", max_tokens=2)
+    with pytest.raises(openai.RateLimitError) as err:
+        c.completions.create(model=model_name(dep), prompt="x", max_tokens=2)
+    assert int(err.value.response.headers["retry-after"]) >= 1
+    single = client(dep, "single")
+    stream = single.completions.create(
+        model=model_name(dep), prompt="x", max_tokens=40, stream=True, extra_body={"ignore_eos": True}
+    )
+    next(iter(stream))
+    with pytest.raises(openai.RateLimitError, match="concurrent"):
+        single.completions.create(model=model_name(dep), prompt="x", max_tokens=2)
+    list(stream)
+    single.completions.create(model=model_name(dep), prompt="x", max_tokens=2)
+
+
+def test_escalation_raises_lambda_for_heavy_users(deployment):
+    dep = deployment
+    c = client(dep, "watched")
+    first = c.completions.with_raw_response.create(
+        model=model_name(dep), prompt="x", max_tokens=30, extra_body={"ignore_eos": True}
+    )
+    assert first.headers["x-antidistillation-lambda"] == "0.5"
+    second = c.completions.with_raw_response.create(model=model_name(dep), prompt="x", max_tokens=2)
+    assert second.headers["x-antidistillation-lambda"] == "4"
+
+
+def test_audit_lines(deployment):
+    dep = deployment
+    chat(dep, "pro")
+    lines = [json.loads(x) for x in dep["audit"].read_text().splitlines()]
+    pro = [x for x in lines if x["tier"] == "pro" and x["status"] == 200]
+    assert pro, lines[-3:]
+    line = pro[-1]
+    assert len(line["key_id"]) == 12 and line["lambda"] == 1.0 and line["profile"] == "code"
+    assert line["completion_tokens"] > 0 and line["latency_ms"] > 0
+    assert "prompt" not in line and "Alice" not in dep["audit"].read_text()
+    rejected = [x for x in lines if x["status"] == 401]
+    assert rejected and rejected[0]["tier"] is None and len(rejected[0]["key_id"]) in (4, 12)
+    assert any(x["status"] == 403 for x in lines)
+
+
+def test_reload_good_and_bad(deployment):
+    dep = deployment
+    key, digest = new_key()
+    entries = [*dep["entries"], {"sha256": digest, "tier": "pro"}]
+    dep["tiers"].write_text(yaml.safe_dump({"tiers": TIERS, "keys": entries}))
+    os.kill(dep["pid"], signal.SIGHUP)
+    c = openai.OpenAI(base_url=dep["base"] + "/v1", api_key=key, max_retries=0)
+    for _ in range(50):
+        try:
+            c.completions.create(model=model_name(dep), prompt="x", max_tokens=2)
+            break
+        except openai.AuthenticationError:
+            time.sleep(0.2)
+    else:
+        pytest.fail("new key not accepted after SIGHUP")
+    dep["tiers"].write_text("tiers: {free: {lambda: -1}}\n")
+    os.kill(dep["pid"], signal.SIGHUP)
+    time.sleep(1)
+    c.completions.create(model=model_name(dep), prompt="x", max_tokens=2)  # old (good) config kept
+    assert "tiers reload failed" in dep["log"].read_text()
+    dep["tiers"].write_text(yaml.safe_dump({"tiers": TIERS, "keys": dep["entries"]}))
+    os.kill(dep["pid"], signal.SIGHUP)
+
+
+def test_32_concurrent_streams_across_tiers(deployment):
+    dep = deployment
+
+    async def one(i: int) -> int:
+        tier = ("free", "pro", "internal")[i % 3]
+        c = openai.AsyncOpenAI(base_url=dep["base"] + "/v1", api_key=dep["keys"][tier], max_retries=0)
+        stream = await c.chat.completions.create(
+            model=model_name(dep), messages=[{"role": "user", "content": f"count to {i}"}], max_tokens=12, stream=True
+        )
+        n = 0
+        async for chunk in stream:
+            n += bool(chunk.choices and chunk.choices[0].delta.content)
+        await c.close()
+        return n
+
+    async def all_streams() -> list[int]:
+        return await asyncio.gather(*(one(i) for i in range(32)))
+
+    counts = asyncio.run(all_streams())
+    assert len(counts) == 32 and all(n > 0 for n in counts)

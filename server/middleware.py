@@ -21,7 +21,7 @@ from typing import Any
 
 from server.limits import KeyLimiter
 from server.policy import LAMBDA_HEADER, PolicyError, decide, find_smuggled
-from server.tiers import Caller, TiersError, TierTable, hash_key, load_tiers
+from server.tiers import Caller, Tier, TiersError, TierTable, hash_key, load_tiers
 
 log = logging.getLogger("server.gateway")
 Scope = MutableMapping[str, Any]
@@ -157,7 +157,8 @@ class AntidistillationMiddleware:
         ex.lam, ex.profile, ex.escalated = decision.lam, decision.profile, escalated is not None
         ex.stream = bool(body.get("stream"))
         ex.prompt_text = (body.get("messages") or body.get("prompt")) if self.audit_text else None
-        budget = _approx_prompt_tokens(body) + int(body.get("max_tokens") or body.get("max_completion_tokens") or 0)
+        completion = _int(body.get("max_tokens")) or _int(body.get("max_completion_tokens")) or 0
+        budget = _approx_prompt_tokens(body) + completion * (_int(body.get("n")) or 1)
         self.limiter.admit(ex.caller.key_id, tier, budget)
         new_xargs = {k: v for k, v in xargs.items() if not k.startswith("ad_")}
         new_xargs["ad_lambda"] = decision.lam
@@ -201,25 +202,30 @@ class AntidistillationMiddleware:
         self.audit.info(json.dumps(line))
 
 
-def _check_output_caps(body: dict, tier: Any) -> None:
-    """max_tokens and the logprobs side channel (raw teacher distribution) per tier."""
+def _int(value: Any) -> int | None:
+    """An integer field's value, or None when absent or mistyped (vLLM then answers 400 itself)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _check_output_caps(body: dict, tier: Tier) -> None:
+    """max_tokens and the logprobs side channel (the raw teacher distribution) per tier."""
     for name in ("max_tokens", "max_completion_tokens"):
-        value = body.get(name)
-        if tier.max_tokens is not None and isinstance(value, int) and value > tier.max_tokens:
+        value = _int(body.get(name))
+        if tier.max_tokens is not None and value is not None and value > tier.max_tokens:
             raise PolicyError(403, f"{name} {value} exceeds this tier's max_tokens {tier.max_tokens}", name)
     if tier.max_tokens is not None and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = tier.max_tokens
-    logprobs = body.get("top_logprobs") if "messages" in body else body.get("logprobs")
-    wants = int(logprobs or 0) if not isinstance(logprobs, bool) else int(bool(logprobs) and 1)
-    if "messages" in body and body.get("logprobs") and tier.max_logprobs == 0:
-        wants = max(wants, 1)
-    if wants > tier.max_logprobs:
-        raise PolicyError(403, f"logprobs {wants} exceeds this tier's max_logprobs {tier.max_logprobs}", "logprobs")
-    prompt_lp = body.get("prompt_logprobs") or (body.get("echo") and body.get("logprobs"))
-    if prompt_lp and not tier.allow_prompt_logprobs:
-        raise PolicyError(
-            403, "prompt logprobs are not allowed on this tier (allow_prompt_logprobs)", "prompt_logprobs"
-        )
+    if "messages" in body:
+        asked = bool(body.get("logprobs")) or body.get("top_logprobs") is not None
+        top = _int(body.get("top_logprobs")) or 0
+    else:
+        asked = body.get("logprobs") is not None and body.get("logprobs") is not False
+        top = _int(body.get("logprobs")) or 0
+    if asked and (tier.max_logprobs == 0 or top > tier.max_logprobs):
+        raise PolicyError(403, f"logprobs are limited to {tier.max_logprobs} on this tier (max_logprobs)", "logprobs")
+    if (body.get("prompt_logprobs") is not None or (body.get("echo") and asked)) and not tier.allow_prompt_logprobs:
+        message = "prompt logprobs are not allowed on this tier (allow_prompt_logprobs)"
+        raise PolicyError(403, message, "prompt_logprobs")
 
 
 def _count_output(ex: Exchange, chunk: bytes) -> None:

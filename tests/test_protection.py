@@ -1,0 +1,99 @@
+"""Protection (what the adapters call) on tiny models: λ = 0 costs nothing, rows follow batch
+moves across profiles, a non-finite Δ never reaches the logits, bad settings stop start-up."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from proxy_worker.delta import finite_difference
+from proxy_worker.plan import build_plan
+from proxy_worker.protection import Protection
+from proxy_worker.settings import RequestArgs, SettingsError, parse_request_args, parse_settings
+from proxy_worker.validation import VocabularyMismatch
+from tests.tiny_models import save_tiny, train_tokenizer
+from tests.vllm_setup import build_models
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return build_models(tmp_path_factory.mktemp("protection-models"))
+
+
+@pytest.fixture()
+def protection(models):
+    return Protection.from_settings(parse_settings(models.settings(), "test"), teacher_tokenizer=str(models.teacher))
+
+
+def fresh(protection, profile, tokens):
+    engine = protection.engines[profile]
+    return finite_difference(engine.model.logits(build_plan([tokens], [0])), engine.epsilon)[0]
+
+
+def test_unprotected_rows_cost_nothing(protection):
+    protection.add(0, RequestArgs(0.0, "math"), [1, 2, 3], [])
+    logits = torch.randn(2, 320)
+    before = logits.clone()
+    assert protection.apply(logits) is logits
+    assert torch.equal(logits, before)
+    assert protection.stats.steps == 0 and protection.engines["math"].cache.used_tokens == 0
+
+
+def test_rows_follow_moves_and_swaps_across_profiles(protection):
+    protection.add(0, RequestArgs(1.0, "math"), [5, 6, 7], [])
+    protection.add(1, RequestArgs(2.0, "code"), [8, 9], [])
+    protection.swap(0, 1)
+    protection.move(1, 3)  # the math row now sits at 3; row 0 holds the code row
+    logits = torch.zeros(4, 330)
+    protection.apply(logits)
+    assert torch.allclose(logits[0, :320], 2.0 * fresh(protection, "code", [8, 9]), atol=1e-2, rtol=1e-3)
+    assert torch.allclose(logits[3, :320], 1.0 * fresh(protection, "math", [5, 6, 7]), atol=1e-2, rtol=1e-3)
+    assert torch.equal(logits[1], torch.zeros(330)) and torch.equal(logits[:, 320:], torch.zeros(4, 10))
+
+
+def test_non_finite_delta_falls_back_to_zero_and_is_counted(protection):
+    protection.add(0, RequestArgs(1.0, "math"), [5, 6, 7], [])
+    protection.add(1, RequestArgs(1.0, "code"), [5, 6, 7], [])
+    protection.engines["math"].model.params["norm"][0, 0] = float("nan")
+    logits = torch.zeros(2, 320)
+    protection.apply(logits)
+    assert torch.equal(logits[0], torch.zeros(320)), "a NaN Δ must never reach the logits"
+    assert torch.isfinite(logits[1]).all() and logits[1].abs().max() > 0, "other profiles are unaffected"
+    assert protection.stats.fallbacks == {"non_finite": 1}
+
+
+def test_request_args_validation(models):
+    settings = parse_settings(models.settings(allowed_modes=["ad"]), "test")
+    assert parse_request_args({"ad_lambda": 2, "other": 1}, settings) == RequestArgs(2.0, "math", "ad")
+    assert parse_request_args(None, settings) == RequestArgs(0.0, "math", "ad")
+    for bad, field in [
+        ({"ad_lambda": "2"}, "ad_lambda"),
+        ({"ad_lambda": True}, "ad_lambda"),
+        ({"ad_lambda": float("inf")}, "ad_lambda"),
+        ({"ad_lambda": 21}, "ad_lambda"),
+        ({"ad_profile": 3}, "ad_profile"),
+        ({"ad_mode": "permutation"}, "ad_mode"),
+        ({"ad_seed": 1}, "ad_seed"),
+    ]:
+        with pytest.raises(ValueError, match=f"vllm_xargs.{field}"):
+            parse_request_args(bad, settings)
+
+
+def test_bad_settings_and_mismatched_proxy_stop_startup(models, tmp_path):
+    with pytest.raises(SettingsError, match="epsilon"):
+        parse_settings(models.settings(epsilon=0), "test")
+    with pytest.raises(SettingsError, match="allowed_modes"):
+        parse_settings(models.settings(allowed_modes=["permutation"]), "test")
+    other_tok = train_tokenizer(corpus=["zzz yyy xxx www"] * 50)
+    teacher = save_tiny(
+        tmp_path / "t",
+        "llama",
+        vocab_size=len(other_tok),
+        head_dim=64,
+        heads=2,
+        kv_heads=1,
+        hidden=128,
+        tokenizer=other_tok,
+    )
+    with pytest.raises(VocabularyMismatch, match="token id"):
+        Protection.from_settings(parse_settings(models.settings(), "test"), teacher_tokenizer=str(teacher))

@@ -131,7 +131,7 @@ class AntidistillationMiddleware:
             return self._write_audit(ex)
         payload = json.dumps(body).encode()
         try:
-            await self.app(scope, _replay(payload), self._labelled(send, ex))
+            await self.app(scope, _replay(payload, receive), self._labelled(send, ex))
         finally:
             self.limiter.release(caller.key_id, ex.completion_tokens or ex.chunks)
             self._write_audit(ex)
@@ -272,17 +272,19 @@ async def _read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-def _replay(payload: bytes) -> Receive:
+def _replay(payload: bytes, receive: Receive) -> Receive:
+    """The rewritten body first; then the real channel, so the app still sees a client disconnect
+    (vLLM aborts the request then) — and only then."""
     sent = False
 
-    async def receive() -> Message:
+    async def replay() -> Message:
         nonlocal sent
         if not sent:
             sent = True
             return {"type": "http.request", "body": payload, "more_body": False}
-        return {"type": "http.disconnect"}
+        return await receive()
 
-    return receive
+    return replay
 
 
 def _audit_logger(path: str) -> logging.Logger:

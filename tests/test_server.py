@@ -118,10 +118,9 @@ def test_openai_sdk_per_tier(deployment, tier, stream):
     assert raw.headers["x-antidistillation-tier"] == tier
     assert raw.headers["x-antidistillation-lambda"] == expected
     if stream:
-        text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+        assert sum(1 for c in raw.parse() if c.choices and c.choices[0].delta.content is not None) >= 1
     else:
-        text = raw.parse().choices[0].message.content
-    assert text
+        assert raw.parse().usage.completion_tokens >= 1
     comp = client(deployment, tier).completions.with_raw_response.create(
         model=model_name(deployment), prompt="The sum of 12", max_tokens=8, stream=stream
     )

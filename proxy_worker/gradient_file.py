@@ -32,6 +32,30 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+def check_gradient_header(path: str | Path, cfg: ProxyConfig) -> None:
+    """Names, shapes and config hash of g without reading its values (fast pre-flight check)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"gradient {path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+            stored_hash = (f.metadata() or {}).get(CONFIG_HASH_KEY)
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise WeightsError(f"gradient {path}: cannot read safetensors ({exc})") from None
+    if stored_hash is not None and stored_hash != cfg.digest:
+        raise WeightsError(f"gradient {path}: computed for proxy config {stored_hash}, but this proxy is {cfg.digest}")
+    expected = expected_shapes(cfg)
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise WeightsError(f"gradient {path}: missing tensor {name!r}")
+        if shapes[name] != tuple(shape):
+            raise WeightsError(f"gradient {path}: tensor {name!r} has shape {shapes[name]}, expected {tuple(shape)}")
+    extra = sorted(set(shapes) - set(expected))
+    if extra:
+        raise WeightsError(f"gradient {path}: unexpected tensor {extra[0]!r} (not a proxy parameter)")
+
+
 def load_gradient(path: str | Path, cfg: ProxyConfig) -> dict[str, torch.Tensor]:
     """Read g and check it against the proxy config; raises WeightsError naming the problem."""
     path = Path(path)

@@ -64,6 +64,7 @@ def processor_settings(ours: argparse.Namespace) -> ProcessorSettings:
         if not Path(path).is_file():
             raise StartupError(f"--gradient {name}: {path}: file not found")
         profiles[name] = path
+    preflight(ours.proxy, profiles)
     raw = {
         "proxy": ours.proxy,
         "profiles": profiles,
@@ -75,6 +76,21 @@ def processor_settings(ours: argparse.Namespace) -> ProcessorSettings:
     try:
         return parse_settings(raw, "antidistill serve")
     except SettingsError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def preflight(proxy: str, gradients: dict[str, str]) -> None:
+    """Proxy config and weights index, and each gradient's names and shapes, before vLLM starts."""
+    from proxy_worker.config import ProxyConfigError, load_config
+    from proxy_worker.gradient_file import check_gradient_header
+    from proxy_worker.weights import WeightsError, safetensors_files
+
+    try:
+        cfg = load_config(proxy)
+        safetensors_files(proxy)
+        for path in gradients.values():
+            check_gradient_header(path, cfg)
+    except (ProxyConfigError, WeightsError) as exc:
         raise StartupError(str(exc)) from None
 
 
@@ -94,6 +110,10 @@ def check_tiers(tiers: TierTable, settings: ProcessorSettings) -> None:
 
 
 def serve(argv: Sequence[str]) -> None:
+    if "-h" in argv or "--help" in argv:
+        serve_parser().print_help()
+        print("\nEvery other flag goes to vLLM (see: python -m vllm.entrypoints.openai.api_server --help).")
+        return
     ours, rest = serve_parser().parse_known_args(argv)
     if ours.embedded_default:
         from server.default_setup import embedded_default

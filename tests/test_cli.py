@@ -1,0 +1,48 @@
+"""`antidistill serve` stops before vLLM starts, with one line naming the problem."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from server.cli import main
+from tests.vllm_setup import build_models
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return build_models(tmp_path_factory.mktemp("cli-models"))
+
+
+def run(capsys, *args: str) -> tuple[int, str]:
+    code = main(["serve", *args])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_startup_errors_are_one_line(models, tmp_path, capsys):
+    good = ["--proxy", str(models.proxy), "--gradient", f"math={models.gradients['math']}"]
+    tiers = tmp_path / "tiers.yaml"
+    cases = []
+    tiers.write_text(yaml.safe_dump({"tiers": {"free": {"lambda": 1, "profile": "code"}}}))
+    cases.append(([*good, "--tiers", str(tiers)], "tiers.free.profile: 'code' is not a loaded --gradient profile"))
+    high = tmp_path / "high.yaml"
+    high.write_text(yaml.safe_dump({"tiers": {"free": {"lambda": 1, "max_lambda": 99}}}))
+    cases.append(([*good, "--tiers", str(high)], "tiers.free.max_lambda 99 exceeds --max-lambda 50"))
+    cases.append(([*good, "--tiers", str(tmp_path / "none.yaml")], "cannot read"))
+    cases.append((good, "--tiers FILE is required"))
+    cases.append(
+        (["--proxy", str(tmp_path), "--gradient", f"math={models.gradients['math']}"], "config.json: not found")
+    )
+    cases.append((["--proxy", str(models.proxy), "--gradient", "math"], "expected NAME=PATH"))
+    corrupt = tmp_path / "g.safetensors"
+    corrupt.write_bytes(b"\x00\x01garbage")
+    cases.append((["--proxy", str(models.proxy), "--gradient", f"math={corrupt}"], "cannot read safetensors"))
+    cases.append(
+        (
+            ["--proxy", str(models.teacher), "--gradient", f"math={models.gradients['math']}"],
+            "computed for proxy config",
+        )
+    )
+    for args, needle in cases:
+        code, err = run(capsys, *args)
+        assert code == 1 and needle in err and err.count("\n") == 0, (args, err)

@@ -17,6 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
+from benchmarks.report import write_json
 from server.embedded_model import DEFAULT_CACHE, prepare_half_proxy, prepare_smollm2
 
 PROCESSOR = "proxy_worker.vllm_v1:AntidistillationLogitsProcessor"
@@ -133,10 +134,7 @@ def main() -> None:
         samples={f"{c}/{n}": v for (c, n), v in samples.items()},
         rows=rows,
     )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

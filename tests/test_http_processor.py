@@ -11,7 +11,7 @@ import pytest
 
 from tests.reference_sampler import ReferenceSampler
 from tests.servers import free_port, running_server
-from tests.vllm_setup import EPSILONS, PROCESSOR, build_models
+from tests.vllm_setup import EPSILONS, PROCESSOR, build_models, server_flags
 
 BAD_XARGS = [
     ({"ad_lambda": "strong"}, "ad_lambda"),
@@ -38,17 +38,7 @@ def server(models, tmp_path_factory):
     args = [
         "-m",
         "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(models.teacher),
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--max-model-len",
-        "256",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
+        *server_flags(models, port),
         "--logits-processors",
         PROCESSOR,
         "--additional-config",

@@ -15,7 +15,7 @@ import yaml
 
 from server.tiers import new_key
 from tests.servers import free_port, running_server
-from tests.vllm_setup import build_models
+from tests.vllm_setup import build_models, server_flags
 
 TIERS = {
     "free": {"lambda": 3.0, "max_lambda": 6.0, "max_tokens": 64},
@@ -54,17 +54,7 @@ def deployment(tmp_path_factory):
         str(tiers),
         "--audit-log",
         str(audit),
-        "--model",
-        str(models.teacher),
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--max-model-len",
-        "256",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
+        *server_flags(models, port),
     ]
     log = root / "server.log"
     with running_server(args, {"VLLM_CPU_KVCACHE_SPACE": "1"}, log, port) as base:

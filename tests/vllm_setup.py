@@ -114,5 +114,22 @@ def llm_kwargs(models: ADModels, processor: bool, **extra: object) -> dict:
     return kw
 
 
+def server_flags(models: ADModels, port: int) -> list[str]:
+    """vLLM server flags for the tiny teacher on a loopback port (our server passes them through)."""
+    return [
+        "--model",
+        str(models.teacher),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "256",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
 def additional_config_json(models: ADModels) -> str:
     return json.dumps({"antidistillation": models.settings()})

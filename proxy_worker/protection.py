@@ -12,10 +12,11 @@ import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from proxy_worker import metrics
 from proxy_worker.config import load_config
 from proxy_worker.delta import PermutationControl, add_scaled
 from proxy_worker.engine import ProxyEngine, parse_dtype
@@ -28,20 +29,9 @@ from proxy_worker.weights import load_proxy_state, perturbed_copies, stack_copie
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ProtectionStats:
-    """Running totals, read by the metrics exporter."""
-
-    steps: int = 0
-    protected_rows: int = 0
-    prefill_tokens: int = 0
-    decode_tokens: int = 0
-    proxy_seconds: float = 0.0
-    fallbacks: dict[str, int] = field(default_factory=dict)
-
-    def count_failure(self, reason: str) -> None:
-        kind = "non_finite" if "non-finite" in reason else "budget" if "budget" in reason else "other"
-        self.fallbacks[kind] = self.fallbacks.get(kind, 0) + 1
+def failure_kind(reason: str) -> str:
+    """Metric label for why a row went unprotected for a step."""
+    return "non_finite" if "non-finite" in reason else "budget" if "budget" in reason else "other"
 
 
 @dataclass
@@ -64,7 +54,9 @@ class Protection:
         self.engines = engines
         self.control = control
         self.rows: dict[int, _Row] = {}
-        self.stats = ProtectionStats()
+        self.clock = metrics.StepClock()
+        for name, engine in engines.items():
+            metrics.record_kv(name, engine.cache.used_tokens, engine.cache.capacity_tokens)
 
     @classmethod
     def from_settings(
@@ -112,7 +104,9 @@ class Protection:
     def remove(self, index: int) -> None:
         row = self.rows.pop(index, None)
         if row is not None:
-            self.engines[row.args.profile].remove(index)
+            engine = self.engines[row.args.profile]
+            engine.remove(index)
+            metrics.record_kv(row.args.profile, engine.cache.used_tokens, engine.cache.capacity_tokens)
 
     def move(self, src: int, dst: int) -> None:
         self.remove(dst)
@@ -136,6 +130,7 @@ class Protection:
         ``logits_rows`` maps a row index to its logits row when they differ (V2 runner: request
         slot → batch position); rows missing from it are not in this step.
         """
+        self.clock.tick(protected=bool(self.rows))
         if not self.rows:
             return logits
         start = time.perf_counter()
@@ -151,12 +146,13 @@ class Protection:
                     self._apply_profile(logits, engine, indices, targets)
         except Exception:
             log.exception("antidistillation step failed; protected rows fall back to Δ = 0 for this step")
-            self.stats.count_failure("other")
-        self.stats.steps += 1
-        self.stats.proxy_seconds += time.perf_counter() - start
+            metrics.record_fallback("*", "other")
+        metrics.PROXY_SECONDS.inc(time.perf_counter() - start)
         return logits
 
     def _apply_profile(self, logits: torch.Tensor, engine: ProxyEngine, indices: list[int], targets: list[int]) -> None:
+        profile = self.rows[indices[0]].args.profile
+        start = time.perf_counter()
         result = engine.step(indices)
         delta = result.delta
         rows = [self.rows[i] for i in indices]
@@ -165,11 +161,10 @@ class Protection:
             keys = [f"{rows[j].key}:{engine.cache.rows[indices[j]].length}" for j in permuted]
             delta[permuted] = self.control.apply(delta[permuted], keys)
         for index, reason in result.failed.items():
-            self.stats.count_failure(reason)
+            metrics.record_fallback(profile, failure_kind(reason))
             log.warning("antidistillation row %d unprotected this step: %s", index, reason)
         lambdas = torch.tensor([r.args.lam for r in rows], dtype=torch.float32, device=delta.device)
         target = torch.tensor(targets, device=logits.device)
         add_scaled(logits, target, lambdas.to(logits.device), delta.to(logits.device))
-        self.stats.protected_rows += len(indices)
-        self.stats.prefill_tokens += result.prefill_tokens
-        self.stats.decode_tokens += result.decode_tokens
+        metrics.record_profile_step(profile, result, len(indices), time.perf_counter() - start)
+        metrics.record_kv(profile, engine.cache.used_tokens, engine.cache.capacity_tokens)

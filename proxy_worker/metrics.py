@@ -1,0 +1,88 @@
+"""Worker-side Prometheus metrics: what protection costs, per profile.
+
+They live in the engine's worker process; they reach the API server's ``/metrics`` through
+prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, which ``antidistill serve``
+sets to a fresh directory before anything starts and removes on exit). Every name starts with
+``antidistill_``.
+
+The share of step time spent in the proxy is exported as two counters whose ratio is the share:
+``rate(antidistill_proxy_seconds_total[1m]) / rate(antidistill_engine_step_seconds_total[1m])``,
+where a step's time is the interval between consecutive processor calls while protected rows exist.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from proxy_worker.engine import StepResult
+
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+PROXY_STEP = Histogram(
+    "antidistill_proxy_step_seconds",
+    "Time of one proxy step (both perturbed copies) for one profile.",
+    ["profile", "phase"],
+    buckets=STEP_BUCKETS,
+)
+PROXY_TOKENS = Counter(
+    "antidistill_proxy_tokens", "Tokens run through the proxy (each through both copies).", ["profile", "phase"]
+)
+PROTECTED_ROWS = Histogram(
+    "antidistill_protected_rows", "Protected rows in one engine step, per profile.", ["profile"], buckets=ROW_BUCKETS
+)
+PROXY_SECONDS = Counter("antidistill_proxy_seconds", "Wall time spent in the antidistillation processor.")
+STEP_SECONDS = Counter(
+    "antidistill_engine_step_seconds", "Wall time of engine steps that had protected rows (processor call to call)."
+)
+FALLBACKS = Counter(
+    "antidistill_delta_fallbacks",
+    "Rows served with Δ = 0 for a step (non-finite Δ, KV budget, error).",
+    ["profile", "reason"],
+)
+KV_USED = Gauge(
+    "antidistill_proxy_kv_tokens_used",
+    "Proxy KV-cache tokens held by live rows.",
+    ["profile"],
+    multiprocess_mode="livesum",
+)
+KV_CAPACITY = Gauge(
+    "antidistill_proxy_kv_tokens_capacity",
+    "Proxy KV-cache capacity in tokens (preallocated).",
+    ["profile"],
+    multiprocess_mode="livesum",
+)
+
+
+class StepClock:
+    """Measures engine-step intervals between processor calls (the share-of-step denominator)."""
+
+    def __init__(self) -> None:
+        self._last: float | None = None
+
+    def tick(self, protected: bool) -> None:
+        now = time.perf_counter()
+        if protected and self._last is not None:
+            STEP_SECONDS.inc(now - self._last)
+        self._last = now if protected else None
+
+
+def record_profile_step(profile: str, result: StepResult, rows: int, seconds: float) -> None:
+    phase = "prefill" if result.prefill_tokens else "decode"
+    PROXY_STEP.labels(profile, phase).observe(seconds)
+    if result.prefill_tokens:
+        PROXY_TOKENS.labels(profile, "prefill").inc(result.prefill_tokens)
+    if result.decode_tokens:
+        PROXY_TOKENS.labels(profile, "decode").inc(result.decode_tokens)
+    PROTECTED_ROWS.labels(profile).observe(rows)
+
+
+def record_fallback(profile: str, reason: str) -> None:
+    FALLBACKS.labels(profile, reason).inc()
+
+
+def record_kv(profile: str, used: int, capacity: int) -> None:
+    KV_USED.labels(profile).set(used)
+    KV_CAPACITY.labels(profile).set(capacity)

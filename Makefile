@@ -10,9 +10,13 @@ STAMP := $(VENV)/.installed
 MISMATCHED := torchvision torchaudio torchcodec
 QUIET_PIP := grep -v "^WARNING: Location" || true
 
-.PHONY: venv lint test bench-proxy serve clean
+.PHONY: venv system-deps lint test bench-proxy serve clean
 
 venv: $(STAMP)
+
+# A real Prometheus (and promtool) for the metrics tests: Debian's package.
+system-deps:
+	@command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +30,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+test: lint system-deps
 	$(PY) -m pytest -q
 
 bench-proxy: venv

@@ -69,6 +69,8 @@ def calibrate(
         plan,
         output="all",
     )
+    scale = float(exact.std(dim=-1).mean())
+    log.info("Δ scale: per-token std %.4g logits per unit λ (λ ≈ %.2g shifts logits by one std)", scale, 1 / scale)
     points = []
     for name in dtypes:
         for eps in epsilons:

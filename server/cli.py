@@ -11,9 +11,12 @@ processor and the tier middleware; every flag it does not know goes to vLLM unto
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -109,6 +112,16 @@ def check_tiers(tiers: TierTable, settings: ProcessorSettings) -> None:
             )
 
 
+def fresh_metrics_dir() -> None:
+    """Worker-side metrics reach /metrics through prometheus_client's multiprocess mode: a fresh,
+    empty directory per start (set before vLLM or prometheus_client is imported), removed on exit."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    path = tempfile.mkdtemp(prefix="antidistill-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
 def serve(argv: Sequence[str]) -> None:
     if "-h" in argv or "--help" in argv:
         serve_parser().print_help()
@@ -128,6 +141,7 @@ def serve(argv: Sequence[str]) -> None:
         raise StartupError(str(exc)) from None
     check_tiers(tiers, settings)
 
+    fresh_metrics_dir()
     import uvloop
     from vllm.entrypoints.launchers.api_server.entry import run_server
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args

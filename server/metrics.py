@@ -1,0 +1,35 @@
+"""Server-side Prometheus metrics (API-server process): who asked, at which λ, what came back.
+
+Exported on vLLM's own ``/metrics`` (the same registry vLLM collects; multiprocess mode when
+``PROMETHEUS_MULTIPROC_DIR`` is set, as ``antidistill serve`` does). Every name starts with
+``antidistill_``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+LAMBDA_BUCKETS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+
+REQUESTS = Counter("antidistill_requests", "Requests by tier and HTTP status.", ["tier", "status"])
+REJECTIONS = Counter("antidistill_rejections", "Requests refused by the gateway (401, 403, 429).", ["code"])
+EFFECTIVE_LAMBDA = Histogram(
+    "antidistill_effective_lambda", "λ applied to admitted requests.", ["tier"], buckets=LAMBDA_BUCKETS
+)
+OUTPUT_TOKENS = Counter(
+    "antidistill_output_tokens", "Completion tokens served, split by whether λ > 0.", ["tier", "protected"]
+)
+ESCALATED = Counter("antidistill_escalated_requests", "Requests served at an escalated λ.", ["tier"])
+
+
+def record_request(tier: str, status: int, lam: float | None, completion_tokens: int, escalated: bool) -> None:
+    """One finished (or refused) request."""
+    REQUESTS.labels(tier, str(status)).inc()
+    if status in (401, 403, 429):
+        REJECTIONS.labels(str(status)).inc()
+    if lam is None or status >= 400:
+        return
+    EFFECTIVE_LAMBDA.labels(tier).observe(lam)
+    OUTPUT_TOKENS.labels(tier, "true" if lam > 0 else "false").inc(completion_tokens)
+    if escalated:
+        ESCALATED.labels(tier).inc()

@@ -1,0 +1,169 @@
+"""Metrics on the real server's /metrics after a scripted workload, scraped also by a REAL
+Prometheus (Debian's package) through its HTTP API; the shipped deploy files pass promtool."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.tiers import new_key
+from tests.servers import free_port, running_server
+from tests.vllm_setup import build_models, server_flags
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+TIERS = {"free": {"lambda": 2.0}, "internal": {"lambda": 0.0}, "limited": {"lambda": 1.0, "rpm": 2}}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("metrics")
+    models = build_models(root)
+    keys, entries = {}, []
+    for tier in TIERS:
+        keys[tier], digest = new_key()
+        entries.append({"sha256": digest, "tier": tier})
+    (root / "tiers.yaml").write_text(yaml.safe_dump({"tiers": TIERS, "keys": entries}))
+    port = free_port()
+    args = [
+        "-m",
+        "server",
+        "serve",
+        "--proxy",
+        str(models.proxy),
+        "--gradient",
+        f"math={models.gradients['math']}",
+        "--tiers",
+        str(root / "tiers.yaml"),
+        "--audit-log",
+        str(root / "audit.jsonl"),
+        *server_flags(models, port),
+    ]
+    with running_server(args, {"VLLM_CPU_KVCACHE_SPACE": "1"}, root / "server.log", port) as base:
+        yield {"base": base, "keys": keys, "model": str(models.teacher), "root": root, "port": port}
+
+
+def scrape(base: str) -> dict[tuple[str, frozenset], float]:
+    samples = {}
+    for family in text_string_to_metric_families(httpx.get(base + "/metrics").text):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return samples
+
+
+def total(samples, name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, lab), v in samples.items() if n == name and want <= lab)
+
+
+def complete(srv, tier: str | None, n_tokens: int, stream: bool = False, **extra) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {srv['keys'][tier]}"} if tier else {}
+    body = {
+        "model": srv["model"],
+        "prompt": "The sum of 12",
+        "max_tokens": n_tokens,
+        "ignore_eos": True,
+        "stream": stream,
+        **extra,
+    }
+    return httpx.post(srv["base"] + "/v1/completions", json=body, headers=headers, timeout=120)
+
+
+def test_scripted_workload_counts(server):
+    srv = server
+    for _ in range(2):
+        assert complete(srv, "internal", 5).status_code == 200
+    before = scrape(srv["base"])
+    assert total(before, "antidistill_proxy_seconds_total") == 0, "no protected traffic yet: no proxy work"
+    assert total(before, "antidistill_proxy_tokens_total") == 0
+    protected = 0
+    for n in (7, 9, 4):
+        res = complete(srv, "free", n)
+        assert res.status_code == 200
+        protected += res.json()["usage"]["completion_tokens"]
+    streamed = complete(srv, "free", 6, stream=True)
+    assert streamed.status_code == 200 and '"usage":{' not in streamed.text.replace(" ", ""), "injected usage hidden"
+    protected += 6
+    assert complete(srv, None, 3).status_code == 401
+    assert complete(srv, "free", 3, vllm_xargs={"ad_lambda": 0}).status_code == 403
+    codes = [complete(srv, "limited", 2).status_code for _ in range(3)]
+    assert codes == [200, 200, 429]
+    protected += 4
+    after = scrape(srv["base"])
+    assert total(after, "antidistill_output_tokens_total", protected="true") == protected
+    assert total(after, "antidistill_output_tokens_total", protected="false") == 10
+    assert total(after, "antidistill_requests_total", tier="free", status="200") == 4
+    assert total(after, "antidistill_requests_total", tier="free", status="403") == 1
+    assert total(after, "antidistill_requests_total", tier="internal", status="200") == 2
+    assert total(after, "antidistill_requests_total", tier="limited", status="429") == 1
+    assert {c: total(after, "antidistill_rejections_total", code=c) for c in ("401", "403", "429")} == {
+        "401": 1,
+        "403": 1,
+        "429": 1,
+    }
+    assert total(after, "antidistill_effective_lambda_count", tier="free") == 4
+    assert total(after, "antidistill_effective_lambda_sum", tier="free") == 8.0
+    assert total(after, "antidistill_proxy_seconds_total") > 0
+    assert total(after, "antidistill_proxy_tokens_total", profile="math", phase="decode") > 0
+    assert total(after, "antidistill_proxy_step_seconds_count", profile="math") > 0
+    assert total(after, "antidistill_proxy_kv_tokens_capacity", profile="math") > 0
+    assert total(after, "vllm:generation_tokens_total") > 0, "vLLM's own metrics on the same endpoint"
+    for family in text_string_to_metric_families(httpx.get(srv["base"] + "/metrics").text):
+        if family.name.startswith("antidistill_"):
+            assert family.documentation, f"{family.name} has no HELP text"
+
+
+def test_real_prometheus_scrapes_and_answers_promql(server, tmp_path):
+    srv = server
+    port = free_port()
+    config = {
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "antidistill", "static_configs": [{"targets": [f"127.0.0.1:{srv['port']}"]}]}],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert complete(srv, "free", 3).status_code == 200
+        query = 'sum by (tier) (antidistill_requests_total{status="200"})'
+        deadline, result = time.monotonic() + 60, []
+        while time.monotonic() < deadline:
+            try:
+                res = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}).json()
+                result = res["data"]["result"]
+                if any(r["metric"].get("tier") == "free" for r in result):
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        tiers = {r["metric"]["tier"]: float(r["value"][1]) for r in result}
+        assert tiers.get("free", 0) >= 1, result
+        share = httpx.get(
+            f"http://127.0.0.1:{port}/api/v1/query", params={"query": "antidistill_proxy_seconds_total"}
+        ).json()["data"]["result"]
+        assert share and float(share[0]["value"][1]) > 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_shipped_prometheus_files_pass_promtool():
+    for args in (
+        ["check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
+        ["check", "rules", str(DEPLOY / "prometheus" / "rules.yml")],
+    ):
+        out = subprocess.run(["promtool", *args], capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr

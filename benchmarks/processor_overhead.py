@@ -18,53 +18,10 @@ import time
 from pathlib import Path
 
 from benchmarks.report import write_json
-from server.embedded_model import DEFAULT_CACHE, prepare_half_proxy, prepare_smollm2
+from benchmarks.workload import benchmark_gradient, prompt_token_ids
+from server.embedded_model import prepare_half_proxy, prepare_smollm2
 
 PROCESSOR = "proxy_worker.vllm_v1:AntidistillationLogitsProcessor"
-
-
-def benchmark_gradient(proxy: Path, traces: int = 16) -> Path:
-    """A cached gradient for the proxy from gsm_symbolic worked solutions."""
-    import reasoning_gym
-    from transformers import AutoTokenizer
-
-    from proxy_worker.config import load_config
-    from proxy_worker.gradient import compute_gradient
-    from proxy_worker.gradient_file import CONFIG_HASH_KEY, save_gradient
-    from proxy_worker.traces import tokenize_trace
-    from proxy_worker.weights import load_proxy_state
-
-    out = DEFAULT_CACHE / f"{proxy.name}-bench-grad.safetensors"
-    if out.is_file():
-        return out
-    tok = AutoTokenizer.from_pretrained(proxy)
-    data = reasoning_gym.create_dataset("gsm_symbolic", size=traces, seed=1)
-    records = [
-        {
-            "messages": [
-                {"role": "user", "content": x["question"]},
-                {"role": "assistant", "content": x["metadata"]["answer_cot"]},
-            ]
-        }
-        for x in data
-    ]
-    cfg = load_config(proxy)
-    grad, loss = compute_gradient(cfg, load_proxy_state(proxy, cfg), [tokenize_trace(tok, r) for r in records])
-    save_gradient(out, grad, {CONFIG_HASH_KEY: cfg.digest, "mean_loss": loss, "num_traces": traces})
-    return out
-
-
-def prompts(teacher: Path, count: int) -> list[list[int]]:
-    import reasoning_gym
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(teacher)
-    data = reasoning_gym.create_dataset("gsm_symbolic", size=count, seed=2)
-    out = []
-    for x in data:
-        ids = tok.apply_chat_template([{"role": "user", "content": x["question"]}], add_generation_prompt=True)
-        out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
-    return out
 
 
 def tokens_per_second(llm, batch: list[list[int]], lam: float | None, max_tokens: int) -> float:
@@ -98,7 +55,7 @@ def main() -> None:
     common = dict(model=str(teacher), dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=32, seed=0)
     engines = {"vanilla": LLM(**common), "processor": LLM(**common, logits_processors=[PROCESSOR])}
     variants = [("vanilla", "vanilla", None), ("lambda_0", "processor", 0.0), ("lambda_pos", "processor", args.lam)]
-    all_prompts = prompts(teacher, max(args.concurrency))
+    all_prompts = prompt_token_ids(teacher, max(args.concurrency))
     for llm in engines.values():  # warm-up
         tokens_per_second(llm, all_prompts[:2], None, 4)
     samples: dict[tuple[int, str], list[float]] = {}

@@ -9,8 +9,8 @@ import json
 import httpx
 import pytest
 
+from server.launch import free_port, running_server
 from tests.reference_sampler import ReferenceSampler
-from tests.servers import free_port, running_server
 from tests.vllm_setup import EPSILONS, PROCESSOR, build_models, server_flags
 
 BAD_XARGS = [

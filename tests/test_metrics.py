@@ -12,8 +12,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.launch import free_port, running_server
 from server.tiers import new_key
-from tests.servers import free_port, running_server
 from tests.vllm_setup import build_models, server_flags
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

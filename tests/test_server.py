@@ -13,8 +13,8 @@ import openai
 import pytest
 import yaml
 
+from server.launch import free_port, running_server
 from server.tiers import new_key
-from tests.servers import free_port, running_server
 from tests.vllm_setup import build_models, server_flags
 
 TIERS = {

@@ -1,4 +1,4 @@
-"""Start a real server process on a free loopback port and wait until it is healthy."""
+"""Start a server process on a free loopback port and wait until it is healthy (benchmarks, tests)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,86 @@
+"""An official-style antidistillation sampler, written from the paper's description: HF ``generate``
+over a STATIC batch, with a logits processor that runs two cached HF proxies (θ+εg, θ−εg) one after
+the other at every step. The baseline our served path is compared against (benchmarks.overhead).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+
+from proxy_worker.weights import perturbed_copies
+
+
+class TwoProxyProcessor(LogitsProcessor):
+    """scores += λ·Δ, Δ from two HF proxies with their own KV caches (left-padded static batch)."""
+
+    def __init__(self, proxies: Sequence[torch.nn.Module], mask: torch.Tensor, lam: float, epsilon: float) -> None:
+        self.proxies, self.mask, self.lam, self.epsilon = proxies, mask, lam, epsilon
+        self.past: list = [None, None]
+        self.seen = 0
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.seen:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(input_ids), 1)], dim=1)
+        new = input_ids[:, self.seen :]
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, self.seen :]
+        logps = []
+        for i, proxy in enumerate(self.proxies):
+            out = proxy(
+                input_ids=new,
+                attention_mask=self.mask,
+                position_ids=positions,
+                past_key_values=self.past[i],
+                use_cache=True,
+            )
+            self.past[i] = out.past_key_values
+            logps.append(torch.log_softmax(out.logits[:, -1].float(), dim=-1))
+        self.seen = input_ids.shape[1]
+        delta = (logps[0] - logps[1]) / (2 * self.epsilon)
+        scores[:, : delta.shape[1]] += self.lam * delta
+        return scores
+
+
+def load_official_style(
+    proxy: Path, theta: Mapping[str, torch.Tensor], grad: Mapping[str, torch.Tensor], epsilon: float
+) -> list[torch.nn.Module]:
+    models = []
+    for weights in perturbed_copies(theta, grad, (epsilon, -epsilon)):
+        model = AutoModelForCausalLM.from_pretrained(proxy, dtype=torch.float32).eval()
+        model.load_state_dict(weights, strict=False)
+        models.append(model)
+    return models
+
+
+@torch.no_grad()
+def tokens_per_second(
+    teacher: torch.nn.Module,
+    proxies: Sequence[torch.nn.Module],
+    prompts: Sequence[Sequence[int]],
+    lam: float,
+    epsilon: float,
+    max_new_tokens: int,
+    pad_id: int,
+) -> float:
+    """Greedy generation of ``max_new_tokens`` for every prompt in one static batch."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    processor = TwoProxyProcessor(proxies, mask.clone(), lam, epsilon)
+    start = time.perf_counter()
+    out = teacher.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([processor]),
+        pad_token_id=pad_id,
+    )
+    elapsed = time.perf_counter() - start
+    return (out.shape[1] - width) * len(prompts) / elapsed

@@ -112,7 +112,9 @@ async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, tier: str, que
     return sample
 
 
-async def run_load(cfg: LoadConfig, seed: int = 0) -> tuple[list[Sample], float]:
+async def run_load(
+    cfg: LoadConfig, seed: int = 0, transport: httpx.AsyncBaseTransport | None = None
+) -> tuple[list[Sample], float]:
     """Keep ``concurrency`` requests in flight until ``requests`` are done or ``duration`` passes."""
     rng = random.Random(seed)
     pool = questions(min(cfg.requests, 512))
@@ -122,7 +124,7 @@ async def run_load(cfg: LoadConfig, seed: int = 0) -> tuple[list[Sample], float]
     start = time.perf_counter()
     deadline = start + cfg.duration
     limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
-    async with httpx.AsyncClient(base_url=cfg.base_url, timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=cfg.base_url, timeout=600, limits=limits, transport=transport) as client:
 
         async def worker() -> None:
             nonlocal issued

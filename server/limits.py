@@ -73,6 +73,4 @@ def _expire(window: deque, horizon: float, when: Callable) -> None:
 
 
 def _too_many(message: str, retry_after: float) -> PolicyError:
-    err = PolicyError(429, f"rate limit: {message}", None)
-    err.retry_after = max(1, math.ceil(retry_after))
-    return err
+    return PolicyError(429, f"rate limit: {message}", None, max(1, math.ceil(retry_after)))

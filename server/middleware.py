@@ -128,10 +128,12 @@ class AntidistillationMiddleware:
             body = self._admit(ex, raw, headers)
         except PolicyError as err:
             ex.status = err.status
-            extra = [(b"retry-after", str(err.retry_after).encode())] if hasattr(err, "retry_after") else []
+            extra = [(b"retry-after", str(err.retry_after).encode())] if err.retry_after else []
             await respond(send, err.status, error_body(err.status, err.message, err.param), extra)
             return self._finish(ex)
         payload = json.dumps(body).encode()
+        headers_out = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        scope = {**scope, "headers": [*headers_out, (b"content-length", str(len(payload)).encode())]}
         try:
             await self.app(scope, _replay(payload, receive), self._labelled(send, ex))
         finally:

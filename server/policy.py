@@ -22,9 +22,9 @@ SMUGGLE_KEYS = ("ad_lambda", "ad_profile", "ad_mode")
 class PolicyError(Exception):
     """A request the tier does not allow; becomes HTTP ``status`` with ``message``."""
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, retry_after: int | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.retry_after = status, message, param, retry_after
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 MISMATCHED := torchvision torchaudio torchcodec
 QUIET_PIP := grep -v "^WARNING: Location" || true
 
-.PHONY: venv system-deps lint test bench-proxy serve clean
+.PHONY: venv system-deps lint deploy-check test bench-proxy serve clean
 
 venv: $(STAMP)
 
@@ -30,7 +30,13 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint system-deps
+# Static checks of Dockerfiles, compose, Kubernetes overlays and Prometheus files (deploy/README.md: Checks).
+# kubectl: any installed one; Debian's kubernetes-client (kubectl 1.20) only when none is.
+deploy-check: venv system-deps
+	@command -v kubectl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null; }
+	bash deploy/check.sh
+
+test: lint system-deps deploy-check
 	$(PY) -m pytest -q
 
 bench-proxy: venv

@@ -127,7 +127,8 @@ def embedded_default(ours: argparse.Namespace, rest: list[str]) -> tuple[argpars
         "--max-model-len": "2048",
         "--served-model-name": "smollm2-135m-instruct",
     }
-    extra = [item for flag, value in defaults.items() if flag not in rest for item in (flag, value)]
-    if "--enforce-eager" not in rest:
+    given = {arg.split("=", 1)[0] for arg in rest if arg.startswith("--")}
+    extra = [item for flag, value in defaults.items() if flag not in given for item in (flag, value)]
+    if "--enforce-eager" not in given:
         extra.append("--enforce-eager")
     return ours, [*rest, *extra]

@@ -27,7 +27,7 @@ from proxy_worker.gradient_file import load_gradient
 from proxy_worker.model import StackedProxy
 from proxy_worker.plan import StepPlan, build_plan
 from proxy_worker.rope import RotaryTable
-from proxy_worker.weights import load_proxy_state, perturbed_copies, stack_copies
+from proxy_worker.weights import load_proxy_state, stack_copies, stack_perturbed
 
 log = logging.getLogger(__name__)
 DEFAULT_EPSILONS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -74,7 +74,7 @@ def calibrate(
     points = []
     for name in dtypes:
         for eps in epsilons:
-            params = stack_copies(perturbed_copies(theta, grad, (eps, -eps)), cfg, DTYPES[name])
+            params = stack_perturbed(theta, grad, (eps, -eps), cfg, DTYPES[name])
             fd = finite_difference(StackedProxy(cfg, params).logits(plan, output="all"), eps)
             sin, rel = compare(fd, exact)
             point = CalibrationPoint(

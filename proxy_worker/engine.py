@@ -19,7 +19,7 @@ from proxy_worker.delta import finite_difference, zero_non_finite
 from proxy_worker.gradient_file import load_gradient
 from proxy_worker.model import StackedProxy
 from proxy_worker.plan import build_plan
-from proxy_worker.weights import load_proxy_state, perturbed_copies, stack_copies
+from proxy_worker.weights import load_proxy_state, stack_perturbed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -74,7 +74,7 @@ class ProxyEngine:
         cfg = load_config(proxy_dir)
         theta = load_proxy_state(proxy_dir, cfg)
         grad = load_gradient(gradient_path, cfg)
-        params = stack_copies(perturbed_copies(theta, grad, (epsilon, -epsilon)), cfg, parse_dtype(dtype))
+        params = stack_perturbed(theta, grad, (epsilon, -epsilon), cfg, parse_dtype(dtype), device)
         return cls(StackedProxy(cfg, params, device), epsilon, token_budget)
 
     @property

@@ -24,7 +24,7 @@ from proxy_worker.gradient_file import load_gradient
 from proxy_worker.model import StackedProxy
 from proxy_worker.settings import ProcessorSettings, RequestArgs
 from proxy_worker.validation import check_proxy_matches_teacher
-from proxy_worker.weights import load_proxy_state, perturbed_copies, stack_copies
+from proxy_worker.weights import load_proxy_state, stack_perturbed
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ class Protection:
         engines = {}
         for name, spec in settings.profiles.items():
             eps = spec.epsilon or settings.epsilon
-            copies = perturbed_copies(theta, load_gradient(spec.gradient, cfg), (eps, -eps))
-            model = StackedProxy(cfg, stack_copies(copies, cfg, dtype), device)
+            params = stack_perturbed(theta, load_gradient(spec.gradient, cfg), (eps, -eps), cfg, dtype, device)
+            model = StackedProxy(cfg, params, device)
             engines[name] = engine = ProxyEngine(model, eps, settings.token_budget)
             log.info(
                 "antidistillation profile %r (ε=%g): proxy copies %.1f MiB + KV cache %.1f MiB (%d tokens) on %s",

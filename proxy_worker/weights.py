@@ -126,35 +126,67 @@ def perturbed_copies(
     return copies
 
 
-def fuse(state: Mapping[str, torch.Tensor], cfg: ProxyConfig) -> Params:
-    """HF-named tensors of ONE copy → the fused layout used by the forward pass."""
-    fused: Params = {"embed": state["model.embed_tokens.weight"], "norm": state["model.norm.weight"]}
+def fused_layout(cfg: ProxyConfig, qkv_bias: bool) -> dict[str, list[str]]:
+    """Fused tensor name → the HF tensors concatenated along dim 0 to form it (q/k/v, gate/up)."""
+    layout = {"embed": ["model.embed_tokens.weight"], "norm": ["model.norm.weight"]}
     if not cfg.tie_word_embeddings:
-        fused["lm_head"] = state["lm_head.weight"]
+        layout["lm_head"] = ["lm_head.weight"]
     for n in range(cfg.num_layers):
         p, a, m = f"model.layers.{n}.", f"model.layers.{n}.self_attn.", f"model.layers.{n}.mlp."
         out = f"layers.{n}."
-        fused[out + "attn_norm"] = state[p + "input_layernorm.weight"]
-        fused[out + "mlp_norm"] = state[p + "post_attention_layernorm.weight"]
-        fused[out + "qkv"] = torch.cat([state[a + f"{x}_proj.weight"] for x in "qkv"], dim=0)
-        if a + "q_proj.bias" in state:
-            fused[out + "qkv_bias"] = torch.cat([state[a + f"{x}_proj.bias"] for x in "qkv"], dim=0)
-        fused[out + "o"] = state[a + "o_proj.weight"]
-        fused[out + "gate_up"] = torch.cat([state[m + "gate_proj.weight"], state[m + "up_proj.weight"]], 0)
-        fused[out + "down"] = state[m + "down_proj.weight"]
+        layout[out + "attn_norm"] = [p + "input_layernorm.weight"]
+        layout[out + "mlp_norm"] = [p + "post_attention_layernorm.weight"]
+        layout[out + "qkv"] = [a + f"{x}_proj.weight" for x in "qkv"]
+        if qkv_bias:
+            layout[out + "qkv_bias"] = [a + f"{x}_proj.bias" for x in "qkv"]
+        layout[out + "o"] = [a + "o_proj.weight"]
+        layout[out + "gate_up"] = [m + "gate_proj.weight", m + "up_proj.weight"]
+        layout[out + "down"] = [m + "down_proj.weight"]
         if cfg.qk_norm:
-            fused[out + "q_norm"] = state[a + "q_norm.weight"]
-            fused[out + "k_norm"] = state[a + "k_norm.weight"]
-    return fused
+            layout[out + "q_norm"] = [a + "q_norm.weight"]
+            layout[out + "k_norm"] = [a + "k_norm.weight"]
+    return layout
 
 
-def stack_copies(copies: Sequence[Mapping[str, torch.Tensor]], cfg: ProxyConfig, dtype: torch.dtype) -> Params:
-    """Fuse each copy, cast to the serving dtype, and stack along a new leading copy dimension.
+def _gather(state: Mapping[str, torch.Tensor], parts: Sequence[str]) -> torch.Tensor:
+    return state[parts[0]] if len(parts) == 1 else torch.cat([state[n] for n in parts], dim=0)
 
-    Tied embeddings stay one tensor (``lm_head`` aliases ``embed``), as in the HF model.
-    """
-    fused = [fuse(c, cfg) for c in copies]
-    stacked = {k: torch.stack([f[k] for f in fused]).to(dtype).contiguous() for k in fused[0]}
+
+def _layout_for(state: Mapping[str, torch.Tensor], cfg: ProxyConfig) -> dict[str, list[str]]:
+    return fused_layout(cfg, "model.layers.0.self_attn.q_proj.bias" in state)
+
+
+def _tie(stacked: Params, cfg: ProxyConfig) -> Params:
+    """Tied embeddings stay one tensor (``lm_head`` aliases ``embed``), as in the HF model."""
     if cfg.tie_word_embeddings:
         stacked["lm_head"] = stacked["embed"]
     return stacked
+
+
+def stack_copies(copies: Sequence[Mapping[str, torch.Tensor]], cfg: ProxyConfig, dtype: torch.dtype) -> Params:
+    """Fuse each (HF-named) copy, cast, and stack along a new leading copy dimension.
+
+    Differentiable, so the gradient tool runs the forward pass on it with θ as autograd leaves.
+    """
+    layout = _layout_for(copies[0], cfg)
+    return _tie({k: torch.stack([_gather(c, parts) for c in copies]).to(dtype) for k, parts in layout.items()}, cfg)
+
+
+def stack_perturbed(
+    theta: Mapping[str, torch.Tensor],
+    direction: Mapping[str, torch.Tensor],
+    scales: Sequence[float],
+    cfg: ProxyConfig,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> Params:
+    """θ + s·direction for each scale, formed in fp32, cast to ``dtype``, stacked, moved to ``device``.
+
+    Built one fused tensor at a time: peak host memory is θ and g plus one tensor's copies, instead of
+    whole fp32 copies of the model (≈ 3× less for a 3B proxy), and the device only ever holds the result.
+    """
+    out: Params = {}
+    for key, parts in _layout_for(theta, cfg).items():
+        base, step = _gather(theta, parts).float(), _gather(direction, parts).float()
+        out[key] = torch.stack([(base + s * step).to(dtype) for s in scales]).to(device)
+    return _tie(out, cfg)

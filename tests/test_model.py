@@ -11,8 +11,8 @@ from proxy_worker.cache import ProxyKVCache
 from proxy_worker.config import load_config
 from proxy_worker.model import StackedProxy
 from proxy_worker.plan import build_plan
-from proxy_worker.weights import load_proxy_state, perturbed_copies, stack_copies
-from tests.tiny_models import load_hf, save_tiny
+from proxy_worker.weights import load_proxy_state, perturbed_copies, stack_copies, stack_perturbed
+from tests.tiny_models import load_hf
 
 SEQS = [[5, 9, 33, 2, 7, 100, 3, 4, 55, 66, 77, 88, 301, 17], [3, 4, 5], list(range(40, 90))]
 
@@ -136,14 +136,20 @@ def test_tied_copies_share_one_embedding_tensor(model_dir):
     assert params["lm_head"] is params["embed"]
 
 
-def test_perturbed_weights_formed_in_fp32_then_cast(tmp_path, tokenizer):
-    path = save_tiny(tmp_path / "m", "llama", vocab_size=len(tokenizer), tokenizer=tokenizer)
+def test_stack_perturbed_equals_copies_and_casts_after_forming_in_fp32(model_dir):
+    path = model_dir("qwen2")
     cfg = load_config(path)
-    theta = {k: torch.full_like(v, 1.0) for k, v in load_proxy_state(path, cfg).items()}
-    grad = {k: torch.ones_like(v) for k, v in theta.items()}
-    # 1 + 1e-3 is not representable in bf16 steps of 2^-7 but rounding must happen once, after the sum
-    (plus,) = perturbed_copies(theta, grad, (1e-3,))
-    params = stack_copies([plus], cfg, torch.bfloat16)
-    assert plus["model.norm.weight"].dtype == torch.float32
-    assert torch.allclose(plus["model.norm.weight"], torch.tensor(1.001))
-    assert params["norm"].dtype == torch.bfloat16
+    theta = load_proxy_state(path, cfg)
+    gen = torch.Generator().manual_seed(4)
+    grad = {k: torch.randn(v.shape, generator=gen) for k, v in theta.items()}
+    streamed = stack_perturbed(theta, grad, (0.01, -0.01), cfg, torch.float32)
+    reference = stack_copies(perturbed_copies(theta, grad, (0.01, -0.01)), cfg, torch.float32)
+    assert streamed.keys() == reference.keys()
+    assert all(torch.equal(streamed[k], reference[k]) for k in reference)
+    # θ = 1 + 3·2⁻⁹, g = 1, ε = 2⁻⁹: θ − εg = 1 + 2⁻⁸ rounds to 1.0 in bf16 when formed in fp32 first,
+    # but to 1.0078125 if θ were cast to bf16 before the perturbation
+    theta1 = {k: torch.full_like(v, 1 + 3 * 2**-9) for k, v in theta.items()}
+    ones = {k: torch.ones_like(v) for k, v in theta.items()}
+    bf16 = stack_perturbed(theta1, ones, (2**-9, -(2**-9)), cfg, torch.bfloat16)
+    cast_first = (torch.tensor(1 + 3 * 2**-9).to(torch.bfloat16) - 2**-9).to(torch.bfloat16)
+    assert bf16["norm"][1, 0].item() == 1.0 != cast_first.item()

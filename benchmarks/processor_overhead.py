@@ -38,7 +38,7 @@ def tokens_per_second(llm, batch: list[list[int]], lam: float | None, max_tokens
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--proxy", type=Path, help="proxy directory (default: half-depth SmolLM2)")
-    ap.add_argument("--lambda", dest="lam", type=float, default=1.0)
+    ap.add_argument("--lambda", dest="lam", type=float, default=0.002)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])

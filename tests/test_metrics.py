@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.launch import free_port, running_server
 from server.tiers import new_key
-from tests.vllm_setup import build_models, server_flags
+from tests.vllm_setup import antidistill_serve_args, build_models
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 TIERS = {"free": {"lambda": 2.0}, "internal": {"lambda": 0.0}, "limited": {"lambda": 1.0, "rpm": 2}}
@@ -30,20 +30,7 @@ def server(tmp_path_factory):
         entries.append({"sha256": digest, "tier": tier})
     (root / "tiers.yaml").write_text(yaml.safe_dump({"tiers": TIERS, "keys": entries}))
     port = free_port()
-    args = [
-        "-m",
-        "server",
-        "serve",
-        "--proxy",
-        str(models.proxy),
-        "--gradient",
-        f"math={models.gradients['math']}",
-        "--tiers",
-        str(root / "tiers.yaml"),
-        "--audit-log",
-        str(root / "audit.jsonl"),
-        *server_flags(models, port),
-    ]
+    args = antidistill_serve_args(models, root / "tiers.yaml", root / "audit.jsonl", port)
     with running_server(args, {"VLLM_CPU_KVCACHE_SPACE": "1"}, root / "server.log", port) as base:
         yield {"base": base, "keys": keys, "model": str(models.teacher), "root": root, "port": port}
 

@@ -15,7 +15,7 @@ import yaml
 
 from server.launch import free_port, running_server
 from server.tiers import new_key
-from tests.vllm_setup import build_models, server_flags
+from tests.vllm_setup import antidistill_serve_args, build_models
 
 TIERS = {
     "free": {"lambda": 3.0, "max_lambda": 6.0, "max_tokens": 64},
@@ -40,22 +40,7 @@ def deployment(tmp_path_factory):
     tiers.write_text(yaml.safe_dump({"tiers": TIERS, "keys": entries}))
     port = free_port()
     audit = root / "audit.jsonl"
-    args = [
-        "-m",
-        "server",
-        "serve",
-        "--proxy",
-        str(models.proxy),
-        "--gradient",
-        f"math={models.gradients['math']}",
-        "--gradient",
-        f"code={models.gradients['code']}",
-        "--tiers",
-        str(tiers),
-        "--audit-log",
-        str(audit),
-        *server_flags(models, port),
-    ]
+    args = antidistill_serve_args(models, tiers, audit, port, ("math", "code"))
     log = root / "server.log"
     with running_server(args, {"VLLM_CPU_KVCACHE_SPACE": "1"}, log, port) as base:
         yield {

@@ -131,5 +131,25 @@ def server_flags(models: ADModels, port: int) -> list[str]:
     ]
 
 
+def antidistill_serve_args(
+    models: ADModels, tiers: Path, audit: Path, port: int, profiles: tuple[str, ...] = ("math",)
+) -> list[str]:
+    """`python -m server serve ...` for the tiny models (our server, as operators start it)."""
+    gradients = [arg for name in profiles for arg in ("--gradient", f"{name}={models.gradients[name]}")]
+    return [
+        "-m",
+        "server",
+        "serve",
+        "--proxy",
+        str(models.proxy),
+        *gradients,
+        "--tiers",
+        str(tiers),
+        "--audit-log",
+        str(audit),
+        *server_flags(models, port),
+    ]
+
+
 def additional_config_json(models: ADModels) -> str:
     return json.dumps({"antidistillation": models.settings()})

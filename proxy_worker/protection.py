@@ -99,7 +99,7 @@ class Protection:
         self.remove(index)
         if args.protected:
             self.engines[args.profile].add(index, prompt, output)
-            self.rows[index] = _Row(args, prompt_key(prompt))
+            self.rows[index] = _Row(args, prompt_key(prompt) if args.mode == "permutation" else "")
 
     def remove(self, index: int) -> None:
         row = self.rows.pop(index, None)

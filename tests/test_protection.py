@@ -71,6 +71,21 @@ def test_non_finite_delta_falls_back_to_zero_and_is_counted(protection):
     assert fallbacks("math") == before + 1 and fallbacks("code") == 0
 
 
+def test_permutation_rows_get_the_permuted_signed_delta(protection):
+    prompt = [5, 6, 7]
+    protection.add(0, RequestArgs(1.5, "math", "permutation"), prompt, [])
+    protection.add(1, RequestArgs(1.5, "math", "ad"), prompt, [])
+    logits = torch.zeros(2, 320)
+    protection.apply(logits)
+    delta = fresh(protection, "math", prompt)
+    assert torch.allclose(logits[1], 1.5 * delta, atol=1e-2, rtol=1e-3)
+    sign = logits[0, 0] / (1.5 * delta[protection.control.permutation[0]])
+    assert abs(abs(float(sign)) - 1) < 1e-2
+    assert torch.allclose(
+        logits[0], float(sign.sign()) * 1.5 * delta[protection.control.permutation], atol=1e-2, rtol=1e-3
+    )
+
+
 def test_request_args_validation(models):
     settings = parse_settings(models.settings(allowed_modes=["ad"]), "test")
     assert parse_request_args({"ad_lambda": 2, "other": 1}, settings) == RequestArgs(2.0, "math", "ad")

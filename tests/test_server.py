@@ -201,7 +201,14 @@ def test_reload_good_and_bad(deployment):
     key, digest = new_key()
     entries = [*dep["entries"], {"sha256": digest, "tier": "pro"}]
     dep["tiers"].write_text(yaml.safe_dump({"tiers": TIERS, "keys": entries}))
+    in_flight = client(dep, "internal").completions.create(
+        model=model_name(dep), prompt="x", max_tokens=30, stream=True, extra_body={"ignore_eos": True}
+    )
+    chunks = [next(iter(in_flight))]
     os.kill(dep["pid"], signal.SIGHUP)
+    chunks += list(in_flight)
+    finished = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finished == ["length"], "the in-flight stream ran to its end across the reload"
     c = openai.OpenAI(base_url=dep["base"] + "/v1", api_key=key, max_retries=0)
     for _ in range(50):
         try:

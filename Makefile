@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 MISMATCHED := torchvision torchaudio torchcodec
 QUIET_PIP := grep -v "^WARNING: Location" || true
 
-.PHONY: venv system-deps lint deploy-check test bench-proxy serve clean
+.PHONY: venv system-deps lint deploy-check test bench-proxy bench-overhead serve clean
 
 venv: $(STAMP)
 
@@ -41,6 +41,9 @@ test: lint system-deps deploy-check
 
 bench-proxy: venv
 	$(PY) -m benchmarks.proxy_step --out benchmarks/results/proxy_step-cpu.json
+
+bench-overhead: venv
+	$(PY) -m benchmarks.overhead --out benchmarks/results/overhead-cpu.json
 
 serve: venv
 	$(PY) -m server serve --embedded-default

@@ -187,7 +187,7 @@ class AntidistillationMiddleware:
                     (b"x-antidistillation-lambda", f"{ex.lam:g}".encode()),
                 ]
             elif message["type"] == "http.response.body":
-                message["body"] = _count_output(ex, message.get("body", b""))
+                message["body"] = _count_output(ex, message.get("body", b""), not message.get("more_body"))
             await send(message)
 
         return wrapped
@@ -257,11 +257,13 @@ def _check_output_caps(body: dict, tier: Tier) -> None:
         raise PolicyError(403, message, "prompt_logprobs")
 
 
-def _count_output(ex: Exchange, chunk: bytes) -> bytes:
-    """Take usage from a JSON body or the stream's usage event; drop that event if we injected it."""
+def _count_output(ex: Exchange, chunk: bytes, last: bool) -> bytes:
+    """Take usage from a JSON body (parsed once, at its last chunk) or from the stream's usage event;
+    drop that event if we injected it."""
     if not ex.stream:
         ex.body.extend(chunk)
-        _take_usage(ex, bytes(ex.body))
+        if last:
+            _take_usage(ex, bytes(ex.body))
         return chunk
     kept = []
     for event in chunk.split(b"\n\n"):

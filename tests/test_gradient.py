@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from proxy_worker import gradient
 from proxy_worker.config import load_config
 from proxy_worker.gradient_file import CONFIG_HASH_KEY, load_gradient, read_metadata
+from proxy_worker.rope import RotaryTable
 from proxy_worker.traces import TraceError, read_traces, tokenize_trace
-from proxy_worker.weights import expected_shapes, load_proxy_state
+from proxy_worker.weights import expected_shapes, load_proxy_state, stack_copies
 from tests.tiny_models import load_hf
 
 TRACES = [
@@ -56,11 +57,17 @@ def test_gradient_matches_direct_autograd(model_dir, tokenizer, family, kw):
     assert loss == pytest.approx(ref_loss, rel=1e-5)
 
 
-def test_traces_are_weighted_equally_not_by_length():
-    short = gradient.TokenizedTrace([1, 2, 3], 2)
-    long = gradient.TokenizedTrace(list(range(1, 30)), 2)
-    assert short.completion_tokens == 1 and long.completion_tokens == 27
-    assert "mean over traces" in gradient.WEIGHTING
+def test_traces_are_weighted_equally_not_by_length(model_dir):
+    """ℓ is the mean of per-trace means: a 1-token and a 27-token completion count the same."""
+    path = model_dir("llama")
+    cfg = load_config(path)
+    theta = load_proxy_state(path, cfg)
+    short, long = gradient.TokenizedTrace([1, 2, 3], 2), gradient.TokenizedTrace(list(range(1, 30)), 2)
+    per_trace = gradient.trace_losses(stack_copies([theta], cfg, torch.float32), cfg, RotaryTable(cfg), [short, long])
+    _, loss = gradient.compute_gradient(cfg, theta, [short, long])
+    token_weighted = float(per_trace[0] * 1 + per_trace[1] * 27) / 28
+    assert loss == pytest.approx(float(per_trace.mean()), rel=1e-6)
+    assert abs(loss - token_weighted) > 1e-3
 
 
 def test_cli_writes_named_tensors_and_metadata(model_dir, tmp_path):

@@ -70,6 +70,17 @@ def client(dep, tier: str | None, **kw) -> openai.OpenAI:
     )
 
 
+def eventually(call, retry_on: type[Exception], failure: str, attempts: int = 50) -> None:
+    """Call until it stops raising ``retry_on`` (server-side state settles asynchronously)."""
+    for _ in range(attempts):
+        try:
+            call()
+            return
+        except retry_on:
+            time.sleep(0.2)
+    pytest.fail(failure)
+
+
 def model_name(dep) -> str:
     return str(dep["models"].teacher)
 
@@ -160,14 +171,12 @@ def test_rate_and_concurrency_limits(deployment):
     with pytest.raises(openai.RateLimitError, match="concurrent"):
         single.completions.create(model=model_name(dep), prompt="x", max_tokens=2)
     list(stream)
-    for _ in range(20):  # the slot is released when the server finishes the response, just after the client
-        try:
-            single.completions.create(model=model_name(dep), prompt="x", max_tokens=2)
-            break
-        except openai.RateLimitError:
-            time.sleep(0.1)
-    else:
-        pytest.fail("the concurrency slot was never released")
+    # the slot is released when the server finishes the response, just after the client does
+    eventually(
+        lambda: single.completions.create(model=model_name(dep), prompt="x", max_tokens=2),
+        openai.RateLimitError,
+        "the concurrency slot was never released",
+    )
 
 
 def test_escalation_raises_lambda_for_heavy_users(deployment):
@@ -210,14 +219,11 @@ def test_reload_good_and_bad(deployment):
     finished = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
     assert finished == ["length"], "the in-flight stream ran to its end across the reload"
     c = openai.OpenAI(base_url=dep["base"] + "/v1", api_key=key, max_retries=0)
-    for _ in range(50):
-        try:
-            c.completions.create(model=model_name(dep), prompt="x", max_tokens=2)
-            break
-        except openai.AuthenticationError:
-            time.sleep(0.2)
-    else:
-        pytest.fail("new key not accepted after SIGHUP")
+    eventually(
+        lambda: c.completions.create(model=model_name(dep), prompt="x", max_tokens=2),
+        openai.AuthenticationError,
+        "new key not accepted after SIGHUP",
+    )
     dep["tiers"].write_text("tiers: {free: {lambda: -1}}\n")
     os.kill(dep["pid"], signal.SIGHUP)
     time.sleep(1)

@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> dict:
     points = []
     header = (
         f"{'batch':>5} {'ctx':>5} {'one ms':>8} {'batched ms':>10} {'seq ms':>8} {'bat/seq':>7} {'bat/one':>7} "
-        f"{'roof ms':>8} {'% roof':>6}"
+        f"{'GB/step':>7} {'GFLOP':>6} {'roof ms':>8} {'% roof':>6}"
     )
     print(header)
     for context in args.contexts:
@@ -182,7 +182,8 @@ def run(args: argparse.Namespace) -> dict:
             print(
                 f"{batch:>5} {context:>5} {ms['one_copy']:>8.1f} {ms['two_batched']:>10.1f} "
                 f"{ms['two_sequential']:>8.1f} "
-                f"{point['batched_over_sequential']:>7.2f} {point['batched_over_one']:>7.2f} {roof_ms:>8.1f} "
+                f"{point['batched_over_sequential']:>7.2f} {point['batched_over_one']:>7.2f} "
+                f"{nbytes / 1e9:>7.2f} {flops / 1e9:>6.1f} {roof_ms:>8.1f} "
                 f"{100 * point['share_of_roofline']:>5.0f}%",
                 flush=True,
             )

@@ -86,14 +86,15 @@ def preflight(proxy: str, gradients: dict[str, str]) -> None:
     """Proxy config and weights index, and each gradient's names and shapes, before vLLM starts."""
     from proxy_worker.config import ProxyConfigError, load_config
     from proxy_worker.gradient_file import check_gradient_header
-    from proxy_worker.weights import WeightsError, safetensors_files
+    from proxy_worker.weights import WeightsError, expected_shapes, safetensors_files
+    from server.preflight import CheckpointError, check_proxy_weights
 
     try:
         cfg = load_config(proxy)
-        safetensors_files(proxy)
+        check_proxy_weights(safetensors_files(proxy), list(expected_shapes(cfg)))
         for path in gradients.values():
             check_gradient_header(path, cfg)
-    except (ProxyConfigError, WeightsError) as exc:
+    except (ProxyConfigError, WeightsError, CheckpointError) as exc:
         raise StartupError(str(exc)) from None
 
 
@@ -140,6 +141,7 @@ def serve(argv: Sequence[str]) -> None:
     except TiersError as exc:
         raise StartupError(str(exc)) from None
     check_tiers(tiers, settings)
+    check_teacher_args(rest)
 
     fresh_metrics_dir()
     import uvloop
@@ -159,8 +161,26 @@ def serve(argv: Sequence[str]) -> None:
     args.additional_config = {**(args.additional_config or {}), CONFIG_KEY: config}
     args.logits_processors = [*(args.logits_processors or []), PROCESSOR]
     args.middleware = [*(args.middleware or []), MIDDLEWARE]
+    if not any(a.startswith("--logprobs-mode") for a in rest):
+        args.logprobs_mode = "processed_logprobs"  # logprobs describe the protected distribution
     validate_parsed_serve_args(args)
     uvloop.run(run_server(args))
+    from server.middleware import engine_died
+
+    if engine_died():  # vLLM itself stops serving then, but exits 0: an orchestrator must restart us
+        raise StartupError("the vLLM engine process died; the server stopped (exit status 1)")
+
+
+def check_teacher_args(vllm_args: Sequence[str]) -> None:
+    """A local --model directory must be readable before vLLM's workers are spawned."""
+    from server.preflight import CheckpointError, check_teacher, looks_local, model_argument
+
+    model = model_argument(vllm_args)
+    if model is not None and looks_local(model):
+        try:
+            check_teacher(model)
+        except CheckpointError as exc:
+            raise StartupError(str(exc)) from None
 
 
 def keygen(argv: Sequence[str]) -> None:

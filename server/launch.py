@@ -25,6 +25,15 @@ def running_server(
     args: Sequence[str], env: Mapping[str, str], log_path: Path, port: int, timeout: float = 300
 ) -> Iterator[str]:
     """Run ``python args...`` until ``/health`` answers 200; yield the base URL; stop it after."""
+    with server_process(args, env, log_path, port, timeout) as (base, _):
+        yield base
+
+
+@contextmanager
+def server_process(
+    args: Sequence[str], env: Mapping[str, str], log_path: Path, port: int, timeout: float = 300
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """As ``running_server``, also yielding the process (fault tests signal it and read its exit status)."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, *args], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
@@ -43,7 +52,7 @@ def running_server(
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"server not healthy after {timeout} s:\n{log_path.read_text()[-4000:]}")
                 time.sleep(1)
-            yield base
+            yield base, proc
         finally:
             proc.terminate()
             try:

@@ -1,16 +1,21 @@
 """ASGI middleware in front of vLLM's OpenAI app: authenticate the key, apply the tier's λ policy
 and limits, rewrite ``vllm_xargs``, label the response and write one audit line per request.
 
-Only the routes in ``EXPOSED`` are reachable; everything else vLLM mounts answers 404 (see README:
-"What the server exposes"). ``/health`` and ``/metrics`` need no key (orchestrators and Prometheus
-scrape them; they carry no model output); everything else needs a key or an ``anonymous`` tier.
+Only the routes in ``EXPOSED`` are reachable; everything else vLLM mounts answers 404 (see
+docs/security.md). ``/health`` and ``/metrics`` need no key (orchestrators and Prometheus scrape
+them; they carry no model output); everything else needs a key or an ``anonymous`` tier.
+
+SIGTERM drains: new requests (and ``/health``) get 503, in-flight ones run to their end, then vLLM's
+own shutdown runs (exit status 0).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -34,6 +39,10 @@ GENERATE = ("/v1/completions", "/v1/chat/completions")
 OPEN = ("/health", "/metrics", "/ping")
 EXPOSED = (*GENERATE, *OPEN, "/v1/models", "/version")
 TIERS_ENV, AUDIT_ENV, AUDIT_TEXT_ENV = "ANTIDISTILL_TIERS", "ANTIDISTILL_AUDIT_LOG", "ANTIDISTILL_AUDIT_TEXT"
+DRAIN_ENV = "ANTIDISTILL_DRAIN_TIMEOUT"
+# refused on protected requests: beam search ranks candidates by vLLM's own per-step logprobs and
+# its sub-requests do not carry vllm_xargs; prompt embeddings give the proxy no prompt tokens
+PROTECTED_REFUSED = {"use_beam_search": "beam search", "prompt_embeds": "prompt embeddings"}
 
 
 def error_body(status: int, message: str, param: str | None = None) -> bytes:
@@ -43,6 +52,7 @@ def error_body(status: int, message: str, param: str | None = None) -> bytes:
         403: "permission_error",
         404: "not_found_error",
         429: "rate_limit_error",
+        503: "service_unavailable",
     }.get(status, "error")
     return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}).encode()
 
@@ -72,6 +82,15 @@ class Exchange:
     body: bytearray = field(default_factory=bytearray)
 
 
+_served_app: list[Any] = []  # vLLM's FastAPI app, seen at lifespan start (for engine_died)
+
+
+def engine_died() -> bool:
+    """Whether vLLM's engine client reports a dead engine (read after the server stopped)."""
+    client = getattr(getattr(_served_app[-1], "state", None), "engine_client", None) if _served_app else None
+    return bool(client is not None and getattr(client, "errored", False))
+
+
 class AntidistillationMiddleware:
     """Configured from the environment (``antidistill serve`` sets it): vLLM builds middleware itself."""
 
@@ -82,9 +101,41 @@ class AntidistillationMiddleware:
         self.audit = _audit_logger(os.environ.get(AUDIT_ENV, "audit.jsonl"))
         self.audit_text = os.environ.get(AUDIT_TEXT_ENV) == "1"
         self.seed_unsafe = _cpu_platform()
+        self.in_flight = 0
+        self.draining = False
+        self.drain_timeout = float(os.environ.get(DRAIN_ENV, "120"))
         # outside the main thread (in-process tests) no handler can be set; reload() still works
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGHUP, lambda *_: self.reload())
+        self.sigterm_installed = False
+
+    def _install_sigterm(self) -> None:
+        """Replace vLLM's SIGTERM handler (an immediate stop) with ``drain``. Called on the first
+        ASGI event (lifespan start), when vLLM's serve_http has already registered its handlers."""
+        self.sigterm_installed = True
+        with contextlib.suppress(RuntimeError, ValueError):  # no loop signal handling (in-process tests)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.drain)
+
+    def drain(self) -> None:
+        """SIGTERM: refuse new work with 503, let in-flight requests finish, then stop (a second
+        SIGTERM, or the drain timeout, stops at once)."""
+        if self.draining:
+            log.warning("second SIGTERM: stopping now with %d requests in flight", self.in_flight)
+            os.kill(os.getpid(), signal.SIGINT)
+            return
+        self.draining = True
+        log.warning("SIGTERM: draining %d in-flight requests; new requests get 503", self.in_flight)
+        asyncio.get_running_loop().create_task(self._stop_when_idle())
+
+    async def _stop_when_idle(self) -> None:
+        deadline = time.monotonic() + self.drain_timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self.in_flight:
+            log.warning("drain timeout (%g s): stopping with %d requests in flight", self.drain_timeout, self.in_flight)
+        else:
+            log.warning("drained; shutting down")
+        os.kill(os.getpid(), signal.SIGINT)  # vLLM's own shutdown path (its SIGINT handler)
 
     def reload(self) -> bool:
         """Re-read the tiers file; a bad file keeps the old table (in-flight requests are untouched)."""
@@ -102,9 +153,17 @@ class AntidistillationMiddleware:
         return True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.sigterm_installed:
+            self._install_sigterm()
         if scope["type"] != "http":
+            if scope["type"] == "lifespan" and "app" in scope:
+                _served_app.append(scope["app"])
             return await self.app(scope, receive, send)
         path = scope["path"]
+        if self.draining and path != "/metrics":
+            message = "server is shutting down; retry on another replica"
+            extra = [(b"retry-after", b"1"), (b"connection", b"close")]
+            return await respond(send, 503, error_body(503, message), extra)
         if path in OPEN:
             return await self.app(scope, receive, send)
         if path not in EXPOSED:
@@ -134,9 +193,11 @@ class AntidistillationMiddleware:
         payload = json.dumps(body).encode()
         headers_out = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         scope = {**scope, "headers": [*headers_out, (b"content-length", str(len(payload)).encode())]}
+        self.in_flight += 1
         try:
             await self.app(scope, _replay(payload, receive), self._labelled(send, ex))
         finally:
+            self.in_flight -= 1
             self.limiter.release(caller.key_id, ex.completion_tokens)
             self._finish(ex)
 
@@ -160,6 +221,10 @@ class AntidistillationMiddleware:
         escalated = self.limiter.escalated_lambda(ex.caller.key_id, tier)
         decision = decide(ex.caller.tier_name, tier, xargs, headers.get(LAMBDA_HEADER), escalated)
         _check_output_caps(body, tier)
+        if decision.lam > 0:
+            for name, what in PROTECTED_REFUSED.items():
+                if body.get(name) not in (None, False):
+                    raise PolicyError(403, f"{what} ({name}) is not available on protected (λ > 0) requests", name)
         ex.lam, ex.profile, ex.escalated = decision.lam, decision.profile, escalated is not None
         ex.stream = bool(body.get("stream"))
         if ex.stream:  # exact token counts for metrics, audit and escalation
@@ -236,8 +301,24 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _logprob_count(value: Any) -> float:
+    """How many logprobs a field asks for, read the way vLLM's pydantic models read it (lax: "5",
+    5.0 and true are numbers); -1 (the whole vocabulary) and anything unreadable count as unlimited."""
+    if value is None or value is False:
+        return 0
+    if value is True:
+        return 1
+    try:
+        count = float(value)
+    except (TypeError, ValueError):
+        return math.inf
+    return math.inf if count < 0 or not math.isfinite(count) else math.ceil(count)
+
+
 def _check_output_caps(body: dict, tier: Tier) -> None:
-    """max_tokens and the logprobs side channel (the raw teacher distribution) per tier."""
+    """max_tokens and the logprobs side channels per tier. Sampled-token logprobs describe the
+    protected distribution (processed mode) but still hand a distiller soft labels; prompt logprobs
+    are always computed from the raw teacher (vLLM's prompt scoring skips logits processors)."""
     for name in ("max_tokens", "max_completion_tokens"):
         value = _int(body.get(name))
         if tier.max_tokens is not None and value is not None and value > tier.max_tokens:
@@ -245,15 +326,22 @@ def _check_output_caps(body: dict, tier: Tier) -> None:
     if tier.max_tokens is not None and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = tier.max_tokens
     if "messages" in body:
-        asked = bool(body.get("logprobs")) or body.get("top_logprobs") is not None
-        top = _int(body.get("top_logprobs")) or 0
+        top = _logprob_count(body.get("top_logprobs"))
+        asked = body.get("logprobs") not in (None, False, 0) or top > 0
     else:
         asked = body.get("logprobs") is not None and body.get("logprobs") is not False
-        top = _int(body.get("logprobs")) or 0
+        top = _logprob_count(body.get("logprobs"))
+    token_ids = body.get("logprob_token_ids")
+    if token_ids is not None:  # explicit token ids: one logprob each, whatever logprobs says
+        asked = True
+        top = max(top, len(token_ids) if isinstance(token_ids, list) else math.inf)
     if asked and (tier.max_logprobs == 0 or top > tier.max_logprobs):
         raise PolicyError(403, f"logprobs are limited to {tier.max_logprobs} on this tier (max_logprobs)", "logprobs")
     if (body.get("prompt_logprobs") is not None or (body.get("echo") and asked)) and not tier.allow_prompt_logprobs:
         message = "prompt logprobs are not allowed on this tier (allow_prompt_logprobs)"
+        raise PolicyError(403, message, "prompt_logprobs")
+    if body.get("prompt_logprobs") is not None and _logprob_count(body.get("prompt_logprobs")) > tier.max_logprobs:
+        message = f"prompt_logprobs are limited to {tier.max_logprobs} on this tier (max_logprobs)"
         raise PolicyError(403, message, "prompt_logprobs")
 
 

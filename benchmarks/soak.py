@@ -1,0 +1,210 @@
+"""Soak: mixed-tier, mixed-λ streaming load for a fixed time while sampling memory.
+
+    python -m benchmarks.soak --minutes 30 --out benchmarks/results/soak-30min.json
+
+Starts ``antidistill serve`` on the tiny test models (random weights; what is measured is the
+serving machinery, not model quality), drives it with ``benchmarks.load`` (streaming chat, tiers at
+λ = 0, 1 and 3 on two gradient profiles), samples the RSS of the API-server process and of its
+engine worker every few seconds, and after the load waits for the proxy KV gauge to return to 0.
+It passes when there were no errors, neither process grew by more than ``--rss-bound-mib`` between
+the first and the last quarter of the run (medians, after a warm-up), and the gauge is back at 0.
+``make test`` runs the same code for 2 minutes (tests/test_reliability.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.load import LoadConfig, run_load, summarize
+from benchmarks.report import write_json
+
+MIB = 1024 * 1024
+SOAK_TIERS = {
+    "free": {"lambda": 3.0, "max_tokens": 64},
+    "pro": {"lambda": 1.0, "profile": "code"},
+    "internal": {"lambda": 0.0},
+}
+SOAK_MIX = {"free": 2.0, "pro": 1.0, "internal": 1.0}
+
+
+@dataclass
+class RssSample:
+    t: float
+    server: int
+    worker: int
+
+
+def process_rss(pid: int) -> tuple[int, int]:
+    """RSS of the server process and the sum over its children (the engine core and its helpers)."""
+    proc = psutil.Process(pid)
+    children = 0
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            children += child.memory_info().rss
+    return proc.memory_info().rss, children
+
+
+class RssSampler(threading.Thread):
+    """Samples ``process_rss`` every ``every`` seconds until stopped."""
+
+    def __init__(self, pid: int, every: float) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every = pid, every
+        self.samples: list[RssSample] = []
+        self.stopped = threading.Event()
+        self.start_time = time.monotonic()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            server, worker = process_rss(self.pid)
+            self.samples.append(RssSample(time.monotonic() - self.start_time, server, worker))
+            self.stopped.wait(self.every)
+
+
+def rss_summary(samples: list[RssSample], which: str, warmup: float) -> dict:
+    """Start/end/max and the growth between the first and last quarter (medians, after warm-up)."""
+    values = [getattr(s, which) for s in samples]
+    steady = [getattr(s, which) for s in samples if s.t >= warmup] or values
+    quarter = max(1, len(steady) // 4)
+    growth = statistics.median(steady[-quarter:]) - statistics.median(steady[:quarter])
+    return {
+        "start_mib": values[0] / MIB,
+        "end_mib": values[-1] / MIB,
+        "max_mib": max(values) / MIB,
+        "growth_mib": growth / MIB,
+    }
+
+
+def kv_tokens_used(base: str) -> float:
+    """Sum of antidistill_proxy_kv_tokens_used over profiles on the server's /metrics."""
+    text = httpx.get(base + "/metrics", timeout=10).text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "antidistill_proxy_kv_tokens_used"
+    )
+
+
+def wait_kv_idle(base: str, timeout: float = 30) -> tuple[float, float]:
+    """Poll the proxy KV gauge until it reads 0; returns (last value, seconds waited)."""
+    start = time.monotonic()
+    used = kv_tokens_used(base)
+    while used and time.monotonic() - start < timeout:
+        time.sleep(0.5)
+        used = kv_tokens_used(base)
+    return used, time.monotonic() - start
+
+
+def soak(
+    base: str,
+    model: str,
+    keys: dict[str, str],
+    server_pid: int,
+    seconds: float,
+    concurrency: int = 8,
+    max_tokens: int = 24,
+    sample_every: float = 3.0,
+    rss_bound_mib: float = 64.0,
+) -> dict:
+    """Run the load for ``seconds`` while sampling memory; the result says whether it passed."""
+    sampler = RssSampler(server_pid, sample_every)
+    sampler.start()
+    cfg = LoadConfig(
+        base_url=base,
+        model=model,
+        keys=keys,
+        mix={tier: SOAK_MIX.get(tier, 1.0) for tier in keys},
+        concurrency=concurrency,
+        requests=10**9,
+        duration=seconds,
+        max_tokens=max_tokens,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    samples, elapsed = asyncio.run(run_load(cfg))
+    kv_after, waited = wait_kv_idle(base)
+    sampler.stopped.set()
+    sampler.join()
+    load = summarize(samples, elapsed)
+    warmup = min(30.0, seconds / 4)
+    rss = {which: rss_summary(sampler.samples, which, warmup) for which in ("server", "worker")}
+    errors = sum(load["errors_by_status"].values())
+    return {
+        "duration_s": elapsed,
+        "requests": load["requests"],
+        "ok": load["ok"],
+        "errors": errors,
+        "errors_by_status": load["errors_by_status"],
+        "output_tokens": load["output_tokens"],
+        "by_tier": load["by_tier"],
+        "rss_samples": len(sampler.samples),
+        "rss_sample_every_s": sample_every,
+        "rss": rss,
+        "rss_bound_mib": rss_bound_mib,
+        "proxy_kv_tokens_used_after_idle": kv_after,
+        "kv_idle_wait_s": waited,
+        "passed": errors == 0
+        and load["ok"] > 0
+        and kv_after == 0
+        and all(r["growth_mib"] <= rss_bound_mib for r in rss.values()),
+        "series": [(round(s.t, 1), round(s.server / MIB, 1), round(s.worker / MIB, 1)) for s in sampler.samples],
+    }
+
+
+def main() -> None:
+    from server.launch import free_port, server_process
+    from server.tiers import new_key
+    from tests.vllm_setup import antidistill_serve_args, build_models
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--minutes", type=float, default=30)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--sample-every", type=float, default=5.0)
+    ap.add_argument("--rss-bound-mib", type=float, default=64.0)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="antidistill-soak-") as tmp:
+        root = Path(tmp)
+        models = build_models(root)
+        keys, entries = {}, []
+        for tier in SOAK_TIERS:
+            keys[tier], digest = new_key()
+            entries.append({"sha256": digest, "tier": tier})
+        (root / "tiers.yaml").write_text(yaml.safe_dump({"tiers": SOAK_TIERS, "keys": entries}))
+        port = free_port()
+        serve = antidistill_serve_args(models, root / "tiers.yaml", root / "audit.jsonl", port, ("math", "code"))
+        with server_process(serve, {"VLLM_CPU_KVCACHE_SPACE": "1"}, root / "server.log", port) as (base, proc):
+            result = soak(
+                base,
+                str(models.teacher),
+                keys,
+                proc.pid,
+                args.minutes * 60,
+                args.concurrency,
+                args.max_tokens,
+                args.sample_every,
+                args.rss_bound_mib,
+            )
+    summary = {k: v for k, v in result.items() if k != "series"}
+    print(yaml.safe_dump(summary, sort_keys=False))
+    write_json(args.out, {"config": vars(args) | {"out": str(args.out)}, "result": result})
+    raise SystemExit(0 if result["passed"] else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Checks of the teacher and proxy checkpoints before vLLM starts.
+
+vLLM reports a missing or corrupt local model as a long traceback from a spawned worker (or tries a
+model hub); an operator should see one line naming the file instead. Only headers are read (cheap).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from safetensors import safe_open
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be served; the message names the file."""
+
+
+def model_argument(vllm_args: Sequence[str]) -> str | None:
+    """The value of ``--model`` (either spelling) among the flags passed through to vLLM."""
+    args = list(vllm_args)
+    for i, arg in enumerate(args):
+        if arg == "--model" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--model="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def looks_local(model: str) -> bool:
+    """A filesystem path rather than a hub id like ``org/name``."""
+    return model.startswith((".", "/", "~")) or Path(model).exists()
+
+
+def check_teacher(model: str) -> None:
+    """A local teacher directory must have a readable config.json and readable weight headers."""
+    root = Path(model).expanduser()
+    if not root.is_dir():
+        raise CheckpointError(f"--model {model}: directory not found")
+    config = root / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"--model {config}: not found")
+    try:
+        json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"--model {config}: invalid JSON ({exc})") from None
+    shards = sorted(root.glob("*.safetensors"))
+    if not shards and not any(root.glob("*.bin")) and not any(root.glob("*.pt")):
+        raise CheckpointError(f"--model {root}: no weight files (*.safetensors, *.bin)")
+    for shard in shards:
+        check_safetensors_header(shard, "--model")
+
+
+def check_safetensors_header(path: Path, what: str) -> list[str]:
+    """The tensor names in one file; a truncated or garbage file is a CheckpointError naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{what} {path}: cannot read safetensors ({exc})") from None
+
+
+def check_proxy_weights(shards: Sequence[Path], expected: Sequence[str]) -> None:
+    """Every proxy parameter must be in some readable shard."""
+    present: set[str] = set()
+    for shard in shards:
+        if not shard.is_file():
+            raise CheckpointError(f"--proxy {shard}: not found")
+        present.update(check_safetensors_header(shard, "--proxy"))
+    missing = [name for name in expected if name not in present]
+    if missing:
+        raise CheckpointError(f"--proxy {shards[0].parent}: missing tensor {missing[0]!r}")

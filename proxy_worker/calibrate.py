@@ -52,16 +52,11 @@ def compare(fd: torch.Tensor, exact: torch.Tensor) -> tuple[torch.Tensor, torch.
     return torch.sqrt(1 - cos**2), rel
 
 
-def calibrate(
-    cfg: ProxyConfig,
-    theta: Mapping[str, torch.Tensor],
-    grad: Mapping[str, torch.Tensor],
-    plan: StepPlan,
-    epsilons: Sequence[float],
-    dtypes: Sequence[str],
-) -> list[CalibrationPoint]:
-    """Error of finite differences against the fp64 JVP for each (dtype, ε)."""
-    exact = exact_delta(
+def exact_reference(
+    cfg: ProxyConfig, theta: Mapping[str, torch.Tensor], grad: Mapping[str, torch.Tensor], plan: StepPlan
+) -> torch.Tensor:
+    """Δ at every position of ``plan`` by forward-mode AD in fp64: the ground truth."""
+    return exact_delta(
         stack_copies([theta], cfg, torch.float64),
         stack_copies([grad], cfg, torch.float64),
         cfg,
@@ -69,7 +64,27 @@ def calibrate(
         plan,
         output="all",
     )
-    scale = float(exact.std(dim=-1).mean())
+
+
+def delta_scale(delta: torch.Tensor) -> float:
+    """Mean over positions of Δ's standard deviation across the vocabulary: λ ≈ 1/scale moves
+    logits by about one standard deviation, so λ·scale is a proxy-independent strength."""
+    return float(delta.std(dim=-1).mean())
+
+
+def calibrate(
+    cfg: ProxyConfig,
+    theta: Mapping[str, torch.Tensor],
+    grad: Mapping[str, torch.Tensor],
+    plan: StepPlan,
+    epsilons: Sequence[float],
+    dtypes: Sequence[str],
+    exact: torch.Tensor | None = None,
+) -> list[CalibrationPoint]:
+    """Error of finite differences against the fp64 JVP (``exact``, computed when not given) for each (dtype, ε)."""
+    if exact is None:
+        exact = exact_reference(cfg, theta, grad, plan)
+    scale = delta_scale(exact)
     log.info("Δ scale: per-token std %.4g logits per unit λ (λ ≈ %.2g shifts logits by one std)", scale, 1 / scale)
     points = []
     for name in dtypes:

@@ -3,6 +3,7 @@
     antidistill serve --model TEACHER --proxy PROXY --gradient math=g.safetensors --tiers tiers.yaml [vLLM flags]
     antidistill serve --embedded-default        # SmolLM2 teacher + proxy + gradient + demo tiers (make serve)
     antidistill keygen --tier pro --name acme   # prints a new key and the line for the tiers file
+    antidistill eval toy [--out DIR]            # distillation-attack evaluation (resumable; see README)
 
 ``serve`` starts vLLM's OpenAI-compatible server in this process with the antidistillation logits
 processor and the tier middleware; every flag it does not know goes to vLLM untouched.
@@ -194,9 +195,16 @@ def keygen(argv: Sequence[str]) -> None:
     print(f"tiers file entry under keys:           - {json.dumps(entry)}")
 
 
+def evaluate(argv: Sequence[str]) -> None:
+    from benchmarks.distillation.cli import main as run_evaluation
+
+    if run_evaluation(argv) != 0:
+        raise StartupError("evaluation stopped")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"serve": serve, "keygen": keygen}
+    commands = {"serve": serve, "keygen": keygen, "eval": evaluate}
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
         return 2

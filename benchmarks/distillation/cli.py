@@ -1,0 +1,29 @@
+"""``antidistill eval CONFIG [--out DIR]``: run (or resume) a distillation-attack evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from benchmarks.distillation.config import ConfigError, load_eval_config
+from benchmarks.distillation.pipeline import Pipeline, RunDirError
+
+DEFAULT_ROOT = Path("runs")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="antidistill eval", description=__doc__)
+    ap.add_argument("config", help="packaged config name (micro, toy, smollm2, paper) or a YAML path")
+    ap.add_argument("--out", type=Path, help="run directory (default: runs/<config name>); rerun to resume")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_eval_config(args.config)
+        report = Pipeline(cfg, args.out or DEFAULT_ROOT / cfg.name).run()
+    except (ConfigError, RunDirError) as exc:
+        print(f"antidistill eval: {exc}")
+        return 2
+    print(f"report: {report / 'summary.md'}")
+    return 0

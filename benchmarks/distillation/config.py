@@ -1,0 +1,147 @@
+"""An evaluation config (YAML): the task, the three models, how traces are sampled, and the grid.
+
+Grid strengths are given as b = λ·s, where s is the proxy's Δ scale (the mean per-token standard
+deviation of Δ over the vocabulary, measured on the holdout traces in the ``gradient`` stage): b = 1
+moves logits by about one standard deviation whatever the proxy or gradient, so one grid serves
+retrained models. The registry records both b and the λ actually sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from benchmarks.distillation.models import Shape
+from benchmarks.distillation.training import TrainSpec
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+MODES = ("temperature", "antidistillation", "permutation")
+Mode = Literal["temperature", "antidistillation", "permutation"]
+
+
+class ConfigError(ValueError):
+    """The evaluation config cannot be used; the message names the file and field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskSpec(Strict):
+    kind: str = Field(description="chain_sum, gsm_symbolic or jsonl (see tasks.py)")
+    params: dict[str, Any] = Field(default_factory=dict, description="passed to the generator")
+    train: int = Field(description="problems with worked solutions, for teacher and proxy training")
+    holdout: int = Field(0, description="prompts whose teacher traces define the proxy's loss (gradient)")
+    distill: int = Field(0, description="prompts whose teacher traces the attacker trains on")
+    test: int = Field(0, description="held-out problems scored for teacher and student accuracy")
+
+
+class ModelSpec(Strict):
+    """A model trained from scratch (``shape``) or loaded (``path``; ``smollm2`` = the embedded one)."""
+
+    shape: Shape | None = None
+    path: str | None = None
+    layers: int | None = Field(None, gt=0, description="keep only the first N decoder layers of ``path``")
+    train: TrainSpec | None = Field(None, description="supervised training on worked solutions")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.shape is None) == (self.path is None):
+            raise ValueError("give exactly one of shape (train from scratch) or path (load)")
+        if self.shape is not None and self.train is None:
+            raise ValueError("a model built from scratch needs train")
+        return self
+
+
+class StudentSpec(ModelSpec):
+    pretrain_task: TaskSpec | None = Field(None, description="the student's own prior training data")
+    distill: TrainSpec = Field(description="the attack: fine-tuning on teacher traces")
+
+
+class SamplingSpec(Strict):
+    temperature: float = Field(0.8, ge=0, description="τ of the antidistillation and permutation points")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(64, gt=0)
+    epsilons: list[float] = Field([1e-2, 1e-3, 1e-4], min_length=1, description="candidates; calibrated")
+    dtype: str = "float32"
+    enforce_eager: bool = True
+    max_model_len: int = 256
+    max_num_seqs: int = 64
+    kv_cache_gib: int = Field(1, description="VLLM_CPU_KVCACHE_SPACE on CPU (ignored on GPUs)")
+    proxy_token_budget: int = 8192
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="more vllm.LLM arguments (e.g. TP)")
+
+
+class GridSpec(Strict):
+    temperature: list[float] = Field(description="τ values sampled with λ = 0")
+    antidistillation: list[float] = Field(description="b = λ·scale values at sampling.temperature")
+    permutation: list[float] = Field(description="b values of the permutation control")
+    seeds: int = Field(1, ge=1, description="replicates of every point")
+    key_points: list[str] = Field(default_factory=list, description="'mode@value' points with key_seeds")
+    key_seeds: int = Field(3, ge=1)
+
+    def points(self) -> list[tuple[Mode, float, int]]:
+        """(mode, value, seed) for every run, in a stable order."""
+        out: list[tuple[Mode, float, int]] = []
+        for mode in MODES:
+            for value in getattr(self, mode):
+                seeds = self.key_seeds if point_name(mode, value) in self.key_points else self.seeds
+                out.extend((mode, value, s) for s in range(max(seeds, self.seeds)))
+        return out
+
+    @model_validator(mode="after")
+    def _keys_exist(self) -> GridSpec:
+        names = {point_name(m, v) for m in MODES for v in getattr(self, m)}
+        missing = [k for k in self.key_points if k not in names]
+        if missing:
+            raise ValueError(f"key point {missing[0]!r} is not on the grid ({', '.join(sorted(names))})")
+        return self
+
+
+class EvalConfig(Strict):
+    name: str
+    seed: int = 0
+    threads: int | None = Field(None, gt=0, description="torch threads (default: torch's choice)")
+    task: TaskSpec
+    tokenizer_vocab: int = Field(320, description="BPE size when the teacher is trained from scratch")
+    teacher: ModelSpec
+    proxy: ModelSpec
+    student: StudentSpec
+    answer_tokens: int = Field(64, description="greedy tokens when scoring the student")
+    sampling: SamplingSpec = SamplingSpec()
+    grid: GridSpec
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def point_name(mode: str, value: float) -> str:
+    return f"{mode}@{value:g}"
+
+
+def resolve(name_or_path: str) -> Path:
+    """``toy`` → the packaged configs/toy.yaml; anything else is a path."""
+    packaged = CONFIG_DIR / f"{name_or_path}.yaml"
+    path = packaged if packaged.is_file() else Path(name_or_path)
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"{name_or_path}: no such config (packaged: {known})")
+    return path
+
+
+def load_eval_config(name_or_path: str) -> EvalConfig:
+    path = resolve(name_or_path)
+    try:
+        return EvalConfig.model_validate(yaml.safe_load(path.read_text()))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({exc})") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ConfigError(f"{path}: {field}: {first['msg']}") from None

@@ -1,0 +1,322 @@
+"""The resumable evaluation: every stage writes its outputs, then a sentinel; a rerun skips stages
+whose sentinel exists, so a killed run redoes only the stage it was killed in (and those after).
+
+    data → tokenizer → teacher → proxy → student_base → holdout → gradient → traces
+         → student/<mode>@<value>#<seed> (one per grid run) → report
+
+``holdout`` samples the teacher with plain sampling (λ = 0) through HF — no processor is involved —
+while ``traces`` samples every grid point through the vLLM processor we serve with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.distillation import models, sampling, scoring, summary
+from benchmarks.distillation.config import EvalConfig, ModelSpec, point_name
+from benchmarks.distillation.tasks import Problem, make_splits, prompt_of
+from benchmarks.distillation.training import fine_tune
+from proxy_worker.traces import TokenizedTrace, tokenize_trace
+
+log = logging.getLogger("antidistill.eval")
+SPLITS = ("train", "holdout", "distill", "test")
+
+
+class RunDirError(RuntimeError):
+    """The run directory belongs to a different config."""
+
+
+def run_name(mode: str, value: float, seed: int) -> str:
+    return f"{point_name(mode, value)}#{seed}"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def examples(tokenizer: Any, prompts: Sequence[str], completions: Sequence[str]) -> list[TokenizedTrace]:
+    """Training sequences: prompt, completion, EOS (the loss covers the completion and EOS)."""
+    return [
+        tokenize_trace(tokenizer, {"prompt": p, "completion": c}) for p, c in zip(prompts, completions, strict=True)
+    ]
+
+
+class Pipeline:
+    """One run directory: ``stages/*.done`` sentinels, data, models, traces, results, report."""
+
+    def __init__(self, cfg: EvalConfig, root: Path) -> None:
+        self.cfg = cfg
+        self.root = root
+        self.executed: list[str] = []
+        root.mkdir(parents=True, exist_ok=True)
+        stamp = root / "config.json"
+        if stamp.is_file() and json.loads(stamp.read_text())["digest"] != cfg.digest():
+            raise RunDirError(f"{root} was made with a different config; remove it or choose another --out")
+        stamp.write_text(json.dumps({"digest": cfg.digest(), "config": cfg.model_dump(mode="json")}, indent=2))
+
+    # --- bookkeeping -------------------------------------------------------------------------
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    def sentinel(self, stage: str) -> Path:
+        return self.path("stages", stage.replace("/", "_") + ".done")
+
+    def stage(self, name: str, outputs: Sequence[Path], body: Callable[[], dict[str, Any] | None]) -> None:
+        """Run ``body`` unless done; partial outputs of an interrupted attempt are removed first."""
+        if self.sentinel(name).is_file():
+            log.info("[skip] %s (done)", name)
+            return
+        for out in outputs:
+            if out.is_dir():
+                shutil.rmtree(out)
+            elif out.exists():
+                out.unlink()
+        log.info("[run ] %s", name)
+        start = time.time()
+        info = body() or {}
+        info["seconds"] = round(time.time() - start, 2)
+        self.sentinel(name).parent.mkdir(exist_ok=True)
+        self.sentinel(name).write_text(json.dumps(info))
+        self.executed.append(name)
+        log.info("[done] %s in %.1f s %s", name, info["seconds"], {k: v for k, v in info.items() if k != "seconds"})
+
+    def problems(self, split: str) -> list[Problem]:
+        return read_jsonl(self.path("data", f"{split}.jsonl"))
+
+    def tokenizer(self) -> Any:
+        return models.load_tokenizer(self.path("models", "teacher"))
+
+    # --- stages ------------------------------------------------------------------------------
+    def run(self) -> Path:
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        self.stage("data", [self.path("data")], self.make_data)
+        self.stage("tokenizer", [self.path("tokenizer")], self.make_tokenizer)
+        self.stage("teacher", [self.path("models", "teacher")], lambda: self.train_model("teacher", self.cfg.teacher))
+        self.stage("proxy", [self.path("models", "proxy")], lambda: self.train_model("proxy", self.cfg.proxy))
+        self.stage("student_base", [self.path("models", "student_base")], self.make_student_base)
+        self.stage("holdout", [self.path("holdout.jsonl")], self.make_holdout)
+        self.stage("gradient", [self.path("gradient.safetensors"), self.path("gradient.json")], self.make_gradient)
+        self.stage("traces", [self.path("traces")], self.make_traces)
+        for mode, value, seed in self.cfg.grid.points():
+            name = run_name(mode, value, seed)
+            out = self.path("results", f"{name}.json")
+            self.stage(f"student/{name}", [out], lambda m=mode, v=value, s=seed, o=out: self.distil(m, v, s, o))
+        self.stage("report", [self.path("report")], self.make_report)
+        return self.path("report")
+
+    def make_data(self) -> dict[str, Any]:
+        t = self.cfg.task
+        sizes = {s: getattr(t, s) for s in SPLITS}
+        splits = make_splits(t.kind, t.params, sizes, self.cfg.seed)
+        pre = self.cfg.student.pretrain_task
+        if pre is not None:
+            splits["student_pretrain"] = make_splits(pre.kind, pre.params, {"train": pre.train}, self.cfg.seed + 1)[
+                "train"
+            ]
+        self.path("data").mkdir()
+        for name, rows in splits.items():
+            write_jsonl(self.path("data", f"{name}.jsonl"), rows)
+        return {name: len(rows) for name, rows in splits.items()}
+
+    def make_tokenizer(self) -> dict[str, Any]:
+        if self.cfg.teacher.path is not None:
+            tok = models.load_tokenizer(self.model_path(self.cfg.teacher))
+        else:
+            texts = [prompt_of(p) + p["solution"] for p in self.problems("train")]
+            tok = models.train_tokenizer(texts, self.cfg.tokenizer_vocab)
+        tok.save_pretrained(self.path("tokenizer"))
+        return {"vocab": len(tok)}
+
+    def model_path(self, spec: ModelSpec) -> Path:
+        if spec.path == "smollm2":
+            from server.embedded_model import DEFAULT_CACHE, prepare_smollm2
+
+            return prepare_smollm2(DEFAULT_CACHE)
+        if spec.path == "teacher":
+            return self.path("models", "teacher")
+        return Path(str(spec.path))
+
+    def build(self, spec: ModelSpec, tokenizer: Any) -> torch.nn.Module:
+        if spec.shape is not None:
+            return models.scratch_model(spec.shape, tokenizer, spec.seed)
+        return models.load_model(self.model_path(spec), spec.layers)
+
+    def train_model(self, role: str, spec: ModelSpec) -> dict[str, Any]:
+        """Teacher and proxy: the run's tokenizer, trained on the ``train`` split's worked solutions."""
+        tok = models.load_tokenizer(self.path("tokenizer"))
+        model = self.build(spec, tok)
+        info: dict[str, Any] = {"parameters": models.parameter_count(model)}
+        if spec.train is not None:
+            train = self.problems("train")
+            data = examples(tok, [prompt_of(p) for p in train], [p["solution"] for p in train])
+            model, fit = fine_tune(model, data, spec.train, tok.pad_token_id, spec.seed, role)
+            info.update(fit)
+        models.save(model, tok, self.path("models", role))
+        test = self.problems("test")
+        info["greedy_test_accuracy"] = scoring.model_accuracy(model, tok, test, self.cfg.answer_tokens)
+        return info
+
+    def student_tokenizer(self) -> Any:
+        spec = self.cfg.student
+        if spec.path is None:
+            return models.load_tokenizer(self.path("tokenizer"))
+        return models.load_tokenizer(self.model_path(spec))
+
+    def make_student_base(self) -> dict[str, Any]:
+        spec = self.cfg.student
+        tok = self.student_tokenizer()
+        model = self.build(spec, tok)
+        info: dict[str, Any] = {"parameters": models.parameter_count(model)}
+        if spec.train is not None and spec.pretrain_task is not None:
+            pre = self.problems("student_pretrain")
+            data = examples(tok, [prompt_of(p) for p in pre], [p["solution"] for p in pre])
+            model, fit = fine_tune(model, data, spec.train, tok.pad_token_id, spec.seed, "student pre-training")
+            info.update(fit)
+        models.save(model, tok, self.path("models", "student_base"))
+        info["student_accuracy"] = scoring.model_accuracy(model, tok, self.problems("test"), self.cfg.answer_tokens)
+        return info
+
+    def make_holdout(self) -> dict[str, Any]:
+        tok = self.tokenizer()
+        teacher = models.load_model(self.path("models", "teacher"))
+        problems = self.problems("holdout")
+        prompts = [prompt_of(p) for p in problems]
+        s = self.cfg.sampling
+        torch.manual_seed(self.cfg.seed)
+        texts = scoring.sampled_completions(teacher, tok, prompts, s.max_tokens, s.temperature, s.top_p)
+        write_jsonl(self.path("holdout.jsonl"), [{"prompt": p, "completion": c} for p, c in zip(prompts, texts)])
+        return {"traces": len(texts), "accuracy": scoring.accuracy(texts, problems)}
+
+    def make_gradient(self) -> dict[str, Any]:
+        from benchmarks.distillation.proxy_gradient import gradient_and_scale
+
+        info = gradient_and_scale(
+            self.path("models", "proxy"),
+            self.path("holdout.jsonl"),
+            self.path("gradient.safetensors"),
+            self.cfg.sampling.epsilons,
+        )
+        self.path("gradient.json").write_text(json.dumps(info, indent=2))
+        return {k: info[k] for k in ("epsilon", "scale", "mean_loss")}
+
+    def grid_requests(self, tok: Any, scale: float) -> tuple[list[sampling.TraceRequest], list[tuple[str, str, int]]]:
+        """Every grid run's distill and test prompts as requests, with (run, split, index) labels."""
+        s = self.cfg.sampling
+        requests, labels = [], []
+        prompts = {
+            split: [tok(prompt_of(p))["input_ids"] for p in self.problems(split)] for split in ("distill", "test")
+        }
+        for mode, value, seed in self.cfg.grid.points():
+            if mode == "temperature":
+                tau, lam, ad_mode = value, 0.0, "ad"
+            else:
+                tau, lam, ad_mode = s.temperature, value / scale, "ad" if mode == "antidistillation" else "permutation"
+            for split, ids_list in prompts.items():
+                for i, ids in enumerate(ids_list):
+                    requests.append(sampling.TraceRequest(ids, tau, lam, ad_mode))
+                    labels.append((run_name(mode, value, seed), split, i))
+        return requests, labels
+
+    def make_traces(self) -> dict[str, Any]:
+        grad = json.loads(self.path("gradient.json").read_text())
+        tok = self.tokenizer()
+        requests, labels = self.grid_requests(tok, grad["scale"])
+        s = self.cfg.sampling
+        settings = sampling.processor_settings(
+            self.path("models", "proxy"),
+            self.path("gradient.safetensors"),
+            grad["epsilon"],
+            max(r.lam for r in requests) + 1.0,
+            s.proxy_token_budget,
+        )
+        engine_args = {
+            "dtype": s.dtype,
+            "enforce_eager": s.enforce_eager,
+            "max_model_len": s.max_model_len,
+            "max_num_seqs": s.max_num_seqs,
+            "kv_cache_gib": s.kv_cache_gib,
+            **s.engine_args,
+        }
+        texts = sampling.generate(
+            self.path("models", "teacher"),
+            settings,
+            requests,
+            top_p=s.top_p,
+            max_tokens=s.max_tokens,
+            seed=self.cfg.seed,
+            engine_args=engine_args,
+        )
+        problems = {split: self.problems(split) for split in ("distill", "test")}
+        by_run: dict[str, dict[str, list]] = {}
+        for (run, split, i), req, text in zip(labels, requests, texts, strict=True):
+            by_run.setdefault(run, {"distill": [], "test": [], "request": req})[split].append((i, text))
+        self.path("traces").mkdir()
+        for run, parts in by_run.items():
+            rows = [
+                {
+                    "prompt": prompt_of(problems["distill"][i]),
+                    "completion": t,
+                    "answer": problems["distill"][i]["answer"],
+                }
+                for i, t in parts["distill"]
+            ]
+            write_jsonl(self.path("traces", f"{run}.jsonl"), rows)
+            req = parts["request"]
+            meta = {
+                "temperature": req.temperature,
+                "lambda": req.lam,
+                "ad_mode": req.mode,
+                "teacher_accuracy": scoring.accuracy([t for _, t in parts["test"]], problems["test"]),
+                "trace_accuracy": scoring.accuracy([r["completion"] for r in rows], problems["distill"]),
+                "mean_trace_chars": sum(len(r["completion"]) for r in rows) / len(rows),
+            }
+            self.path("traces", f"{run}.json").write_text(json.dumps(meta))
+        return {"runs": len(by_run), "requests": len(requests)}
+
+    def distil(self, mode: str, value: float, seed: int, out: Path) -> dict[str, Any]:
+        """The attack for one grid run: fine-tune the student base on that run's traces, score it."""
+        name = run_name(mode, value, seed)
+        meta = json.loads(self.path("traces", f"{name}.json").read_text())
+        rows = read_jsonl(self.path("traces", f"{name}.jsonl"))
+        tok = self.student_tokenizer()
+        student = models.load_model(self.path("models", "student_base"))
+        data = examples(tok, [r["prompt"] for r in rows], [r["completion"] for r in rows])
+        spec = self.cfg.student
+        student, fit = fine_tune(student, data, spec.distill, tok.pad_token_id, spec.seed + 7919 * seed, name)
+        acc = scoring.model_accuracy(student, tok, self.problems("test"), self.cfg.answer_tokens)
+        result = {
+            "config": self.cfg.name,
+            "mode": mode,
+            "value": value,
+            "seed": seed,
+            **meta,
+            "student_accuracy": acc,
+            "n_test": len(self.problems("test")),
+            "n_traces": len(rows),
+            "train_loss": fit["final_loss"],
+        }
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(result))
+        return {"student_accuracy": acc, "teacher_accuracy": meta["teacher_accuracy"]}
+
+    def make_report(self) -> dict[str, Any]:
+        results = [json.loads(self.path("results", f"{run_name(*p)}.json").read_text()) for p in self.cfg.grid.points()]
+        base = json.loads(self.sentinel("student_base").read_text())
+        report = self.path("report")
+        report.mkdir()
+        write_jsonl(report / "registry.jsonl", results)
+        verdict = summary.write_report(self.cfg, results, base["student_accuracy"], report)
+        return {"target_met": verdict["target_met"]}

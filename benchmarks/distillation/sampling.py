@@ -1,0 +1,80 @@
+"""Teacher traces through the SAME vLLM logits processor the server runs.
+
+One offline vLLM engine (``vllm.LLM``) is started with ``AntidistillationLogitsProcessor`` and the
+run's proxy and gradient; every grid point is a set of ordinary requests whose per-request
+arguments (``ad_lambda``, ``ad_mode`` in ``SamplingParams.extra_args``, what ``vllm_xargs`` becomes
+over HTTP) and temperature differ, so all points share one engine start.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PROCESSOR = "proxy_worker.vllm_v1:AntidistillationLogitsProcessor"
+PROFILE = "eval"
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    prompt_ids: list[int]
+    temperature: float
+    lam: float = 0.0
+    mode: str = "ad"
+
+    def extra_args(self) -> dict[str, Any]:
+        return {"ad_lambda": self.lam, "ad_mode": self.mode} if self.lam > 0 else {}
+
+
+def processor_settings(proxy: Path, gradient: Path, epsilon: float, max_lambda: float, budget: int) -> dict:
+    """The ``antidistillation`` settings object, exactly as ``antidistill serve`` would pass it."""
+    return {
+        "proxy": str(proxy),
+        "profiles": {PROFILE: {"gradient": str(gradient), "epsilon": epsilon}},
+        "allowed_modes": ["ad", "permutation"],
+        "max_lambda": max_lambda,
+        "token_budget": budget,
+    }
+
+
+def generate(
+    teacher: Path,
+    settings: dict,
+    requests: Sequence[TraceRequest],
+    *,
+    top_p: float,
+    max_tokens: int,
+    seed: int,
+    engine_args: dict[str, Any],
+) -> list[str]:
+    """Completions (text) for ``requests``, in order; the engine is shut down afterwards."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    # validate_params runs in this (front-end) process and reads the settings from the environment
+    os.environ["ANTIDISTILL_CONFIG"] = json.dumps({"antidistillation": settings})
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine_args.pop("kv_cache_gib", 1)))
+    llm = LLM(
+        model=str(teacher),
+        seed=seed,
+        logits_processors=[PROCESSOR],
+        additional_config={"antidistillation": settings},
+        **engine_args,
+    )
+    try:
+        params = [
+            SamplingParams(temperature=r.temperature, top_p=top_p, max_tokens=max_tokens, extra_args=r.extra_args())
+            for r in requests
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests]
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        return [o.outputs[0].text for o in outputs]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()

@@ -1,0 +1,179 @@
+"""Registry → per-point statistics, the trade-off plot, and the verdict on the target.
+
+Target (the product's claim, after the paper's Figure 3): at ≤ 2 points of teacher-accuracy loss
+relative to plain sampling at the AD temperature, the antidistillation student is ≥ 10 points below
+the temperature-sampling student AT THE SAME TEACHER ACCURACY (read off the temperature curve by
+linear interpolation). Intervals: over seeds, a 95% Student-t interval of the mean; a single-seed
+point gets the 95% Wilson interval of its test accuracy instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.distillation.config import MODES, EvalConfig, point_name
+
+TEACHER_LOSS_ALLOWED = 0.02
+TARGET_GAP = 0.10
+# two-sided 95% Student-t quantiles by degrees of freedom (more seeds: normal approximation)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+@dataclass(frozen=True)
+class PointStat:
+    mode: str
+    value: float
+    seeds: int
+    teacher: float
+    teacher_ci: float
+    student: float
+    student_ci: float
+
+
+def wilson_half_width(p: float, n: int, z: float = 1.96) -> float:
+    centre_spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre_spread / (1 + z * z / n)
+
+
+def mean_ci(values: Sequence[float], n_test: int) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, wilson_half_width(mean, n_test)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return mean, T95.get(len(values) - 1, 1.96) * sd / math.sqrt(len(values))
+
+
+def aggregate(results: Sequence[dict[str, Any]]) -> list[PointStat]:
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["mode"], r["value"]), []).append(r)
+    stats = []
+    for (mode, value), rows in groups.items():
+        n = rows[0]["n_test"]
+        t, tci = mean_ci([r["teacher_accuracy"] for r in rows], n)
+        s, sci = mean_ci([r["student_accuracy"] for r in rows], n)
+        stats.append(PointStat(mode, value, len(rows), t, tci, s, sci))
+    return stats
+
+
+def interpolate(curve: Sequence[tuple[float, float]], x: float) -> float:
+    """y at x on the piecewise-linear curve through ``curve`` (sorted by x; clamped at the ends)."""
+    pts = sorted(curve)
+    if x <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+        if x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[-1][1]
+
+
+def verdict(stats: Sequence[PointStat], base_temperature: float) -> dict[str, Any]:
+    """The best AD and permutation points within the allowed teacher loss, against temperature."""
+    temp = [s for s in stats if s.mode == "temperature"]
+    base = next((s for s in temp if s.value == base_temperature), None)
+    base = base or next((s for s in stats if s.mode == "antidistillation" and s.value == 0), None)
+    if base is None or len(temp) < 1:
+        return {"target_met": False, "reason": "grid lacks a temperature curve or a baseline point"}
+    curve = [(s.teacher, s.student) for s in temp]
+    out: dict[str, Any] = {"baseline": asdict(base), "allowed_teacher_loss": TEACHER_LOSS_ALLOWED}
+    for mode in ("antidistillation", "permutation"):
+        eligible = [
+            s for s in stats if s.mode == mode and s.value > 0 and s.teacher >= base.teacher - TEACHER_LOSS_ALLOWED
+        ]
+        best = max(eligible, key=lambda s: interpolate(curve, s.teacher) - s.student, default=None)
+        if best is None:
+            out[mode] = None
+            continue
+        matched = interpolate(curve, best.teacher)
+        out[mode] = {**asdict(best), "temperature_student_at_same_teacher": matched, "gap": matched - best.student}
+    ad = out.get("antidistillation")
+    out["target_met"] = bool(ad and ad["gap"] >= TARGET_GAP)
+    return out
+
+
+def plot(stats: Sequence[PointStat], undistilled: float, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    styles = {"temperature": ("tab:blue", "o"), "antidistillation": ("tab:red", "s"), "permutation": ("tab:gray", "^")}
+    for mode in MODES:
+        pts = sorted((s for s in stats if s.mode == mode), key=lambda s: s.teacher)
+        if not pts:
+            continue
+        color, marker = styles[mode]
+        ax.errorbar(
+            [100 * s.teacher for s in pts],
+            [100 * s.student for s in pts],
+            xerr=[100 * s.teacher_ci for s in pts],
+            yerr=[100 * s.student_ci for s in pts],
+            color=color,
+            marker=marker,
+            capsize=3,
+            label=mode,
+        )
+        for s in pts:
+            ax.annotate(
+                f"{s.value:g}",
+                (100 * s.teacher, 100 * s.student),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+                color=color,
+            )
+    ax.axhline(100 * undistilled, color="black", linestyle="--", linewidth=1, label="undistilled student")
+    ax.set_xlabel("teacher accuracy (%)")
+    ax.set_ylabel("distilled student accuracy (%)")
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def table(stats: Sequence[PointStat]) -> str:
+    rows = ["| point | seeds | teacher acc (%) | student acc (%) |", "| --- | ---: | ---: | ---: |"]
+    for s in sorted(stats, key=lambda s: (MODES.index(s.mode), s.value)):
+        rows.append(
+            f"| {point_name(s.mode, s.value)} | {s.seeds} | {100 * s.teacher:.1f} ± {100 * s.teacher_ci:.1f} "
+            f"| {100 * s.student:.1f} ± {100 * s.student_ci:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+def write_report(cfg: EvalConfig, results: Sequence[dict[str, Any]], undistilled: float, out: Path) -> dict[str, Any]:
+    stats = aggregate(results)
+    v = verdict(stats, cfg.sampling.temperature)
+    plot(stats, undistilled, f"{cfg.name}: teacher vs distilled student", out / "tradeoff.png")
+    (out / "summary.json").write_text(
+        json.dumps({"points": [asdict(s) for s in stats], "undistilled_student": undistilled, "verdict": v}, indent=2)
+    )
+    lines = [
+        f"# Distillation attack: {cfg.name}",
+        "",
+        f"Undistilled student: {100 * undistilled:.1f}%. Values: τ for temperature, b = λ·scale otherwise "
+        f"(AD points sampled at τ = {cfg.sampling.temperature:g}). ± = 95% interval.",
+        "",
+        table(stats),
+        "",
+        "![trade-off](tradeoff.png)",
+        "",
+        f"Target met: **{v['target_met']}**",
+    ]
+    ad = v.get("antidistillation")
+    if ad:
+        lines.append(
+            f"Best AD point within {100 * TEACHER_LOSS_ALLOWED:.0f} pts of teacher loss: b = {ad['value']:g}, "
+            f"student {100 * ad['student']:.1f}% vs temperature student {100 * ad['temperature_student_at_same_teacher']:.1f}% "
+            f"at the same teacher accuracy (gap {100 * ad['gap']:.1f} pts; target {100 * TARGET_GAP:.0f})."
+        )
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return v

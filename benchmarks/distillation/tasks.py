@@ -1,0 +1,109 @@
+"""Procedural problems with worked solutions, split into disjoint sets.
+
+Every problem is ``{"question", "solution", "answer"}``: the solution is what a teacher is trained
+to write (worked steps ending ``#### N``) and the answer is checked by ``answers.is_correct``.
+
+- ``chain_sum``: reasoning-gym's ``chain_sum`` expressions (``4 - 1 - 7 =``) with our own worked solution in
+  one of ``styles`` equivalent phrasings, small enough for models trained from scratch on a CPU in minutes.
+- ``gsm_symbolic``: reasoning-gym's GSM8K-derived templates; the solution is ``answer_cot``.
+- ``jsonl``: a GSM8K-style file of ``{"question", "answer"}`` whose answer ends ``#### N``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from benchmarks.distillation.answers import extract_answer
+
+Problem = dict[str, str]
+
+
+STYLES = (
+    ("{a} {op} {b} = {c}", "\n"),
+    ("{a} {op} {b} is {c}.", " "),
+    ("{word} {b} gives {c}.", " "),
+)
+WORDS = {"+": "Add", "-": "Minus"}
+
+
+def chain_solution(expression: str, style: int = 0) -> tuple[str, str]:
+    """Worked steps for ``a ± b ± c …`` evaluated left to right, and the final value.
+
+    Several equally correct styles exist so that a teacher trained on them has real choices to make
+    between tokens that do not change the answer — the room antidistillation works in.
+    """
+    template, sep = STYLES[style]
+    tokens = expression.split()
+    value = int(tokens[0])
+    steps = [f"Start at {value}."] if template.startswith("{word}") else []
+    for op, operand in zip(tokens[1::2], tokens[2::2], strict=True):
+        new = value + int(operand) if op == "+" else value - int(operand)
+        steps.append(template.format(a=value, op=op, b=operand, c=new, word=WORDS[op]))
+        value = new
+    return sep.join(steps) + f"\n#### {value}", str(value)
+
+
+def _chain_sum(count: int, seed: int, params: dict[str, Any]) -> Iterator[Problem]:
+    import reasoning_gym
+
+    params = dict(params)
+    styles = params.pop("styles", 1)
+    rng = random.Random(seed)
+    for item in reasoning_gym.create_dataset("chain_sum", size=count, seed=seed, **params):
+        expression = item["metadata"]["expression"]
+        solution, answer = chain_solution(expression, rng.randrange(styles))
+        if answer != str(item["answer"]):
+            raise AssertionError(f"worked solution disagrees with reasoning-gym on {expression!r}")
+        yield {"question": f"{expression} =", "solution": solution, "answer": answer}
+
+
+def _gsm_symbolic(count: int, seed: int, params: dict[str, Any]) -> Iterator[Problem]:
+    import reasoning_gym
+
+    for item in reasoning_gym.create_dataset("gsm_symbolic", size=count, seed=seed, **params):
+        yield {"question": item["question"], "solution": item["metadata"]["answer_cot"], "answer": str(item["answer"])}
+
+
+def _jsonl(count: int, seed: int, params: dict[str, Any]) -> Iterator[Problem]:
+    lines = Path(params["path"]).read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()]
+    start = seed % max(len(rows), 1)
+    for row in (rows[start:] + rows[:start])[:count]:
+        answer = extract_answer(row["answer"])
+        if answer is None:
+            raise ValueError(f"{params['path']}: answer without '#### N': {row['answer'][-80:]!r}")
+        yield {"question": row["question"], "solution": row["answer"], "answer": answer}
+
+
+GENERATORS = {"chain_sum": _chain_sum, "gsm_symbolic": _gsm_symbolic, "jsonl": _jsonl}
+
+
+def make_splits(kind: str, params: dict[str, Any], sizes: dict[str, int], seed: int) -> dict[str, list[Problem]]:
+    """Disjoint splits: a question never appears in two of them (later splits drop repeats)."""
+    if kind not in GENERATORS:
+        raise ValueError(f"unknown task kind {kind!r} (known: {', '.join(GENERATORS)})")
+    seen: set[str] = set()
+    splits = {}
+    for i, (name, size) in enumerate(sizes.items()):
+        chosen = []
+        # ask for extra problems so that dropping repeats still leaves ``size``
+        # reasoning-gym seeds item j of a dataset from seed + j: far-apart seeds keep splits apart
+        for problem in GENERATORS[kind](size * 2 + 16, (seed * 16 + i) * 10_000_000, params):
+            if problem["question"] not in seen:
+                seen.add(problem["question"])
+                chosen.append(problem)
+            if len(chosen) == size:
+                break
+        if len(chosen) < size:
+            raise ValueError(f"task {kind} yields only {len(chosen)} distinct problems for split {name!r}")
+        splits[name] = chosen
+    return splits
+
+
+def prompt_of(problem: Problem) -> str:
+    """The text a model is prompted with (the same for teacher, proxy and student)."""
+    return problem["question"] + "\n"

@@ -197,7 +197,8 @@ class Pipeline:
         s = self.cfg.sampling
         torch.manual_seed(self.cfg.seed)
         texts = scoring.sampled_completions(teacher, tok, prompts, s.max_tokens, s.temperature, s.top_p)
-        write_jsonl(self.path("holdout.jsonl"), [{"prompt": p, "completion": c} for p, c in zip(prompts, texts)])
+        rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, texts, strict=True)]
+        write_jsonl(self.path("holdout.jsonl"), rows)
         return {"traces": len(texts), "accuracy": scoring.accuracy(texts, problems)}
 
     def make_gradient(self) -> dict[str, Any]:

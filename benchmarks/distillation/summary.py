@@ -9,6 +9,7 @@ point gets the 95% Wilson interval of its test accuracy instead.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -66,7 +67,7 @@ def interpolate(curve: Sequence[tuple[float, float]], x: float) -> float:
     pts = sorted(curve)
     if x <= pts[0][0]:
         return pts[0][1]
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+    for (x0, y0), (x1, y1) in itertools.pairwise(pts):
         if x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return pts[-1][1]
@@ -172,7 +173,8 @@ def write_report(cfg: EvalConfig, results: Sequence[dict[str, Any]], undistilled
     if ad:
         lines.append(
             f"Best AD point within {100 * TEACHER_LOSS_ALLOWED:.0f} pts of teacher loss: b = {ad['value']:g}, "
-            f"student {100 * ad['student']:.1f}% vs temperature student {100 * ad['temperature_student_at_same_teacher']:.1f}% "
+            f"student {100 * ad['student']:.1f}% vs temperature student "
+            f"{100 * ad['temperature_student_at_same_teacher']:.1f}% "
             f"at the same teacher accuracy (gap {100 * ad['gap']:.1f} pts; target {100 * TARGET_GAP:.0f})."
         )
     (out / "summary.md").write_text("\n".join(lines) + "\n")

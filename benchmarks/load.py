@@ -51,6 +51,7 @@ class LoadConfig:
     max_tokens: int
     stream: bool
     extra_body: dict
+    prompts: list[str] = field(default_factory=list)  # default: gsm_symbolic questions
 
 
 def is_loopback(url: str) -> bool:
@@ -117,7 +118,7 @@ async def run_load(
 ) -> tuple[list[Sample], float]:
     """Keep ``concurrency`` requests in flight until ``requests`` are done or ``duration`` passes."""
     rng = random.Random(seed)
-    pool = questions(min(cfg.requests, 512))
+    pool = cfg.prompts or questions(min(cfg.requests, 512))
     tiers, weights = list(cfg.mix), list(cfg.mix.values())
     samples: list[Sample] = []
     issued = 0

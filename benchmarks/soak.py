@@ -38,6 +38,8 @@ SOAK_TIERS = {
     "internal": {"lambda": 0.0},
 }
 SOAK_MIX = {"free": 2.0, "pro": 1.0, "internal": 1.0}
+# short prompts: the tiny models' tokenizer is trained on a small corpus and their context is 256 tokens
+SOAK_PROMPTS = [f"What is {a} plus {b}? Show your steps." for a in range(3, 30, 3) for b in range(2, 20, 4)]
 
 
 @dataclass
@@ -134,6 +136,7 @@ def soak(
         max_tokens=max_tokens,
         stream=True,
         extra_body={"ignore_eos": True},
+        prompts=SOAK_PROMPTS,
     )
     samples, elapsed = asyncio.run(run_load(cfg))
     kv_after, waited = wait_kv_idle(base)

@@ -166,10 +166,10 @@ def serve(argv: Sequence[str]) -> None:
         args.logprobs_mode = "processed_logprobs"  # logprobs describe the protected distribution
     validate_parsed_serve_args(args)
     uvloop.run(run_server(args))
-    from server.middleware import engine_died
+    from server.middleware import stopped_without_signal
 
-    if engine_died():  # vLLM itself stops serving then, but exits 0: an orchestrator must restart us
-        raise StartupError("the vLLM engine process died; the server stopped (exit status 1)")
+    if stopped_without_signal():  # vLLM exits 0 then; an orchestrator must see a failure and restart us
+        raise StartupError("the vLLM engine process died, so the server stopped (see the log above); exit status 1")
 
 
 def check_teacher_args(vllm_args: Sequence[str]) -> None:

@@ -82,13 +82,25 @@ class Exchange:
     body: bytearray = field(default_factory=bytearray)
 
 
-_served_app: list[Any] = []  # vLLM's FastAPI app, seen at lifespan start (for engine_died)
+_served_app: list[Any] = []  # vLLM's FastAPI app, seen at lifespan start (its uvicorn server is on app.state)
+_stop_signals: list[str] = []  # shutdown signals received, in order
 
 
-def engine_died() -> bool:
-    """Whether vLLM's engine client reports a dead engine (read after the server stopped)."""
-    client = getattr(getattr(_served_app[-1], "state", None), "engine_client", None) if _served_app else None
-    return bool(client is not None and getattr(client, "errored", False))
+def stopped_without_signal() -> bool:
+    """The server ran and stopped although nobody asked it to: vLLM's watchdog stops uvicorn when
+    the engine process dies, and vLLM then exits 0; read after the server stopped."""
+    return bool(_served_app) and not _stop_signals
+
+
+def _stop_server(reason: str) -> None:
+    """Stop uvicorn the way vLLM's watchdog does; vLLM then shuts the engine down (exit status 0)."""
+    _stop_signals.append(reason)
+    server = getattr(getattr(_served_app[-1], "state", None), "server", None) if _served_app else None
+    if server is None:
+        raise KeyboardInterrupt(reason)  # no uvicorn server known: stop the event loop
+    if len(_stop_signals) > 1:
+        server.force_exit = True
+    server.should_exit = True
 
 
 class AntidistillationMiddleware:
@@ -108,23 +120,27 @@ class AntidistillationMiddleware:
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGHUP, lambda *_: self.reload())
         self.sigterm_installed = False
+        _use_vllm_logging()
 
     def _install_sigterm(self) -> None:
-        """Replace vLLM's SIGTERM handler (an immediate stop) with ``drain``. Called on the first
-        ASGI event (lifespan start), when vLLM's serve_http has already registered its handlers."""
+        """Replace vLLM's SIGTERM/SIGINT handlers (an immediate stop of the engine) with ``drain`` and a
+        graceful stop that we can tell apart from an engine death. Called on the first ASGI event
+        (lifespan start), when vLLM's serve_http has already registered its own."""
         self.sigterm_installed = True
         with contextlib.suppress(RuntimeError, ValueError):  # no loop signal handling (in-process tests)
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.drain)
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGTERM, self.drain)
+            loop.add_signal_handler(signal.SIGINT, _stop_server, "SIGINT")
 
     def drain(self) -> None:
         """SIGTERM: refuse new work with 503, let in-flight requests finish, then stop (a second
         SIGTERM, or the drain timeout, stops at once)."""
         if self.draining:
             log.warning("second SIGTERM: stopping now with %d requests in flight", self.in_flight)
-            os.kill(os.getpid(), signal.SIGINT)
+            _stop_server("SIGTERM")
             return
         self.draining = True
-        log.warning("SIGTERM: draining %d in-flight requests; new requests get 503", self.in_flight)
+        log.info("SIGTERM: draining %d in-flight requests; new requests get 503", self.in_flight)
         asyncio.get_running_loop().create_task(self._stop_when_idle())
 
     async def _stop_when_idle(self) -> None:
@@ -134,8 +150,8 @@ class AntidistillationMiddleware:
         if self.in_flight:
             log.warning("drain timeout (%g s): stopping with %d requests in flight", self.drain_timeout, self.in_flight)
         else:
-            log.warning("drained; shutting down")
-        os.kill(os.getpid(), signal.SIGINT)  # vLLM's own shutdown path (its SIGINT handler)
+            log.info("drained; shutting down")
+        _stop_server("SIGTERM")
 
     def reload(self) -> bool:
         """Re-read the tiers file; a bad file keeps the old table (in-flight requests are untouched)."""
@@ -155,6 +171,8 @@ class AntidistillationMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.sigterm_installed:
             self._install_sigterm()
+        if scope["type"] == "websocket":  # none is exposed (vLLM's /v1/realtime would bypass auth)
+            return await send({"type": "websocket.close", "code": 1008})
         if scope["type"] != "http":
             if scope["type"] == "lifespan" and "app" in scope:
                 _served_app.append(scope["app"])
@@ -407,6 +425,17 @@ def _replay(payload: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
+
+
+def _use_vllm_logging() -> None:
+    """Send the gateway's log lines (reload, drain) through vLLM's handlers, format and level:
+    without a handler of its own, the server process would drop them."""
+    ours, theirs = logging.getLogger("server"), logging.getLogger("vllm")
+    if not ours.handlers and theirs.handlers:
+        for handler in theirs.handlers:
+            ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
 
 
 def _audit_logger(path: str) -> logging.Logger:

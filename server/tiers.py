@@ -145,7 +145,7 @@ def load_tiers(path: str | Path) -> TierTable:
     except OSError as exc:
         raise TiersError(f"{path}: cannot read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
-        raise TiersError(f"{path}: invalid YAML ({exc})") from None
+        raise TiersError(f"{path}: invalid YAML ({' '.join(str(exc).split())})") from None  # one line
     try:
         return TierTable(TiersFile.model_validate(raw), str(path))
     except ValidationError as exc:

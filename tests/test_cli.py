@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import yaml
 
@@ -43,6 +45,39 @@ def test_startup_errors_are_one_line(models, tmp_path, capsys):
             "computed for proxy config",
         )
     )
+    for args, needle in cases:
+        code, err = run(capsys, *args)
+        assert code == 1 and needle in err and err.count("\n") == 0, (args, err)
+
+
+def test_bad_checkpoints_and_tiers_are_one_line(models, tmp_path, capsys):
+    """A missing or corrupt teacher, proxy or gradient, or a bad tiers file: one line, exit 1, no vLLM."""
+    tiers = tmp_path / "tiers.yaml"
+    tiers.write_text(yaml.safe_dump({"tiers": {"free": {"lambda": 1}}}))
+    gradient = ["--gradient", f"math={models.gradients['math']}"]
+    good = ["--proxy", str(models.proxy), *gradient, "--tiers", str(tiers)]
+    bad_json = shutil.copytree(models.teacher, tmp_path / "bad-json")
+    (bad_json / "config.json").write_text("{not json")
+    bad_weights = shutil.copytree(models.teacher, tmp_path / "bad-weights")
+    (bad_weights / "model.safetensors").write_bytes(b"\x10\x00garbage")
+    no_weights = shutil.copytree(models.teacher, tmp_path / "no-weights")
+    (no_weights / "model.safetensors").unlink()
+    bad_proxy = shutil.copytree(models.proxy, tmp_path / "bad-proxy")
+    (bad_proxy / "model.safetensors").write_bytes(b"\x10\x00garbage")
+    syntax = tmp_path / "syntax.yaml"
+    syntax.write_text("tiers: [\n  free\n")
+    negative = tmp_path / "negative.yaml"
+    negative.write_text("tiers: {free: {lambda: -1}}\n")
+    cases = [
+        ([*good, "--model", str(tmp_path / "missing")], "directory not found"),
+        ([*good, "--model", str(bad_json)], "invalid JSON"),
+        ([*good, f"--model={bad_weights}"], "cannot read safetensors"),
+        ([*good, "--model", str(no_weights)], "no weight files"),
+        (["--proxy", str(bad_proxy), *gradient, "--tiers", str(tiers)], "--proxy"),
+        (["--proxy", str(models.proxy), "--gradient", f"math={tmp_path / 'none.safetensors'}"], "file not found"),
+        (["--proxy", str(models.proxy), *gradient, "--tiers", str(syntax)], "invalid YAML"),
+        (["--proxy", str(models.proxy), *gradient, "--tiers", str(negative)], "tiers.free.lambda"),
+    ]
     for args, needle in cases:
         code, err = run(capsys, *args)
         assert code == 1 and needle in err and err.count("\n") == 0, (args, err)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.distillation.config import ConfigError, load_eval_config
-from benchmarks.distillation.pipeline import Pipeline, RunDirError
+from benchmarks.distillation.pipeline import Pipeline
 
 DEFAULT_ROOT = Path("runs")
 
@@ -16,13 +16,15 @@ DEFAULT_ROOT = Path("runs")
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="antidistill eval", description=__doc__)
     ap.add_argument("config", help="packaged config name (micro, toy, smollm2, paper) or a YAML path")
-    ap.add_argument("--out", type=Path, help="run directory (default: runs/<config name>); rerun to resume")
+    ap.add_argument(
+        "--out", type=Path, help="run directory (default: runs/<config name>); rerun to resume, or after a config edit"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_eval_config(args.config)
         report = Pipeline(cfg, args.out or DEFAULT_ROOT / cfg.name).run()
-    except (ConfigError, RunDirError) as exc:
+    except ConfigError as exc:
         print(f"antidistill eval: {exc}")
         return 2
     print(f"report: {report / 'summary.md'}")

@@ -8,8 +8,6 @@ retrained models. The registry records both b and the λ actually sent.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +33,7 @@ class Strict(BaseModel):
 class TaskSpec(Strict):
     kind: str = Field(description="chain_sum, gsm_symbolic or jsonl (see tasks.py)")
     params: dict[str, Any] = Field(default_factory=dict, description="passed to the generator")
-    train: int = Field(description="problems with worked solutions, for teacher and proxy training")
+    train: int = Field(0, description="problems with worked solutions, for teacher and proxy training")
     holdout: int = Field(0, description="prompts whose teacher traces define the proxy's loss (gradient)")
     distill: int = Field(0, description="prompts whose teacher traces the attacker trains on")
     test: int = Field(0, description="held-out problems scored for teacher and student accuracy")
@@ -76,6 +74,7 @@ class SamplingSpec(Strict):
     kv_cache_gib: int = Field(1, description="VLLM_CPU_KVCACHE_SPACE on CPU (ignored on GPUs)")
     proxy_token_budget: int = 8192
     engine_args: dict[str, Any] = Field(default_factory=dict, description="more vllm.LLM arguments (e.g. TP)")
+    processor: dict[str, Any] = Field(default_factory=dict, description="more processor settings (proxy_dtype…)")
 
 
 class GridSpec(Strict):
@@ -108,6 +107,7 @@ class EvalConfig(Strict):
     name: str
     seed: int = 0
     threads: int | None = Field(None, gt=0, description="torch threads (default: torch's choice)")
+    device: str = Field("cpu", description="where HF training and scoring run: cpu or cuda")
     task: TaskSpec
     tokenizer_vocab: int = Field(320, description="BPE size when the teacher is trained from scratch")
     teacher: ModelSpec
@@ -116,9 +116,6 @@ class EvalConfig(Strict):
     answer_tokens: int = Field(64, description="greedy tokens when scoring the student")
     sampling: SamplingSpec = SamplingSpec()
     grid: GridSpec
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def point_name(mode: str, value: float) -> str:

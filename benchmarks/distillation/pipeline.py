@@ -1,5 +1,8 @@
-"""The resumable evaluation: every stage writes its outputs, then a sentinel; a rerun skips stages
-whose sentinel exists, so a killed run redoes only the stage it was killed in (and those after).
+"""The resumable evaluation: every stage writes its outputs, then a sentinel holding the stage's
+fingerprint — a hash of the config sections it reads, chained with the fingerprint of the stage
+before it. A rerun skips stages whose sentinel matches, so a killed run redoes only the stage it was
+killed in (and those after it), and a config edit redoes only the stages it affects: a new grid
+reuses the trained teacher, proxy and gradient.
 
     data → tokenizer → teacher → proxy → student_base → holdout → gradient → traces
          → student/<mode>@<value>#<seed> (one per grid run) → report
@@ -10,15 +13,18 @@ while ``traces`` samples every grid point through the vLLM processor we serve wi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 
 from benchmarks.distillation import models, sampling, scoring, summary
 from benchmarks.distillation.config import EvalConfig, ModelSpec, point_name
@@ -27,11 +33,13 @@ from benchmarks.distillation.training import fine_tune
 from proxy_worker.traces import TokenizedTrace, tokenize_trace
 
 log = logging.getLogger("antidistill.eval")
-SPLITS = ("train", "holdout", "distill", "test")
+SPLITS = ("test", "holdout", "distill", "train")  # drawn in this order (see make_splits)
 
 
-class RunDirError(RuntimeError):
-    """The run directory belongs to a different config."""
+def fingerprint(after: str, reads: Sequence[Any]) -> str:
+    """Hash of the previous stage's fingerprint and the config values a stage reads."""
+    parts = [r.model_dump(mode="json") if isinstance(r, BaseModel) else r for r in reads]
+    return hashlib.sha256(json.dumps([after, parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def run_name(mode: str, value: float, seed: int) -> str:
@@ -61,10 +69,7 @@ class Pipeline:
         self.root = root
         self.executed: list[str] = []
         root.mkdir(parents=True, exist_ok=True)
-        stamp = root / "config.json"
-        if stamp.is_file() and json.loads(stamp.read_text())["digest"] != cfg.digest():
-            raise RunDirError(f"{root} was made with a different config; remove it or choose another --out")
-        stamp.write_text(json.dumps({"digest": cfg.digest(), "config": cfg.model_dump(mode="json")}, indent=2))
+        (root / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
 
     # --- bookkeeping -------------------------------------------------------------------------
     def path(self, *parts: str) -> Path:
@@ -73,11 +78,20 @@ class Pipeline:
     def sentinel(self, stage: str) -> Path:
         return self.path("stages", stage.replace("/", "_") + ".done")
 
-    def stage(self, name: str, outputs: Sequence[Path], body: Callable[[], dict[str, Any] | None]) -> None:
-        """Run ``body`` unless done; partial outputs of an interrupted attempt are removed first."""
-        if self.sentinel(name).is_file():
+    def stage(
+        self,
+        name: str,
+        outputs: Sequence[Path],
+        body: Callable[[], dict[str, Any] | None],
+        after: str,
+        reads: Sequence[Any],
+    ) -> str:
+        """Run ``body`` unless its sentinel has this fingerprint; stale or partial outputs go first."""
+        fp = fingerprint(after, reads)
+        done = self.sentinel(name)
+        if done.is_file() and json.loads(done.read_text()).get("fingerprint") == fp:
             log.info("[skip] %s (done)", name)
-            return
+            return fp
         for out in outputs:
             if out.is_dir():
                 shutil.rmtree(out)
@@ -87,10 +101,11 @@ class Pipeline:
         start = time.time()
         info = body() or {}
         info["seconds"] = round(time.time() - start, 2)
-        self.sentinel(name).parent.mkdir(exist_ok=True)
-        self.sentinel(name).write_text(json.dumps(info))
+        log.info("[done] %s in %.1f s %s", name, info["seconds"], info)
+        done.parent.mkdir(exist_ok=True)
+        done.write_text(json.dumps({**info, "fingerprint": fp}))
         self.executed.append(name)
-        log.info("[done] %s in %.1f s %s", name, info["seconds"], {k: v for k, v in info.items() if k != "seconds"})
+        return fp
 
     def problems(self, split: str) -> list[Problem]:
         return read_jsonl(self.path("data", f"{split}.jsonl"))
@@ -100,21 +115,31 @@ class Pipeline:
 
     # --- stages ------------------------------------------------------------------------------
     def run(self) -> Path:
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
-        self.stage("data", [self.path("data")], self.make_data)
-        self.stage("tokenizer", [self.path("tokenizer")], self.make_tokenizer)
-        self.stage("teacher", [self.path("models", "teacher")], lambda: self.train_model("teacher", self.cfg.teacher))
-        self.stage("proxy", [self.path("models", "proxy")], lambda: self.train_model("proxy", self.cfg.proxy))
-        self.stage("student_base", [self.path("models", "student_base")], self.make_student_base)
-        self.stage("holdout", [self.path("holdout.jsonl")], self.make_holdout)
-        self.stage("gradient", [self.path("gradient.safetensors"), self.path("gradient.json")], self.make_gradient)
-        self.stage("traces", [self.path("traces")], self.make_traces)
-        for mode, value, seed in self.cfg.grid.points():
+        c = self.cfg
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        student_base = c.student.model_dump(exclude={"distill"})
+        fp = self.stage("data", [self.path("data")], self.make_data, "", [c.seed, c.task, c.student.pretrain_task])
+        fp = self.stage("tokenizer", [self.path("tokenizer")], self.make_tokenizer, fp, [c.tokenizer_vocab, c.teacher])
+        teacher = self.path("models", "teacher")
+        fp = self.stage("teacher", [teacher], lambda: self.train_model("teacher", c.teacher), fp, [c.answer_tokens])
+        fp = self.stage(
+            "proxy", [self.path("models", "proxy")], lambda: self.train_model("proxy", c.proxy), fp, [c.proxy]
+        )
+        fp = self.stage(
+            "student_base", [self.path("models", "student_base")], self.make_student_base, fp, [student_base]
+        )
+        fp = self.stage("holdout", [self.path("holdout.jsonl")], self.make_holdout, fp, [c.sampling, c.task.holdout])
+        gradient = [self.path("gradient.safetensors"), self.path("gradient.json")]
+        fp = self.stage("gradient", gradient, self.make_gradient, fp, [])
+        fp = self.stage("traces", [self.path("traces")], self.make_traces, fp, [c.grid])
+        students = []
+        for mode, value, seed in c.grid.points():
             name = run_name(mode, value, seed)
             out = self.path("results", f"{name}.json")
-            self.stage(f"student/{name}", [out], lambda m=mode, v=value, s=seed, o=out: self.distil(m, v, s, o))
-        self.stage("report", [self.path("report")], self.make_report)
+            body = partial(self.distil, mode, value, seed, out)
+            students.append(self.stage(f"student/{name}", [out], body, fp, [c.student.distill, name]))
+        self.stage("report", [self.path("report")], self.make_report, fingerprint(fp, students), [])
         return self.path("report")
 
     def make_data(self) -> dict[str, Any]:
@@ -151,8 +176,11 @@ class Pipeline:
 
     def build(self, spec: ModelSpec, tokenizer: Any) -> torch.nn.Module:
         if spec.shape is not None:
-            return models.scratch_model(spec.shape, tokenizer, spec.seed)
-        return models.load_model(self.model_path(spec), spec.layers)
+            return models.scratch_model(spec.shape, tokenizer, spec.seed).to(self.cfg.device)
+        return self.load(self.model_path(spec), spec.layers)
+
+    def load(self, path: Path, layers: int | None = None) -> torch.nn.Module:
+        return models.load_model(path, layers).to(self.cfg.device)
 
     def train_model(self, role: str, spec: ModelSpec) -> dict[str, Any]:
         """Teacher and proxy: the run's tokenizer, trained on the ``train`` split's worked solutions."""
@@ -191,7 +219,7 @@ class Pipeline:
 
     def make_holdout(self) -> dict[str, Any]:
         tok = self.tokenizer()
-        teacher = models.load_model(self.path("models", "teacher"))
+        teacher = self.load(self.path("models", "teacher"))
         problems = self.problems("holdout")
         prompts = [prompt_of(p) for p in problems]
         s = self.cfg.sampling
@@ -236,12 +264,15 @@ class Pipeline:
         tok = self.tokenizer()
         requests, labels = self.grid_requests(tok, grad["scale"])
         s = self.cfg.sampling
-        settings = sampling.processor_settings(
-            self.path("models", "proxy"),
-            self.path("gradient.safetensors"),
-            grad["epsilon"],
-            max(r.lam for r in requests) + 1.0,
-            s.proxy_token_budget,
+        settings = (
+            sampling.processor_settings(
+                self.path("models", "proxy"),
+                self.path("gradient.safetensors"),
+                grad["epsilon"],
+                max(r.lam for r in requests) + 1.0,
+                s.proxy_token_budget,
+            )
+            | s.processor
         )
         engine_args = {
             "dtype": s.dtype,
@@ -293,7 +324,7 @@ class Pipeline:
         meta = json.loads(self.path("traces", f"{name}.json").read_text())
         rows = read_jsonl(self.path("traces", f"{name}.jsonl"))
         tok = self.student_tokenizer()
-        student = models.load_model(self.path("models", "student_base"))
+        student = self.load(self.path("models", "student_base"))
         data = examples(tok, [r["prompt"] for r in rows], [r["completion"] for r in rows])
         spec = self.cfg.student
         student, fit = fine_tune(student, data, spec.distill, tok.pad_token_id, spec.seed + 7919 * seed, name)

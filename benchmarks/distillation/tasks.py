@@ -83,21 +83,22 @@ GENERATORS = {"chain_sum": _chain_sum, "gsm_symbolic": _gsm_symbolic, "jsonl": _
 
 
 def make_splits(kind: str, params: dict[str, Any], sizes: dict[str, int], seed: int) -> dict[str, list[Problem]]:
-    """Disjoint splits: a question never appears in two of them (later splits drop repeats)."""
+    """Disjoint splits, drawn in the order given: a question never appears in two of them (later
+    splits skip repeats), so list the small evaluation splits first and the training split last."""
     if kind not in GENERATORS:
         raise ValueError(f"unknown task kind {kind!r} (known: {', '.join(GENERATORS)})")
     seen: set[str] = set()
     splits = {}
     for i, (name, size) in enumerate(sizes.items()):
-        chosen = []
-        # ask for extra problems so that dropping repeats still leaves ``size``
-        # reasoning-gym seeds item j of a dataset from seed + j: far-apart seeds keep splits apart
-        for problem in GENERATORS[kind](size * 2 + 16, (seed * 16 + i) * 10_000_000, params):
+        chosen: list[Problem] = []
+        # reasoning-gym seeds item j of a dataset from seed + j: far-apart seeds keep splits apart;
+        # draw up to 8× the size so that skipping repeats still leaves ``size`` problems
+        for problem in GENERATORS[kind](size * 8 + 64, (seed * 16 + i) * 10_000_000, params):
+            if len(chosen) == size:
+                break
             if problem["question"] not in seen:
                 seen.add(problem["question"])
                 chosen.append(problem)
-            if len(chosen) == size:
-                break
         if len(chosen) < size:
             raise ValueError(f"task {kind} yields only {len(chosen)} distinct problems for split {name!r}")
         splits[name] = chosen

@@ -7,6 +7,7 @@ traces) — fully for small models, with LoRA adapters (peft) for large ones, as
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -17,6 +18,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from proxy_worker.traces import TokenizedTrace
+
+log = logging.getLogger("antidistill.eval")
 
 
 class TrainSpec(BaseModel):
@@ -93,13 +96,16 @@ def fine_tune(
             order.extend(fresh)
         batch = [examples[i] for i in order[: spec.batch_size]]
         del order[: spec.batch_size]
-        loss = model(**collate(batch, pad_id)).loss
+        inputs = {k: v.to(model.device) for k, v in collate(batch, pad_id).items()}
+        loss = model(**inputs).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
+        if (len(losses) % max(1, steps // 5) == 0) or len(losses) == steps:
+            log.info("%s: step %d/%d, loss %.4f (%.0f s)", label, len(losses), steps, losses[-1], time.time() - start)
     if spec.method == "lora":
         model = model.merge_and_unload()
     model.eval()

@@ -1,0 +1,147 @@
+"""The distillation-attack evaluation end to end on the ``micro`` config: real training, real vLLM
+engine with our processor, resumable stages; plus its statistics and training pieces in isolation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks.distillation import summary
+from benchmarks.distillation.cli import main as eval_main
+from benchmarks.distillation.config import load_eval_config
+from benchmarks.distillation.models import Shape, scratch_model, train_tokenizer
+from benchmarks.distillation.pipeline import Pipeline, read_jsonl, run_name
+from benchmarks.distillation.training import TrainSpec, collate, fine_tune
+from proxy_worker.traces import TokenizedTrace
+
+EARLY = ["data", "tokenizer", "teacher", "proxy", "student_base", "holdout"]
+
+
+def test_micro_pipeline_end_to_end_resumes_only_the_killed_stage(tmp_path, monkeypatch):
+    cfg = load_eval_config("micro")
+    root = tmp_path / "run"
+    real_gradient = Pipeline.make_gradient
+
+    def killed(self: Pipeline) -> dict:
+        real_gradient(self)  # the stage's outputs are on disk…
+        raise KeyboardInterrupt  # …but the process dies before its sentinel
+
+    monkeypatch.setattr(Pipeline, "make_gradient", killed)
+    first = Pipeline(cfg, root)
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    assert first.executed == EARLY
+    assert (root / "gradient.safetensors").is_file() and not first.sentinel("gradient").exists()
+    models_before = {p: p.stat().st_mtime_ns for p in (root / "models").rglob("*") if p.is_file()}
+
+    monkeypatch.undo()
+    second = Pipeline(cfg, root)
+    report = second.run()
+    runs = [run_name(*p) for p in cfg.grid.points()]
+    assert second.executed == ["gradient", "traces", *[f"student/{r}" for r in runs], "report"]
+    assert {p: p.stat().st_mtime_ns for p in (root / "models").rglob("*") if p.is_file()} == models_before
+
+    grad = json.loads((root / "gradient.json").read_text())
+    assert grad["scale"] > 0 and grad["epsilon"] in cfg.sampling.epsilons
+    registry = read_jsonl(report / "registry.jsonl")
+    assert [run_name(r["mode"], r["value"], r["seed"]) for r in registry] == runs
+    for row in registry:
+        assert 0 <= row["student_accuracy"] <= 1 and 0 <= row["teacher_accuracy"] <= 1
+        assert row["n_traces"] == cfg.task.distill and row["n_test"] == cfg.task.test
+        if row["mode"] == "temperature":
+            assert row["lambda"] == 0 and row["temperature"] == row["value"]
+        else:
+            assert row["lambda"] == pytest.approx(row["value"] / grad["scale"])
+            assert row["temperature"] == cfg.sampling.temperature
+            assert row["ad_mode"] == ("ad" if row["mode"] == "antidistillation" else "permutation")
+    traces = read_jsonl(root / "traces" / f"{runs[0]}.jsonl")
+    assert len(traces) == cfg.task.distill and all(t["completion"] for t in traces)
+    assert (report / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "verdict" in json.loads((report / "summary.json").read_text())
+    assert "Target met" in (report / "summary.md").read_text()
+
+    third = Pipeline(cfg, root)
+    third.run()
+    assert third.executed == []
+
+
+def test_a_config_edit_reruns_the_stages_that_read_it_and_those_after(tmp_path):
+    pipe = Pipeline(load_eval_config("micro"), tmp_path)
+    calls: list[str] = []
+    out = tmp_path / "partial.txt"
+
+    def body(name: str):
+        return lambda: calls.append(name) or {}
+
+    def chain(a_reads: list, b_reads: list) -> None:
+        fp = pipe.stage("a", [], body("a"), "", a_reads)
+        pipe.stage("b", [out], body("b"), fp, b_reads)
+
+    chain([1], ["x"])
+    assert calls == ["a", "b"]
+    chain([1], ["x"])
+    assert calls == ["a", "b"]
+    out.write_text("left by a killed attempt")
+    chain([1], ["y"])
+    assert calls == ["a", "b", "b"] and not out.exists()
+    chain([2], ["y"])
+    assert calls == ["a", "b", "b", "a", "b"]
+
+
+def test_eval_cli_names_an_unknown_config(capsys):
+    assert eval_main(["no-such-config"]) == 2
+    assert "no-such-config: no such config (packaged: micro" in capsys.readouterr().out
+
+
+def test_verdict_compares_at_matched_teacher_accuracy():
+    stats = [
+        summary.PointStat("temperature", 0.8, 3, 0.90, 0.01, 0.60, 0.02),
+        summary.PointStat("temperature", 1.5, 1, 0.70, 0.03, 0.40, 0.03),
+        summary.PointStat("antidistillation", 1, 3, 0.89, 0.01, 0.45, 0.02),
+        summary.PointStat("antidistillation", 4, 1, 0.80, 0.03, 0.10, 0.03),
+        summary.PointStat("permutation", 1, 3, 0.89, 0.01, 0.58, 0.02),
+    ]
+    v = summary.verdict(stats, base_temperature=0.8)
+    ad = v["antidistillation"]
+    # b = 4 loses 10 teacher points: not eligible; b = 1 is compared with the temperature curve at 0.89
+    assert ad["value"] == 1
+    assert ad["temperature_student_at_same_teacher"] == pytest.approx(0.59)
+    assert ad["gap"] == pytest.approx(0.14) and v["target_met"]
+    assert v["permutation"]["gap"] == pytest.approx(0.01)
+    weaker = [
+        s if s.mode != "antidistillation" else summary.PointStat(s.mode, s.value, 3, s.teacher, 0, 0.55, 0)
+        for s in stats
+    ]
+    assert not summary.verdict(weaker, base_temperature=0.8)["target_met"]
+
+
+def test_intervals():
+    assert summary.wilson_half_width(0.5, 100) == pytest.approx(0.0962, abs=1e-3)
+    mean, half = summary.mean_ci([0.4, 0.5, 0.6], n_test=100)
+    assert mean == pytest.approx(0.5) and half == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert summary.interpolate([(0.7, 0.4), (0.9, 0.6)], 0.8) == pytest.approx(0.5)
+    assert summary.interpolate([(0.7, 0.4), (0.9, 0.6)], 0.95) == 0.6
+
+
+def test_collate_masks_prompt_and_padding():
+    batch = collate([TokenizedTrace([5, 6, 7, 8], 2), TokenizedTrace([9, 10, 11], 1)], pad_id=0)
+    assert batch["labels"].tolist() == [[-100, -100, 7, 8], [-100, 10, 11, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_fine_tuning_learns_a_completion(method):
+    tok = train_tokenizer(["1 + 2 =\n3\n#### 3", "4 - 1 =\n3\n#### 3"] * 10, vocab_size=280)
+    model = scratch_model(Shape(hidden=64, layers=1, heads=2, kv_heads=1, head_dim=32, intermediate=128), tok, 0)
+    data = [TokenizedTrace(tok("1 + 2 =\n")["input_ids"] + tok("#### 3")["input_ids"] + [tok.eos_token_id], 5)] * 8
+    before = model(**collate(data, tok.pad_token_id)).loss.item()
+    q_before = model.model.layers[0].self_attn.q_proj.weight.clone()
+    spec = TrainSpec(steps=30, batch_size=8, lr=1e-2, method=method, lora_r=4, lora_alpha=8)
+    model, info = fine_tune(model, data, spec, tok.pad_token_id, seed=0)
+    after = model(**collate(data, tok.pad_token_id)).loss.item()
+    assert after < 0.75 * before and info["steps"] == 30
+    assert type(model).__name__ == "LlamaForCausalLM"  # LoRA adapters merged back into a plain model
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, q_before)

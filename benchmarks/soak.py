@@ -82,11 +82,16 @@ def rss_summary(samples: list[RssSample], which: str, warmup: float) -> dict:
     steady = [getattr(s, which) for s in samples if s.t >= warmup] or values
     quarter = max(1, len(steady) // 4)
     growth = statistics.median(steady[-quarter:]) - statistics.median(steady[:quarter])
+    late = [s for s in samples if s.t >= samples[-1].t / 2]
+    slope = 0.0
+    if len(late) > 1:
+        slope = statistics.linear_regression([s.t for s in late], [getattr(s, which) for s in late]).slope
     return {
         "start_mib": values[0] / MIB,
         "end_mib": values[-1] / MIB,
         "max_mib": max(values) / MIB,
         "growth_mib": growth / MIB,
+        "late_slope_mib_per_hour": slope * 3600 / MIB,  # least squares over the second half of the run
     }
 
 

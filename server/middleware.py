@@ -40,6 +40,7 @@ OPEN = ("/health", "/metrics", "/ping")
 EXPOSED = (*GENERATE, *OPEN, "/v1/models", "/version")
 TIERS_ENV, AUDIT_ENV, AUDIT_TEXT_ENV = "ANTIDISTILL_TIERS", "ANTIDISTILL_AUDIT_LOG", "ANTIDISTILL_AUDIT_TEXT"
 DRAIN_ENV = "ANTIDISTILL_DRAIN_TIMEOUT"
+MAX_DEPTH = 64  # JSON nesting; tool schemas and content parts need far less, recursion limits far more
 # refused on protected requests: beam search ranks candidates by vLLM's own per-step logprobs and
 # its sub-requests do not carry vllm_xargs; prompt embeddings give the proxy no prompt tokens
 PROTECTED_REFUSED = {"use_beam_search": "beam search", "prompt_embeds": "prompt embeddings"}
@@ -186,7 +187,8 @@ class AntidistillationMiddleware:
             return await self.app(scope, receive, send)
         if path not in EXPOSED:
             return await respond(send, 404, error_body(404, f"{path} is not exposed by this server"))
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        # latin-1: HTTP allows obs-text bytes in header values (UTF-8 decoding made them a 500)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         caller = self.tiers.identify(_bearer(headers))
         if caller is None:
             key = _bearer(headers)
@@ -225,8 +227,12 @@ class AntidistillationMiddleware:
             body = json.loads(raw or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PolicyError(400, f"request body is not valid JSON ({exc})") from None
+        except RecursionError:  # found by fuzzing: a deeply nested body was a 500
+            raise PolicyError(400, f"request body is nested more than {MAX_DEPTH} levels deep") from None
         if not isinstance(body, dict):
             raise PolicyError(400, "request body must be a JSON object")
+        if _too_deep(body):
+            raise PolicyError(400, f"request body is nested more than {MAX_DEPTH} levels deep")
         xargs = body.get("vllm_xargs") or {}
         if not isinstance(xargs, dict):
             raise PolicyError(400, "vllm_xargs must be an object", "vllm_xargs")
@@ -312,6 +318,22 @@ def _cpu_platform() -> bool:
     except ImportError:
         return False
     return current_platform.is_cpu()
+
+
+def _too_deep(body: Any) -> bool:
+    """Nesting beyond MAX_DEPTH, checked without recursion (our policy walk and vLLM's parsers recurse)."""
+    level = [body]
+    for _ in range(MAX_DEPTH):
+        level = [
+            child
+            for node in level
+            if isinstance(node, dict | list)
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return True
 
 
 def _int(value: Any) -> int | None:

@@ -281,6 +281,27 @@ def test_fuzz_generate_routes(srv):
     assert after.status_code == 200 and after.json()["choices"][0]["text"] is not None
 
 
+def test_hostile_bodies_and_headers_are_4xx(srv):
+    """Inputs the schema fuzzer does not produce; the first two were 500s (recursion, header decoding)."""
+    key = srv["keys"]["free"]
+    prompt = b'{"model": "%s", "prompt": "x", "max_tokens": 2' % srv["model"].encode()
+    cases = [
+        (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}),
+        (prompt + b', "user": ' + b'{"a":' * 900 + b"1" + b"}" * 900 + b"}", {}),
+        (prompt + b"}", {"x-client": b"\xff\xfe obs-text"}),
+        (prompt + b', "n": 99999999999999999999999999999}', {}),
+        (prompt.replace(b"2", b"1e400") + b"}", {}),
+        (prompt + b', "vllm_xargs": {"ad_lambda": NaN}}', {}),
+        (prompt + b', "stream": true, "stream_options": [1]}', {}),
+        (b"\xff\xfe", {}),
+    ]
+    for body, extra in cases:
+        headers = {"authorization": f"Bearer {key}", "content-type": "application/json", **extra}
+        res = httpx.post(srv["base"] + "/v1/completions", content=body, headers=headers, timeout=60)
+        assert res.status_code < 500 and check_response(res, res.text) is None, (body[:80], res.status_code, res.text)
+    assert post(srv, "free", "/v1/completions", completion(srv)).status_code == 200
+
+
 # --- faults and load ---------------------------------------------------------------------------
 
 

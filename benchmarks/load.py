@@ -19,6 +19,7 @@ import random
 import statistics
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -71,6 +72,19 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": qs[49], "p90": qs[89], "p99": qs[98]}
 
 
+async def sse_lines(res: httpx.Response) -> AsyncIterator[str]:
+    """Server-sent-event lines, split on LF only. httpx's ``aiter_lines`` also splits on U+0085,
+    U+2028 and the like, which JSON leaves raw inside strings: a generated token containing one
+    (random tiny models emit them) would cut an event in two."""
+    buffer = ""
+    async for text in res.aiter_text():
+        *lines, buffer = (buffer + text).split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    if buffer:
+        yield buffer
+
+
 async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, tier: str, question: str) -> Sample:
     body = {
         "model": cfg.model,
@@ -94,7 +108,7 @@ async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, tier: str, que
             async with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as res:
                 sample.status = res.status_code
                 last = None
-                async for line in res.aiter_lines():
+                async for line in sse_lines(res):
                     if not line.startswith("data: {"):
                         continue
                     chunk = json.loads(line[6:])
@@ -109,6 +123,8 @@ async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, tier: str, que
                         last = now
     except httpx.HTTPError:
         sample.status = -1
+    except json.JSONDecodeError:  # a malformed event: counted as an error, not a crash of the run
+        sample.status = -2
     sample.e2e = time.perf_counter() - start
     return sample
 

@@ -227,7 +227,7 @@ class AntidistillationMiddleware:
             body = json.loads(raw or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PolicyError(400, f"request body is not valid JSON ({exc})") from None
-        except RecursionError:  # found by fuzzing: a deeply nested body was a 500
+        except RecursionError:  # found with hostile inputs: a deeply nested body was a 500
             raise PolicyError(400, f"request body is nested more than {MAX_DEPTH} levels deep") from None
         if not isinstance(body, dict):
             raise PolicyError(400, "request body must be a JSON object")

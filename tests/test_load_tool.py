@@ -20,9 +20,10 @@ def fake_openai(request: httpx.Request) -> httpx.Response:
         return httpx.Response(
             200, json={"choices": [{"message": {"content": "x" * n}}], "usage": {"completion_tokens": n}}
         )
-    events = [{"choices": [{"delta": {"content": "x"}}]} for _ in range(n)]
+    # U+2028 and U+0085 are legal raw inside JSON strings (pydantic leaves them so); SSE lines end at LF only
+    events = [{"choices": [{"delta": {"content": "x\u2028\x85"}}]} for _ in range(n)]
     events.append({"choices": [], "usage": {"completion_tokens": n}})
-    text = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    text = "".join(f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in events) + "data: [DONE]\n\n"
     return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from benchmarks.load import sse_lines
 from benchmarks.soak import kv_tokens_used, soak, wait_kv_idle
 from server.launch import free_port, server_process
 from server.middleware import EXPOSED
@@ -190,7 +191,7 @@ def check_response(res: httpx.Response, text: str) -> str | None:
     if res.status_code >= 500:
         return f"HTTP {res.status_code}: {text[:300]}"
     if res.status_code == 200 and res.headers.get("content-type", "").startswith("text/event-stream"):
-        events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+        events = [line[6:] for line in text.split("\n") if line.startswith("data: ")]  # SSE: LF only
         if not events or events[-1] != "[DONE]":
             return f"stream without [DONE]: {text[-300:]}"
         for event in events[:-1]:
@@ -313,7 +314,7 @@ def test_client_disconnects_leak_no_proxy_slots(srv):
 
     async def one(client: httpx.AsyncClient, check: bool) -> bool:
         async with client.stream("POST", "/v1/completions", json=body, headers=headers) as res:
-            async for line in res.aiter_lines():
+            async for line in sse_lines(res):
                 if line.startswith("data: {"):
                     if check:
                         seen_in_use.append(await asyncio.to_thread(kv_tokens_used, srv["base"]))
@@ -357,10 +358,11 @@ def test_sigterm_drains_then_exits_zero(srv):
 
     def stream() -> None:
         with httpx.stream("POST", srv["base"] + "/v1/completions", json=body, headers=headers, timeout=120) as res:
-            for line in res.iter_lines():
-                if line.startswith("data: "):
-                    chunks.append(line)
-                    first.set()
+            pending = ""
+            for text in res.iter_text():  # SSE lines end at LF only (iter_lines also splits on U+2028)
+                *lines, pending = (pending + text).split("\n")
+                chunks.extend(line for line in lines if line.startswith("data: "))
+                first.set()
 
     reader = threading.Thread(target=stream)
     reader.start()

@@ -139,9 +139,9 @@ def test_fine_tuning_learns_a_completion(method):
     data = [TokenizedTrace(tok("1 + 2 =\n")["input_ids"] + tok("#### 3")["input_ids"] + [tok.eos_token_id], 5)] * 8
     before = model(**collate(data, tok.pad_token_id)).loss.item()
     q_before = model.model.layers[0].self_attn.q_proj.weight.clone()
-    spec = TrainSpec(steps=30, batch_size=8, lr=1e-2, method=method, lora_r=4, lora_alpha=8)
+    spec = TrainSpec(steps=40, batch_size=8, lr=1e-2, method=method, lora_r=8, lora_alpha=16)
     model, info = fine_tune(model, data, spec, tok.pad_token_id, seed=0)
     after = model(**collate(data, tok.pad_token_id)).loss.item()
-    assert after < 0.75 * before and info["steps"] == 30
+    assert after < before - 1.0 and info["steps"] == 40
     assert type(model).__name__ == "LlamaForCausalLM"  # LoRA adapters merged back into a plain model
     assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, q_before)

@@ -118,21 +118,23 @@ class Pipeline:
         c = self.cfg
         if c.threads:
             torch.set_num_threads(c.threads)
-        student_base = c.student.model_dump(exclude={"distill"})
-        fp = self.stage("data", [self.path("data")], self.make_data, "", [c.seed, c.task, c.student.pretrain_task])
-        fp = self.stage("tokenizer", [self.path("tokenizer")], self.make_tokenizer, fp, [c.tokenizer_vocab, c.teacher])
-        teacher = self.path("models", "teacher")
-        fp = self.stage("teacher", [teacher], lambda: self.train_model("teacher", c.teacher), fp, [c.answer_tokens])
+        fp = self.stage("data", [self.path("data")], self.make_data, "", [c.seed, c.task])
+        tok = self.stage("tokenizer", [self.path("tokenizer")], self.make_tokenizer, fp, [c.tokenizer_vocab, c.teacher])
+        teacher = [self.path("models", "teacher")]
+        fp = self.stage("teacher", teacher, lambda: self.train_model("teacher", c.teacher), tok, [c.answer_tokens])
         fp = self.stage(
             "proxy", [self.path("models", "proxy")], lambda: self.train_model("proxy", c.proxy), fp, [c.proxy]
-        )
-        fp = self.stage(
-            "student_base", [self.path("models", "student_base")], self.make_student_base, fp, [student_base]
         )
         fp = self.stage("holdout", [self.path("holdout.jsonl")], self.make_holdout, fp, [c.sampling, c.task.holdout])
         gradient = [self.path("gradient.safetensors"), self.path("gradient.json")]
         fp = self.stage("gradient", gradient, self.make_gradient, fp, [])
         fp = self.stage("traces", [self.path("traces")], self.make_traces, fp, [c.grid])
+        # the student's prior training does not depend on the teacher: it is chained to the tokenizer only
+        base = [self.path("models", "student_base"), self.path("data", "student_pretrain.jsonl")]
+        student = c.student.model_dump(exclude={"distill"})
+        fp = fingerprint(
+            fp, [self.stage("student_base", base, self.make_student_base, tok, [student, c.answer_tokens])]
+        )
         students = []
         for mode, value, seed in c.grid.points():
             name = run_name(mode, value, seed)
@@ -146,11 +148,6 @@ class Pipeline:
         t = self.cfg.task
         sizes = {s: getattr(t, s) for s in SPLITS}
         splits = make_splits(t.kind, t.params, sizes, self.cfg.seed)
-        pre = self.cfg.student.pretrain_task
-        if pre is not None:
-            splits["student_pretrain"] = make_splits(pre.kind, pre.params, {"train": pre.train}, self.cfg.seed + 1)[
-                "train"
-            ]
         self.path("data").mkdir()
         for name, rows in splits.items():
             write_jsonl(self.path("data", f"{name}.jsonl"), rows)
@@ -208,8 +205,12 @@ class Pipeline:
         tok = self.student_tokenizer()
         model = self.build(spec, tok)
         info: dict[str, Any] = {"parameters": models.parameter_count(model)}
-        if spec.train is not None and spec.pretrain_task is not None:
-            pre = self.problems("student_pretrain")
+        pre_task = spec.pretrain_task
+        if spec.train is not None and pre_task is not None:
+            pre = make_splits(pre_task.kind, pre_task.params, {"train": pre_task.train}, self.cfg.seed + 1)["train"]
+            test = {p["question"] for p in self.problems("test")}
+            pre = [p for p in pre if p["question"] not in test]
+            write_jsonl(self.path("data", "student_pretrain.jsonl"), pre)
             data = examples(tok, [prompt_of(p) for p in pre], [p["solution"] for p in pre])
             model, fit = fine_tune(model, data, spec.train, tok.pad_token_id, spec.seed, "student pre-training")
             info.update(fit)

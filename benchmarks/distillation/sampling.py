@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger("antidistill.eval")
 PROCESSOR = "proxy_worker.vllm_v1:AntidistillationLogitsProcessor"
 PROFILE = "eval"
 
@@ -51,8 +54,10 @@ def generate(
     max_tokens: int,
     seed: int,
     engine_args: dict[str, Any],
+    chunk: int = 2048,
 ) -> list[str]:
-    """Completions (text) for ``requests``, in order; the engine is shut down afterwards."""
+    """Completions (text) for ``requests``, in order, submitted ``chunk`` at a time (progress is
+    logged between chunks); the engine is shut down afterwards."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -67,13 +72,18 @@ def generate(
         **engine_args,
     )
     try:
-        params = [
-            SamplingParams(temperature=r.temperature, top_p=top_p, max_tokens=max_tokens, extra_args=r.extra_args())
-            for r in requests
-        ]
-        prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests]
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        return [o.outputs[0].text for o in outputs]
+        texts: list[str] = []
+        start = time.time()
+        for i in range(0, len(requests), chunk):
+            part = requests[i : i + chunk]
+            params = [
+                SamplingParams(temperature=r.temperature, top_p=top_p, max_tokens=max_tokens, extra_args=r.extra_args())
+                for r in part
+            ]
+            prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in part]
+            texts.extend(o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False))
+            log.info("traces: %d/%d requests (%.0f s)", len(texts), len(requests), time.time() - start)
+        return texts
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm

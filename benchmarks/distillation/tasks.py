@@ -5,6 +5,7 @@ to write (worked steps ending ``#### N``) and the answer is checked by ``answers
 
 - ``chain_sum``: reasoning-gym's ``chain_sum`` expressions (``4 - 1 - 7 =``) with our own worked solution in
   one of ``styles`` equivalent phrasings, small enough for models trained from scratch on a CPU in minutes.
+- ``step_sums``: single steps ``a ± b`` (``a`` from ``lo`` to ``hi``), the facts chains are made of.
 - ``gsm_symbolic``: reasoning-gym's GSM8K-derived templates; the solution is ``answer_cot``.
 - ``jsonl``: a GSM8K-style file of ``{"question", "answer"}`` whose answer ends ``#### N``.
 """
@@ -61,6 +62,18 @@ def _chain_sum(count: int, seed: int, params: dict[str, Any]) -> Iterator[Proble
         yield {"question": f"{expression} =", "solution": solution, "answer": answer}
 
 
+def _step_sums(count: int, seed: int, params: dict[str, Any]) -> Iterator[Problem]:
+    """Single steps ``a ± b`` with ``a`` in [lo, hi] (negative too) and one-digit ``b``: the facts a
+    chain is made of, without the chaining — a student's prior knowledge."""
+    rng = random.Random(seed)
+    styles = params.get("styles", 1)
+    for _ in range(count):
+        a, op, b = rng.randint(params["lo"], params["hi"]), rng.choice("+-"), rng.randint(0, 9)
+        expression = f"{a} {op} {b}"
+        solution, answer = chain_solution(expression, rng.randrange(styles))
+        yield {"question": f"{expression} =", "solution": solution, "answer": answer}
+
+
 def _gsm_symbolic(count: int, seed: int, params: dict[str, Any]) -> Iterator[Problem]:
     import reasoning_gym
 
@@ -79,7 +92,7 @@ def _jsonl(count: int, seed: int, params: dict[str, Any]) -> Iterator[Problem]:
         yield {"question": row["question"], "solution": row["answer"], "answer": answer}
 
 
-GENERATORS = {"chain_sum": _chain_sum, "gsm_symbolic": _gsm_symbolic, "jsonl": _jsonl}
+GENERATORS = {"chain_sum": _chain_sum, "step_sums": _step_sums, "gsm_symbolic": _gsm_symbolic, "jsonl": _jsonl}
 
 
 def make_splits(kind: str, params: dict[str, Any], sizes: dict[str, int], seed: int) -> dict[str, list[Problem]]:

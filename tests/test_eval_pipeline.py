@@ -91,6 +91,16 @@ def test_a_config_edit_reruns_the_stages_that_read_it_and_those_after(tmp_path):
     assert calls == ["a", "b", "b", "a", "b"]
 
 
+def test_a_second_run_on_the_same_directory_is_refused(tmp_path, capsys):
+    import fcntl
+
+    (tmp_path / ".lock").touch()
+    with (tmp_path / ".lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert eval_main(["micro", "--out", str(tmp_path)]) == 2
+    assert "is being used by another run" in capsys.readouterr().out
+
+
 def test_eval_cli_names_an_unknown_config(capsys):
     assert eval_main(["no-such-config"]) == 2
     assert "no-such-config: no such config (packaged: micro" in capsys.readouterr().out

@@ -13,6 +13,7 @@ while ``traces`` samples every grid point through the vLLM processor we serve wi
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -34,6 +35,10 @@ from proxy_worker.traces import TokenizedTrace, tokenize_trace
 
 log = logging.getLogger("antidistill.eval")
 SPLITS = ("test", "holdout", "distill", "train")  # drawn in this order (see make_splits)
+
+
+class RunDirBusy(RuntimeError):
+    """Another process is running a pipeline in the same directory."""
 
 
 def fingerprint(after: str, reads: Sequence[Any]) -> str:
@@ -69,7 +74,6 @@ class Pipeline:
         self.root = root
         self.executed: list[str] = []
         root.mkdir(parents=True, exist_ok=True)
-        (root / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
 
     # --- bookkeeping -------------------------------------------------------------------------
     def path(self, *parts: str) -> Path:
@@ -115,6 +119,16 @@ class Pipeline:
 
     # --- stages ------------------------------------------------------------------------------
     def run(self) -> Path:
+        """All stages, holding an exclusive lock on the run directory (two runs would corrupt it)."""
+        with (self.root / ".lock").open("w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunDirBusy(f"{self.root} is being used by another run (lock: {lock.name})") from None
+            (self.root / "config.json").write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=2))
+            return self._run_stages()
+
+    def _run_stages(self) -> Path:
         c = self.cfg
         if c.threads:
             torch.set_num_threads(c.threads)
@@ -351,5 +365,10 @@ class Pipeline:
         report = self.path("report")
         report.mkdir()
         write_jsonl(report / "registry.jsonl", results)
-        verdict = summary.write_report(self.cfg, results, base["student_accuracy"], report)
+        timings = {
+            name: json.loads(self.sentinel(name).read_text())["seconds"]
+            for name in ["data", "tokenizer", "teacher", "proxy", "holdout", "gradient", "traces", "student_base"]
+            + [f"student/{run_name(*p)}" for p in self.cfg.grid.points()]
+        }
+        verdict = summary.write_report(self.cfg, results, base["student_accuracy"], timings, report)
         return {"target_met": verdict["target_met"]}

@@ -150,13 +150,25 @@ def table(stats: Sequence[PointStat]) -> str:
     return "\n".join(rows)
 
 
-def write_report(cfg: EvalConfig, results: Sequence[dict[str, Any]], undistilled: float, out: Path) -> dict[str, Any]:
+def timing_lines(timings: dict[str, float]) -> list[str]:
+    """Stage times as measured when each stage last ran (a resumed run sums earlier attempts' stages)."""
+    students = sum(v for k, v in timings.items() if k.startswith("student/"))
+    rows = {k: v for k, v in timings.items() if not k.startswith("student/")}
+    rows[f"student/* ({sum(k.startswith('student/') for k in timings)} runs)"] = students
+    out = ["| stage | seconds |", "| --- | ---: |"]
+    out += [f"| {k} | {v:.0f} |" for k, v in rows.items()]
+    out.append(f"| **total** | **{sum(timings.values()):.0f}** |")
+    return out
+
+
+def write_report(
+    cfg: EvalConfig, results: Sequence[dict[str, Any]], undistilled: float, timings: dict[str, float], out: Path
+) -> dict[str, Any]:
     stats = aggregate(results)
     v = verdict(stats, cfg.sampling.temperature)
     plot(stats, undistilled, f"{cfg.name}: teacher vs distilled student", out / "tradeoff.png")
-    (out / "summary.json").write_text(
-        json.dumps({"points": [asdict(s) for s in stats], "undistilled_student": undistilled, "verdict": v}, indent=2)
-    )
+    payload = {"points": [asdict(s) for s in stats], "undistilled_student": undistilled, "verdict": v}
+    (out / "summary.json").write_text(json.dumps({**payload, "stage_seconds": timings}, indent=2))
     lines = [
         f"# Distillation attack: {cfg.name}",
         "",
@@ -177,5 +189,6 @@ def write_report(cfg: EvalConfig, results: Sequence[dict[str, Any]], undistilled
             f"{100 * ad['temperature_student_at_same_teacher']:.1f}% "
             f"at the same teacher accuracy (gap {100 * ad['gap']:.1f} pts; target {100 * TARGET_GAP:.0f})."
         )
+    lines += ["", "Stage times (s):", "", *timing_lines(timings)]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return v

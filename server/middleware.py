@@ -233,6 +233,9 @@ class AntidistillationMiddleware:
             raise PolicyError(400, "request body must be a JSON object")
         if _too_deep(body):
             raise PolicyError(400, f"request body is nested more than {MAX_DEPTH} levels deep")
+        if body.get("structured_outputs") is not None and not isinstance(body["structured_outputs"], dict):
+            # found by fuzzing: vLLM 0.32's validator calls .get on it (AttributeError → 500)
+            raise PolicyError(400, "structured_outputs must be an object", "structured_outputs")
         xargs = body.get("vllm_xargs") or {}
         if not isinstance(xargs, dict):
             raise PolicyError(400, "vllm_xargs must be an object", "vllm_xargs")

@@ -283,7 +283,8 @@ def test_fuzz_generate_routes(srv):
 
 
 def test_hostile_bodies_and_headers_are_4xx(srv):
-    """Inputs the schema fuzzer does not produce; the first two were 500s (recursion, header decoding)."""
+    """Hostile inputs; the first two (recursion, header decoding) and the last (vLLM's structured_outputs
+    validator, found by the fuzzer) were 500s."""
     key = srv["keys"]["free"]
     prompt = b'{"model": "%s", "prompt": "x", "max_tokens": 2' % srv["model"].encode()
     cases = [
@@ -295,6 +296,7 @@ def test_hostile_bodies_and_headers_are_4xx(srv):
         (prompt + b', "vllm_xargs": {"ad_lambda": NaN}}', {}),
         (prompt + b', "stream": true, "stream_options": [1]}', {}),
         (b"\xff\xfe", {}),
+        (prompt + b', "structured_outputs": [1]}', {}),  # found by the fuzzer: a 500 inside vLLM
     ]
     for body, extra in cases:
         headers = {"authorization": f"Bearer {key}", "content-type": "application/json", **extra}

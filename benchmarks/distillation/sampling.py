@@ -13,10 +13,13 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from proxy_worker.settings import ENV_VAR
 
 log = logging.getLogger("antidistill.eval")
 PROCESSOR = "proxy_worker.vllm_v1:AntidistillationLogitsProcessor"
@@ -58,12 +61,45 @@ def generate(
 ) -> list[str]:
     """Completions (text) for ``requests``, in order, submitted ``chunk`` at a time (progress is
     logged between chunks); the engine is shut down afterwards."""
+    with processor_environment(settings, engine_args.pop("kv_cache_gib", 1)):
+        return _generate(teacher, settings, requests, top_p, max_tokens, seed, engine_args, chunk)
+
+
+@contextmanager
+def processor_environment(settings: dict, kv_cache_gib: int) -> Iterator[None]:
+    """The environment the engine needs, restored afterwards: ``validate_params`` runs in this
+    (front-end) process, reads the settings from ``ANTIDISTILL_CONFIG`` and caches them, so a
+    later engine in the same process (a test session) must not inherit ours."""
+    from proxy_worker.vllm_v1 import admission_settings
+
+    wanted = {ENV_VAR: json.dumps({"antidistillation": settings}), "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
+    saved = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    admission_settings.cache_clear()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        admission_settings.cache_clear()
+
+
+def _generate(
+    teacher: Path,
+    settings: dict,
+    requests: Sequence[TraceRequest],
+    top_p: float,
+    max_tokens: int,
+    seed: int,
+    engine_args: dict[str, Any],
+    chunk: int,
+) -> list[str]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    # validate_params runs in this (front-end) process and reads the settings from the environment
-    os.environ["ANTIDISTILL_CONFIG"] = json.dumps({"antidistillation": settings})
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine_args.pop("kv_cache_gib", 1)))
     llm = LLM(
         model=str(teacher),
         seed=seed,

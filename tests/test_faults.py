@@ -17,7 +17,13 @@ from server.tiers import new_key
 from tests.test_metrics import scrape, total
 from tests.vllm_setup import antidistill_serve_args, build_models
 
-TIERS = {"free": {"lambda": 3.0}, "pro": {"lambda": 1.0, "profile": "code"}, "internal": {"lambda": 0.0}}
+# logprobs allowed so that a divergence can be checked against the reference's top-2 margin
+TIERS = {
+    "free": {"lambda": 3.0, "max_logprobs": 2},
+    "pro": {"lambda": 1.0, "profile": "code", "max_logprobs": 2},
+    "internal": {"lambda": 0.0, "max_logprobs": 2},
+}
+TIE = 1e-3  # logprob margin below which fp32 batch-shape noise may flip a greedy choice
 KV_BLOCKS, BLOCK = 12, 32  # 384 tokens: one 256-token request fits, eight ~90-token requests do not
 PROMPTS = [f"Question {i}: what is {i} plus {2 * i}?" for i in range(8)]
 
@@ -39,7 +45,8 @@ def pressured(tmp_path_factory):
         yield {"base": base, "keys": keys, "model": str(models.teacher), "log": log, "proc": proc}
 
 
-async def greedy(client: httpx.AsyncClient, srv: dict, tier: str, prompt: str) -> list[int]:
+async def greedy(client: httpx.AsyncClient, srv: dict, tier: str, prompt: str) -> tuple[list[int], list[dict]]:
+    """Greedy token ids and, per step, the top-2 (processed) logprobs keyed by token id."""
     body = {
         "model": srv["model"],
         "prompt": prompt,
@@ -47,10 +54,25 @@ async def greedy(client: httpx.AsyncClient, srv: dict, tier: str, prompt: str) -
         "temperature": 0,
         "ignore_eos": True,
         "return_token_ids": True,
+        "logprobs": 2,
+        "return_tokens_as_token_ids": True,
     }
     res = await client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {srv['keys'][tier]}"})
     assert res.status_code == 200, res.text
-    return res.json()["choices"][0]["token_ids"]
+    choice = res.json()["choices"][0]
+    return choice["token_ids"], choice["logprobs"]["top_logprobs"]
+
+
+def first_divergence_is_a_tie(reference: tuple[list[int], list[dict]], other: list[int]) -> bool:
+    """Identical, or different only from a step where the reference's top two were tied within TIE:
+    batched and single-request fp32 matmuls round differently, which may flip an exact tie but
+    nothing else (a corrupted proxy state after a preemption would diverge at a clear winner)."""
+    ids, tops = reference
+    step = next((k for k, (a, b) in enumerate(zip(ids, other, strict=True)) if a != b), None)
+    if step is None:
+        return True
+    first, second = sorted(tops[step].values(), reverse=True)[:2]
+    return first - second < TIE
 
 
 def test_preemption_keeps_greedy_outputs(pressured):
@@ -72,7 +94,9 @@ def test_preemption_keeps_greedy_outputs(pressured):
     preemptions = total(scrape(srv["base"]), "vllm:num_preemptions_total")
     print(f"preemptions: {preemptions:g}")
     assert preemptions > 0, "the KV cache was small enough to force preemption"
-    assert pressured_out == reference
+    for i, (ref, (got, _)) in enumerate(zip(reference, pressured_out, strict=True)):
+        assert first_divergence_is_a_tie(ref, got), f"request {i} diverged at a clear winner under preemption"
+    assert sum(ref[0] == got[0] for ref, got in zip(reference, pressured_out, strict=True)) >= len(jobs) - 2
     used, _ = wait_kv_idle(srv["base"])
     assert used == 0, "preempted and finished rows released their proxy KV"
 

@@ -129,8 +129,9 @@ def test_real_prometheus_scrapes_and_answers_promql(server, tmp_path):
         deadline, result = time.monotonic() + 60, []
         while time.monotonic() < deadline:
             try:
-                res = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}).json()
-                result = res["data"]["result"]
+                res = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query})
+                # a starting Prometheus answers 503 "Service Unavailable" (plain text) until ready
+                result = res.json()["data"]["result"] if res.status_code == 200 else []
                 if any(r["metric"].get("tier") == "free" for r in result):
                     break
             except httpx.HTTPError:

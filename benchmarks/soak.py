@@ -175,8 +175,7 @@ def soak(
 
 def main() -> None:
     from server.launch import free_port, server_process
-    from server.tiers import new_key
-    from tests.vllm_setup import antidistill_serve_args, build_models
+    from tests.vllm_setup import antidistill_serve_args, build_models, write_tiers
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=30)
@@ -189,11 +188,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="antidistill-soak-") as tmp:
         root = Path(tmp)
         models = build_models(root)
-        keys, entries = {}, []
-        for tier in SOAK_TIERS:
-            keys[tier], digest = new_key()
-            entries.append({"sha256": digest, "tier": tier})
-        (root / "tiers.yaml").write_text(yaml.safe_dump({"tiers": SOAK_TIERS, "keys": entries}))
+        keys = write_tiers(root / "tiers.yaml", SOAK_TIERS)
         port = free_port()
         serve = antidistill_serve_args(models, root / "tiers.yaml", root / "audit.jsonl", port, ("math", "code"))
         with server_process(serve, {"VLLM_CPU_KVCACHE_SPACE": "1"}, root / "server.log", port) as (base, proc):

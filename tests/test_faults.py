@@ -9,13 +9,11 @@ import time
 import httpx
 import psutil
 import pytest
-import yaml
 
 from benchmarks.soak import wait_kv_idle
 from server.launch import free_port, server_process
-from server.tiers import new_key
 from tests.test_metrics import scrape, total
-from tests.vllm_setup import antidistill_serve_args, build_models
+from tests.vllm_setup import antidistill_serve_args, build_models, write_tiers
 
 # logprobs allowed so that a divergence can be checked against the reference's top-2 margin
 TIERS = {
@@ -32,11 +30,7 @@ PROMPTS = [f"Question {i}: what is {i} plus {2 * i}?" for i in range(8)]
 def pressured(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     models = build_models(root)
-    keys, entries = {}, []
-    for tier in TIERS:
-        keys[tier], digest = new_key()
-        entries.append({"sha256": digest, "tier": tier})
-    (root / "tiers.yaml").write_text(yaml.safe_dump({"tiers": TIERS, "keys": entries}))
+    keys = write_tiers(root / "tiers.yaml", TIERS)
     port = free_port()
     args = antidistill_serve_args(models, root / "tiers.yaml", root / "audit.jsonl", port, ("math", "code"))
     args += ["--block-size", str(BLOCK), "--num-gpu-blocks-override", str(KV_BLOCKS)]

@@ -13,8 +13,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.launch import free_port, running_server
-from server.tiers import new_key
-from tests.vllm_setup import antidistill_serve_args, build_models
+from tests.vllm_setup import antidistill_serve_args, build_models, write_tiers
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 TIERS = {"free": {"lambda": 2.0}, "internal": {"lambda": 0.0}, "limited": {"lambda": 1.0, "rpm": 2}}
@@ -24,11 +23,7 @@ TIERS = {"free": {"lambda": 2.0}, "internal": {"lambda": 0.0}, "limited": {"lamb
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("metrics")
     models = build_models(root)
-    keys, entries = {}, []
-    for tier in TIERS:
-        keys[tier], digest = new_key()
-        entries.append({"sha256": digest, "tier": tier})
-    (root / "tiers.yaml").write_text(yaml.safe_dump({"tiers": TIERS, "keys": entries}))
+    keys = write_tiers(root / "tiers.yaml", TIERS)
     port = free_port()
     args = antidistill_serve_args(models, root / "tiers.yaml", root / "audit.jsonl", port)
     with running_server(args, {"VLLM_CPU_KVCACHE_SPACE": "1"}, root / "server.log", port) as base:

@@ -14,15 +14,13 @@ import time
 import httpx
 import pytest
 import torch
-import yaml
 
 from benchmarks.load import sse_lines
 from benchmarks.soak import kv_tokens_used, soak, wait_kv_idle
 from server.launch import free_port, server_process
 from server.middleware import EXPOSED
-from server.tiers import new_key
 from tests.reference_sampler import ReferenceSampler
-from tests.vllm_setup import EPSILONS, antidistill_serve_args, build_models
+from tests.vllm_setup import EPSILONS, antidistill_serve_args, build_models, write_tiers
 
 TIERS = {
     "free": {"lambda": 3.0, "max_lambda": 6.0, "max_tokens": 16},
@@ -37,11 +35,7 @@ FUZZ_CASES = 1000
 def srv(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
     models = build_models(root)
-    keys, entries = {}, []
-    for tier in TIERS:
-        keys[tier], digest = new_key()
-        entries.append({"sha256": digest, "tier": tier})
-    (root / "tiers.yaml").write_text(yaml.safe_dump({"tiers": TIERS, "keys": entries}))
+    keys = write_tiers(root / "tiers.yaml", TIERS)
     port = free_port()
     args = antidistill_serve_args(models, root / "tiers.yaml", root / "audit.jsonl", port, ("math", "code"))
     log = root / "server.log"

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from proxy_worker import gradient
 from proxy_worker.config import load_config
@@ -149,6 +150,18 @@ def antidistill_serve_args(
         str(audit),
         *server_flags(models, port),
     ]
+
+
+def write_tiers(path: Path, tiers: dict) -> dict[str, str]:
+    """A tiers file with one fresh key per tier; returns tier → key (what clients send)."""
+    from server.tiers import new_key
+
+    keys, entries = {}, []
+    for tier in tiers:
+        keys[tier], digest = new_key()
+        entries.append({"sha256": digest, "tier": tier})
+    path.write_text(yaml.safe_dump({"tiers": tiers, "keys": entries}))
+    return keys
 
 
 def additional_config_json(models: ADModels) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import re
 from fractions import Fraction
 
 import pytest
@@ -9,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks.distillation.answers import extract_answer, is_correct, parse_number
-from benchmarks.distillation.tasks import chain_solution, make_splits
+from benchmarks.distillation.tasks import chain_solution, make_splits, near_misses
+from benchmarks.distillation.trace_stats import chain_trace_stats, style_of
 
 
 @pytest.mark.parametrize(
@@ -66,6 +69,33 @@ def test_worked_solutions_reach_the_true_value_in_every_style(terms, ops):
         assert is_correct(solution, str(want))
 
 
+@given(
+    st.lists(st.integers(0, 9), min_size=2, max_size=5),
+    st.lists(st.sampled_from("+-"), min_size=4, max_size=4),
+    st.integers(0, 2**32),
+)
+def test_slipped_steps_are_always_corrected(terms, ops, seed):
+    """Every slip is a wrong value followed by ``, no,`` and the right one, so the final answer and
+    each step's last word are still the true running values."""
+    expression = " ".join([str(terms[0])] + [f"{op} {t}" for op, t in zip(ops, terms[1:], strict=False)])
+    for style in range(3):
+        solution, answer = chain_solution(expression, style, slips=1.0, rng=random.Random(seed))
+        assert int(answer) == eval(expression)
+        pairs = re.findall(r"(-?\d+), no, (-?\d+)", solution)
+        assert len(pairs) == len(terms) - 1
+        value = terms[0]
+        for (wrong, right), op, b in zip(pairs, ops, terms[1:], strict=False):
+            truth = value + b if op == "+" else value - b
+            assert int(right) == truth
+            assert int(wrong) in near_misses(value, op, b) and int(wrong) != truth
+            value = truth
+
+
+def test_slips_need_an_rng():
+    with pytest.raises(ValueError, match="rng"):
+        chain_solution("1 + 2", 0, slips=0.5)
+
+
 def test_splits_are_disjoint_and_sized():
     splits = make_splits(
         "chain_sum",
@@ -77,3 +107,20 @@ def test_splits_are_disjoint_and_sized():
     seen = [p["question"] for rows in splits.values() for p in rows]
     assert len(seen) == len(set(seen))
     assert all(is_correct(p["solution"], p["answer"]) for rows in splits.values() for p in rows)
+
+
+def test_trace_stats_count_what_the_generator_wrote():
+    rng = random.Random(0)
+    rows = []
+    for style, slips in ((0, 1.0), (1, 0.0), (2, 1.0), (2, 0.0)):
+        solution, _ = chain_solution("2 + 9 - 3", style, slips, rng)
+        rows.append({"prompt": "2 + 9 - 3 =\n", "completion": solution})
+    stats = chain_trace_stats(rows)
+    assert stats["style_mix"] == {"=": 0.25, "is": 0.25, "Start at": 0.5}
+    assert stats["slips_per_step"] == 0.5  # 4 slipped steps out of 8
+    assert style_of("no steps at all\n#### 3") == "?"
+
+
+def test_trace_stats_tell_near_from_far_slips():
+    rows = [{"prompt": "2 + 9 - 3 =\n", "completion": "2 + 9 = -7, no, 11\n11 - 3 = 7, no, 8\n#### 8"}]
+    assert chain_trace_stats(rows)["far_slip_share"] == 0.5

@@ -5,6 +5,8 @@ to write (worked steps ending ``#### N``) and the answer is checked by ``answers
 
 - ``chain_sum``: reasoning-gym's ``chain_sum`` expressions (``4 - 1 - 7 =``) with our own worked solution in
   one of ``styles`` equivalent phrasings, small enough for models trained from scratch on a CPU in minutes.
+  With ``slips`` > 0 each step is, with that probability, first written with a near-miss value and then
+  corrected (``4 - 1 = 5, no, 3``): the toy's version of a reasoning model's "wait, that's wrong".
 - ``step_sums``: single steps ``a ± b`` (``a`` from ``lo`` to ``hi``), the facts chains are made of.
 - ``gsm_symbolic``: reasoning-gym's GSM8K-derived templates; the solution is ``answer_cot``.
 - ``jsonl``: a GSM8K-style file of ``{"question", "answer"}`` whose answer ends ``#### N``.
@@ -31,19 +33,35 @@ STYLES = (
 WORDS = {"+": "Add", "-": "Minus"}
 
 
-def chain_solution(expression: str, style: int = 0) -> tuple[str, str]:
+def near_misses(a: int, op: str, b: int) -> list[int]:
+    """Wrong values a learner plausibly writes for ``a op b``: off by one or two, or the other operation."""
+    right = a + b if op == "+" else a - b
+    flipped = a - b if op == "+" else a + b
+    return sorted({right - 2, right - 1, right + 1, right + 2, flipped} - {right})
+
+
+def chain_solution(
+    expression: str, style: int = 0, slips: float = 0.0, rng: random.Random | None = None
+) -> tuple[str, str]:
     """Worked steps for ``a ± b ± c …`` evaluated left to right, and the final value.
 
     Several equally correct styles exist so that a teacher trained on them has real choices to make
-    between tokens that do not change the answer — the room antidistillation works in.
+    between tokens that do not change the answer — the room antidistillation works in. Slips (a
+    near-miss value, then ``, no,`` and the right one, with probability ``slips`` per step, drawn from
+    ``rng``) add such choices at every step: which wrong value, and whether to slip at all.
     """
+    if slips and rng is None:
+        raise ValueError("slips need an rng")
     template, sep = STYLES[style]
     tokens = expression.split()
     value = int(tokens[0])
     steps = [f"Start at {value}."] if template.startswith("{word}") else []
     for op, operand in zip(tokens[1::2], tokens[2::2], strict=True):
         new = value + int(operand) if op == "+" else value - int(operand)
-        steps.append(template.format(a=value, op=op, b=operand, c=new, word=WORDS[op]))
+        shown = str(new)
+        if slips and rng.random() < slips:
+            shown = f"{rng.choice(near_misses(value, op, int(operand)))}, no, {new}"
+        steps.append(template.format(a=value, op=op, b=operand, c=shown, word=WORDS[op]))
         value = new
     return sep.join(steps) + f"\n#### {value}", str(value)
 
@@ -53,10 +71,11 @@ def _chain_sum(count: int, seed: int, params: dict[str, Any]) -> Iterator[Proble
 
     params = dict(params)
     styles = params.pop("styles", 1)
+    slips = params.pop("slips", 0.0)
     rng = random.Random(seed)
     for item in reasoning_gym.create_dataset("chain_sum", size=count, seed=seed, **params):
         expression = item["metadata"]["expression"]
-        solution, answer = chain_solution(expression, rng.randrange(styles))
+        solution, answer = chain_solution(expression, rng.randrange(styles), slips, rng)
         if answer != str(item["answer"]):
             raise AssertionError(f"worked solution disagrees with reasoning-gym on {expression!r}")
         yield {"question": f"{expression} =", "solution": solution, "answer": answer}
@@ -70,7 +89,7 @@ def _step_sums(count: int, seed: int, params: dict[str, Any]) -> Iterator[Proble
     for _ in range(count):
         a, op, b = rng.randint(params["lo"], params["hi"]), rng.choice("+-"), rng.randint(0, 9)
         expression = f"{a} {op} {b}"
-        solution, answer = chain_solution(expression, rng.randrange(styles))
+        solution, answer = chain_solution(expression, rng.randrange(styles), params.get("slips", 0.0), rng)
         yield {"question": f"{expression} =", "solution": solution, "answer": answer}
 
 

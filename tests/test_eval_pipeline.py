@@ -11,9 +11,10 @@ import torch
 
 from benchmarks.distillation import summary
 from benchmarks.distillation.cli import main as eval_main
-from benchmarks.distillation.config import load_eval_config
+from benchmarks.distillation.config import CONFIG_DIR, MODES, ConfigError, load_eval_config
 from benchmarks.distillation.models import Shape, scratch_model, train_tokenizer
 from benchmarks.distillation.pipeline import Pipeline, read_jsonl, run_name
+from benchmarks.distillation.tasks import GENERATORS
 from benchmarks.distillation.training import TrainSpec, collate, fine_tune
 from proxy_worker.traces import TokenizedTrace
 
@@ -104,6 +105,24 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path, capsys):
 def test_eval_cli_names_an_unknown_config(capsys):
     assert eval_main(["no-such-config"]) == 2
     assert "no-such-config: no such config (packaged: micro" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_packaged_configs_are_valid(name):
+    """A packaged config that only fails hours into a GPU run (or at its first stage) is a broken product."""
+    cfg = load_eval_config(name)
+    assert cfg.name == name
+    assert cfg.task.kind in GENERATORS
+    points = cfg.grid.points()
+    assert {mode for mode, _, _ in points} == set(MODES)
+    assert len(points) == len(set(points))
+
+
+def test_a_bad_config_names_its_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((CONFIG_DIR / "toy.yaml").read_text().replace("key_seeds: 3", "key_seeds: 0"))
+    with pytest.raises(ConfigError, match=r"bad.yaml: grid.key_seeds: .*greater than or equal to 1"):
+        load_eval_config(str(bad))
 
 
 def test_verdict_compares_at_matched_teacher_accuracy():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -67,6 +68,14 @@ def test_micro_pipeline_end_to_end_resumes_only_the_killed_stage(tmp_path, monke
     third = Pipeline(cfg, root)
     third.run()
     assert third.executed == []
+
+    # the same students, two at a time in worker processes: the same stages run, with the same results
+    parallel = tmp_path / "parallel"
+    shutil.copytree(root, parallel, ignore=shutil.ignore_patterns("results", "report", "student_*#*.done", "report.done"))
+    fourth = Pipeline(cfg.model_copy(update={"workers": 2}), parallel)
+    fourth.run()
+    assert sorted(fourth.executed) == sorted([*(f"student/{r}" for r in runs), "report"])
+    assert read_jsonl(parallel / "report" / "registry.jsonl") == registry
 
 
 def test_a_config_edit_reruns_the_stages_that_read_it_and_those_after(tmp_path):
@@ -145,6 +154,14 @@ def test_verdict_compares_at_matched_teacher_accuracy():
         for s in stats
     ]
     assert not summary.verdict(weaker, base_temperature=0.8)["target_met"]
+
+
+def test_busy_seconds_is_the_union_of_intervals():
+    assert summary.busy_seconds([]) == 0
+    assert summary.busy_seconds([(0, 10), (5, 12), (20, 21)]) == 13  # two overlapping, one apart
+    assert summary.busy_seconds([(0, 10), (2, 3)]) == 10  # one inside another
+    lines = summary.timing_lines({"teacher": 100, "student/a#0": 50, "student/b#0": 50}, students_wall=55)
+    assert "| student/* (2 runs, 100 s of work) | 55 |" in lines and lines[-1] == "| **total** | **155** |"
 
 
 def test_intervals():

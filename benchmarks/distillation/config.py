@@ -107,6 +107,9 @@ class EvalConfig(Strict):
     name: str
     seed: int = 0
     threads: int | None = Field(None, gt=0, description="torch threads (default: torch's choice)")
+    workers: int = Field(
+        1, ge=1, description="students fine-tuned side by side in this many processes, each with `threads` threads"
+    )
     device: str = Field("cpu", description="where HF training and scoring run: cpu or cuda")
     task: TaskSpec
     tokenizer_vocab: int = Field(320, description="BPE size when the teacher is trained from scratch")

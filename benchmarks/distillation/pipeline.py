@@ -8,7 +8,8 @@ reuses the trained teacher, proxy and gradient.
          → student/<mode>@<value>#<seed> (one per grid run) → report
 
 ``holdout`` samples the teacher with plain sampling (λ = 0) through HF — no processor is involved —
-while ``traces`` samples every grid point through the vLLM processor we serve with.
+while ``traces`` samples every grid point through the vLLM processor we serve with. The students are
+independent of each other; with ``workers`` > 1 they run side by side in processes.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import fcntl
 import hashlib
 import json
 import logging
+import multiprocessing
 import shutil
 import time
+import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,9 @@ from proxy_worker.traces import TokenizedTrace, tokenize_trace
 
 log = logging.getLogger("antidistill.eval")
 SPLITS = ("test", "holdout", "distill", "train")  # drawn in this order (see make_splits)
+
+
+Point = tuple[str, float, int]  # (mode, value, seed) of one grid run
 
 
 class RunDirBusy(RuntimeError):
@@ -82,6 +89,10 @@ class Pipeline:
     def sentinel(self, stage: str) -> Path:
         return self.path("stages", stage.replace("/", "_") + ".done")
 
+    def is_current(self, name: str, fp: str) -> bool:
+        done = self.sentinel(name)
+        return done.is_file() and json.loads(done.read_text()).get("fingerprint") == fp
+
     def stage(
         self,
         name: str,
@@ -89,12 +100,14 @@ class Pipeline:
         body: Callable[[], dict[str, Any] | None],
         after: str,
         reads: Sequence[Any],
+        quiet: bool = False,
     ) -> str:
         """Run ``body`` unless its sentinel has this fingerprint; stale or partial outputs go first."""
         fp = fingerprint(after, reads)
         done = self.sentinel(name)
-        if done.is_file() and json.loads(done.read_text()).get("fingerprint") == fp:
-            log.info("[skip] %s (done)", name)
+        if self.is_current(name, fp):
+            if not quiet:
+                log.info("[skip] %s (done)", name)
             return fp
         for out in outputs:
             if out.is_dir():
@@ -107,7 +120,7 @@ class Pipeline:
         info["seconds"] = round(time.time() - start, 2)
         log.info("[done] %s in %.1f s %s", name, info["seconds"], info)
         done.parent.mkdir(exist_ok=True)
-        done.write_text(json.dumps({**info, "fingerprint": fp}))
+        done.write_text(json.dumps({**info, "fingerprint": fp, "finished": time.time()}))
         self.executed.append(name)
         return fp
 
@@ -149,14 +162,38 @@ class Pipeline:
         fp = fingerprint(
             fp, [self.stage("student_base", base, self.make_student_base, tok, [student, c.answer_tokens])]
         )
-        students = []
-        for mode, value, seed in c.grid.points():
-            name = run_name(mode, value, seed)
-            out = self.path("results", f"{name}.json")
-            body = partial(self.distil, mode, value, seed, out)
-            students.append(self.stage(f"student/{name}", [out], body, fp, [c.student.distill, name]))
+        students = self.run_students(fp)
         self.stage("report", [self.path("report")], self.make_report, fingerprint(fp, students), [])
         return self.path("report")
+
+    def student_stage(self, point: Point, after: str, quiet: bool = False) -> str:
+        """The attack on one grid run as a stage (fine-tune the student base on its traces, score it)."""
+        name = run_name(*point)
+        out = self.path("results", f"{name}.json")
+        body = partial(self.distil, *point, out)
+        return self.stage(f"student/{name}", [out], body, after, self.student_reads(point), quiet)
+
+    def student_reads(self, point: Point) -> list[Any]:
+        return [self.cfg.student.distill, run_name(*point)]
+
+    def student_fp(self, point: Point, after: str) -> str:
+        return fingerprint(after, self.student_reads(point))
+
+    def run_students(self, after: str) -> list[str]:
+        """Every grid run's student stage. With ``workers`` > 1 the pending ones first run side by side
+        in spawned processes (the students are independent: each reads only its traces and the base)."""
+        points = self.cfg.grid.points()
+        if self.cfg.workers == 1:
+            return [self.student_stage(p, after) for p in points]
+        pending = [p for p in points if not self.is_current(f"student/{run_name(*p)}", self.student_fp(p, after))]
+        if pending:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(min(self.cfg.workers, len(pending)), mp_context=context) as pool:
+                config = self.cfg.model_dump(mode="json")
+                jobs = [pool.submit(_student_in_worker, config, str(self.root), p, after) for p in pending]
+                for job in jobs:
+                    self.executed.extend(job.result())
+        return [self.student_stage(p, after, quiet=True) for p in points]
 
     def make_data(self) -> dict[str, Any]:
         t = self.cfg.task
@@ -257,7 +294,9 @@ class Pipeline:
         return {k: info[k] for k in ("epsilon", "scale", "mean_loss")}
 
     def grid_requests(self, tok: Any, scale: float) -> tuple[list[sampling.TraceRequest], list[tuple[str, str, int]]]:
-        """Every grid run's distill and test prompts as requests, with (run, split, index) labels."""
+        """Every grid run's distill and test prompts as requests, with (run, split, index) labels; each
+        request has a seed of its own, derived from the run's seed and its label, so that a rerun
+        samples the same traces (vLLM's engine-wide seed alone depends on how requests are batched)."""
         s = self.cfg.sampling
         requests, labels = [], []
         prompts = {
@@ -270,8 +309,10 @@ class Pipeline:
                 tau, lam, ad_mode = s.temperature, value / scale, "ad" if mode == "antidistillation" else "permutation"
             for split, ids_list in prompts.items():
                 for i, ids in enumerate(ids_list):
-                    requests.append(sampling.TraceRequest(ids, tau, lam, ad_mode))
-                    labels.append((run_name(mode, value, seed), split, i))
+                    label = (run_name(mode, value, seed), split, i)
+                    request_seed = zlib.crc32(json.dumps([self.cfg.seed, *label]).encode())
+                    requests.append(sampling.TraceRequest(ids, tau, lam, ad_mode, request_seed))
+                    labels.append(label)
         return requests, labels
 
     def make_traces(self) -> dict[str, Any]:
@@ -365,10 +406,24 @@ class Pipeline:
         report = self.path("report")
         report.mkdir()
         write_jsonl(report / "registry.jsonl", results)
-        timings = {
-            name: json.loads(self.sentinel(name).read_text())["seconds"]
-            for name in ["data", "tokenizer", "teacher", "proxy", "holdout", "gradient", "traces", "student_base"]
-            + [f"student/{run_name(*p)}" for p in self.cfg.grid.points()]
-        }
-        verdict = summary.write_report(self.cfg, results, base["student_accuracy"], timings, report)
+        names = ["data", "tokenizer", "teacher", "proxy", "holdout", "gradient", "traces", "student_base"]
+        names += [f"student/{run_name(*p)}" for p in self.cfg.grid.points()]
+        sentinels = {name: json.loads(self.sentinel(name).read_text()) for name in names}
+        timings = {name: s["seconds"] for name, s in sentinels.items()}
+        students = [s for n, s in sentinels.items() if n.startswith("student/")]
+        # sentinels written before "finished" was recorded count as having run one after another
+        spans = [(s["finished"] - s["seconds"], s["finished"]) for s in students if "finished" in s]
+        wall = summary.busy_seconds(spans)
+        wall += sum(s["seconds"] for s in students if "finished" not in s)
+        verdict = summary.write_report(self.cfg, results, base["student_accuracy"], timings, wall, report)
         return {"target_met": verdict["target_met"]}
+
+
+def _student_in_worker(config: dict[str, Any], root: str, point: Point, after: str) -> list[str]:
+    """One student stage in a worker process (spawned: a fresh interpreter, so set up logging and threads)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    pipe = Pipeline(EvalConfig.model_validate(config), Path(root))
+    if pipe.cfg.threads:
+        torch.set_num_threads(pipe.cfg.threads)
+    pipe.student_stage(point, after)
+    return pipe.executed

@@ -32,6 +32,7 @@ class TraceRequest:
     temperature: float
     lam: float = 0.0
     mode: str = "ad"
+    seed: int | None = None  # its own sampling seed: the same trace whatever the batch it lands in
 
     def extra_args(self) -> dict[str, Any]:
         return {"ad_lambda": self.lam, "ad_mode": self.mode} if self.lam > 0 else {}
@@ -113,7 +114,13 @@ def _generate(
         for i in range(0, len(requests), chunk):
             part = requests[i : i + chunk]
             params = [
-                SamplingParams(temperature=r.temperature, top_p=top_p, max_tokens=max_tokens, extra_args=r.extra_args())
+                SamplingParams(
+                    temperature=r.temperature,
+                    top_p=top_p,
+                    max_tokens=max_tokens,
+                    seed=r.seed,
+                    extra_args=r.extra_args(),
+                )
                 for r in part
             ]
             prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in part]

@@ -150,25 +150,42 @@ def table(stats: Sequence[PointStat]) -> str:
     return "\n".join(rows)
 
 
-def timing_lines(timings: dict[str, float]) -> list[str]:
-    """Stage times as measured when each stage last ran (a resumed run sums earlier attempts' stages)."""
-    students = sum(v for k, v in timings.items() if k.startswith("student/"))
-    rows = {k: v for k, v in timings.items() if not k.startswith("student/")}
-    rows[f"student/* ({sum(k.startswith('student/') for k in timings)} runs)"] = students
+def busy_seconds(intervals: Sequence[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: the wall time of stages that ran side by side."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def timing_lines(timings: dict[str, float], students_wall: float) -> list[str]:
+    """Stage times as measured when each stage last ran (a resumed run sums earlier attempts' stages);
+    the students count by wall time, since with ``workers`` > 1 they run side by side."""
+    students = {k: v for k, v in timings.items() if k.startswith("student/")}
+    rows = {k: v for k, v in timings.items() if k not in students}
+    rows[f"student/* ({len(students)} runs, {sum(students.values()):.0f} s of work)"] = students_wall
     out = ["| stage | seconds |", "| --- | ---: |"]
     out += [f"| {k} | {v:.0f} |" for k, v in rows.items()]
-    out.append(f"| **total** | **{sum(timings.values()):.0f}** |")
+    out.append(f"| **total** | **{sum(rows.values()):.0f}** |")
     return out
 
 
 def write_report(
-    cfg: EvalConfig, results: Sequence[dict[str, Any]], undistilled: float, timings: dict[str, float], out: Path
+    cfg: EvalConfig,
+    results: Sequence[dict[str, Any]],
+    undistilled: float,
+    timings: dict[str, float],
+    students_wall: float,
+    out: Path,
 ) -> dict[str, Any]:
     stats = aggregate(results)
     v = verdict(stats, cfg.sampling.temperature)
     plot(stats, undistilled, f"{cfg.name}: teacher vs distilled student", out / "tradeoff.png")
     payload = {"points": [asdict(s) for s in stats], "undistilled_student": undistilled, "verdict": v}
-    (out / "summary.json").write_text(json.dumps({**payload, "stage_seconds": timings}, indent=2))
+    times = {"stage_seconds": timings, "students_wall_seconds": students_wall}
+    (out / "summary.json").write_text(json.dumps({**payload, **times}, indent=2))
     lines = [
         f"# Distillation attack: {cfg.name}",
         "",
@@ -189,6 +206,6 @@ def write_report(
             f"{100 * ad['temperature_student_at_same_teacher']:.1f}% "
             f"at the same teacher accuracy (gap {100 * ad['gap']:.1f} pts; target {100 * TARGET_GAP:.0f})."
         )
-    lines += ["", "Stage times (s):", "", *timing_lines(timings)]
+    lines += ["", "Stage times (s):", "", *timing_lines(timings, students_wall)]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return v

@@ -122,5 +122,5 @@ def test_trace_stats_count_what_the_generator_wrote():
 
 
 def test_trace_stats_tell_near_from_far_slips():
-    rows = [{"prompt": "2 + 9 - 3 =\n", "completion": "2 + 9 = -7, no, 11\n11 - 3 = 7, no, 8\n#### 8"}]
+    rows = [{"prompt": "2 + 9 - 3 =\n", "completion": "2 + 9 = maybe -7, no, 11\n11 - 3 = maybe 7, no, 8\n#### 8"}]
     assert chain_trace_stats(rows)["far_slip_share"] == 0.5

@@ -71,7 +71,8 @@ def test_micro_pipeline_end_to_end_resumes_only_the_killed_stage(tmp_path, monke
 
     # the same students, two at a time in worker processes: the same stages run, with the same results
     parallel = tmp_path / "parallel"
-    shutil.copytree(root, parallel, ignore=shutil.ignore_patterns("results", "report", "student_*#*.done", "report.done"))
+    students_and_report = shutil.ignore_patterns("results", "report", "student_*#*.done", "report.done")
+    shutil.copytree(root, parallel, ignore=students_and_report)
     fourth = Pipeline(cfg.model_copy(update={"workers": 2}), parallel)
     fourth.run()
     assert sorted(fourth.executed) == sorted([*(f"student/{r}" for r in runs), "report"])

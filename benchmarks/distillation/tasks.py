@@ -5,8 +5,9 @@ to write (worked steps ending ``#### N``) and the answer is checked by ``answers
 
 - ``chain_sum``: reasoning-gym's ``chain_sum`` expressions (``4 - 1 - 7 =``) with our own worked solution in
   one of ``styles`` equivalent phrasings, small enough for models trained from scratch on a CPU in minutes.
-  With ``slips`` > 0 each step is, with that probability, first written with a near-miss value and then
-  corrected (``4 - 1 = 5, no, 3``): the toy's version of a reasoning model's "wait, that's wrong".
+  With ``slips`` > 0 each step is, with that probability, first written with a hedged near-miss value
+  and then corrected (``4 - 1 = maybe 5, no, 3``): the toy's version of a reasoning model's "hmm,
+  maybe … wait, no". The hedge comes first, so a learner can tell a slip from a step it means.
 - ``step_sums``: single steps ``a ± b`` (``a`` from ``lo`` to ``hi``), the facts chains are made of.
 - ``gsm_symbolic``: reasoning-gym's GSM8K-derived templates; the solution is ``answer_cot``.
 - ``jsonl``: a GSM8K-style file of ``{"question", "answer"}`` whose answer ends ``#### N``.
@@ -46,9 +47,9 @@ def chain_solution(
     """Worked steps for ``a ± b ± c …`` evaluated left to right, and the final value.
 
     Several equally correct styles exist so that a teacher trained on them has real choices to make
-    between tokens that do not change the answer — the room antidistillation works in. Slips (a
-    near-miss value, then ``, no,`` and the right one, with probability ``slips`` per step, drawn from
-    ``rng``) add such choices at every step: which wrong value, and whether to slip at all.
+    between tokens that do not change the answer — the room antidistillation works in. Slips
+    (``maybe``, a near-miss value, ``, no,`` and the right one, with probability ``slips`` per step,
+    drawn from ``rng``) add such choices at every step: whether to slip at all, and which wrong value.
     """
     if slips and rng is None:
         raise ValueError("slips need an rng")
@@ -60,7 +61,7 @@ def chain_solution(
         new = value + int(operand) if op == "+" else value - int(operand)
         shown = str(new)
         if slips and rng.random() < slips:
-            shown = f"{rng.choice(near_misses(value, op, int(operand)))}, no, {new}"
+            shown = f"maybe {rng.choice(near_misses(value, op, int(operand)))}, no, {new}"
         steps.append(template.format(a=value, op=op, b=operand, c=shown, word=WORDS[op]))
         value = new
     return sep.join(steps) + f"\n#### {value}", str(value)

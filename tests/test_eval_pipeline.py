@@ -173,6 +173,23 @@ def test_intervals():
     assert summary.interpolate([(0.7, 0.4), (0.9, 0.6)], 0.95) == 0.6
 
 
+def test_welch_difference_of_key_points():
+    # Welch: se = sqrt(0.01/3 + 0.01/3 / 3) = 0.0667, df = 3.2; the exact t quantile at 3.2 df lies
+    # between those at 4 (2.776) and 3 (3.182) df, and rounding df down picks the wider one
+    diff, half = summary.welch_difference([0.6, 0.7, 0.8], [0.5, 0.5, 0.6])
+    assert diff == pytest.approx(1 / 6) and half == pytest.approx(3.182 * math.sqrt(0.01 / 3 + 0.01 / 9))
+    assert summary.welch_difference([0.5, 0.5], [0.4, 0.4]) == (pytest.approx(0.1), 0.0)
+    with pytest.raises(ValueError, match="two seeds"):
+        summary.welch_difference([0.5], [0.4, 0.6])
+    rows = [{"mode": "temperature", "value": 0.8, "student_accuracy": a} for a in (0.5, 0.5, 0.6)]
+    rows += [{"mode": "antidistillation", "value": 0.05, "student_accuracy": a} for a in (0.6, 0.7, 0.8)]
+    rows += [{"mode": "permutation", "value": 0.05, "student_accuracy": 0.7}]  # one seed: no line
+    lines = summary.key_point_differences(
+        rows, ["temperature@0.8", "antidistillation@0.05", "permutation@0.05"], "temperature@0.8"
+    )
+    assert lines == [f"- antidistillation@0.05 − temperature@0.8: +16.7 ± {100 * half:.1f} pts"]
+
+
 def test_collate_masks_prompt_and_padding():
     batch = collate([TokenizedTrace([5, 6, 7, 8], 2), TokenizedTrace([9, 10, 11], 1)], pad_id=0)
     assert batch["labels"].tolist() == [[-100, -100, 7, 8], [-100, 10, 11, -100]]

@@ -49,6 +49,35 @@ def mean_ci(values: Sequence[float], n_test: int) -> tuple[float, float]:
     return mean, T95.get(len(values) - 1, 1.96) * sd / math.sqrt(len(values))
 
 
+def welch_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """mean(a) − mean(b) and the half-width of its 95% Welch interval (degrees of freedom rounded
+    down, so the interval errs wide). The seed-to-seed spread of students is what decides whether a
+    gap between two points is real, so the report states it for the key points."""
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("a Welch interval needs at least two seeds on each side")
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1) / len(a)
+    vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1) / len(b)
+    if va + vb == 0:
+        return ma - mb, 0.0
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return ma - mb, T95.get(max(int(df), 1), 1.96) * math.sqrt(va + vb)
+
+
+def key_point_differences(results: Sequence[dict[str, Any]], key_points: Sequence[str], baseline: str) -> list[str]:
+    """One line per key point with ≥ 2 seeds: its student accuracy minus the baseline's, with interval."""
+    students: dict[str, list[float]] = {}
+    for r in results:
+        students.setdefault(point_name(r["mode"], r["value"]), []).append(r["student_accuracy"])
+    base = students.get(baseline, [])
+    lines = []
+    for key in key_points:
+        if key != baseline and len(students.get(key, [])) >= 2 and len(base) >= 2:
+            diff, half = welch_difference(students[key], base)
+            lines.append(f"- {key} − {baseline}: {100 * diff:+.1f} ± {100 * half:.1f} pts")
+    return lines
+
+
 def aggregate(results: Sequence[dict[str, Any]]) -> list[PointStat]:
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for r in results:
@@ -206,6 +235,11 @@ def write_report(
             f"{100 * ad['temperature_student_at_same_teacher']:.1f}% "
             f"at the same teacher accuracy (gap {100 * ad['gap']:.1f} pts; target {100 * TARGET_GAP:.0f})."
         )
+    baseline = point_name("temperature", cfg.sampling.temperature)
+    differences = key_point_differences(results, cfg.grid.key_points, baseline)
+    if differences:
+        lines += ["", "Student accuracy at the key points minus the baseline's (95% Welch interval over seeds):", ""]
+        lines += differences
     lines += ["", "Stage times (s):", "", *timing_lines(timings, students_wall)]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return v

@@ -78,6 +78,16 @@ def test_micro_pipeline_end_to_end_resumes_only_the_killed_stage(tmp_path, monke
     assert sorted(fourth.executed) == sorted([*(f"student/{r}" for r in runs), "report"])
     assert read_jsonl(parallel / "report" / "registry.jsonl") == registry
 
+    # a new grid point samples and distils only itself: the other runs' traces and students are kept
+    traces_before = {p: p.read_bytes() for p in (root / "traces").glob("*.jsonl")}
+    grown = cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"permutation": [2, 4]})})
+    fifth = Pipeline(grown, root)
+    fifth.run()
+    assert fifth.executed == ["traces", "student/permutation@4#0", "report"]
+    assert {p: p.read_bytes() for p in traces_before} == traces_before
+    assert json.loads(fifth.sentinel("traces").read_text())["kept"] == len(runs)
+    assert len(read_jsonl(root / "report" / "registry.jsonl")) == len(runs) + 1
+
 
 def test_a_config_edit_reruns_the_stages_that_read_it_and_those_after(tmp_path):
     pipe = Pipeline(load_eval_config("micro"), tmp_path)

@@ -2,7 +2,7 @@
 fingerprint — a hash of the config sections it reads, chained with the fingerprint of the stage
 before it. A rerun skips stages whose sentinel matches, so a killed run redoes only the stage it was
 killed in (and those after it), and a config edit redoes only the stages it affects: a new grid
-reuses the trained teacher, proxy and gradient.
+reuses the trained teacher, proxy and gradient, and the traces and students of the runs it keeps.
 
     data → tokenizer → teacher → proxy → student_base → holdout → gradient → traces
          → student/<mode>@<value>#<seed> (one per grid run) → report
@@ -155,7 +155,8 @@ class Pipeline:
         fp = self.stage("holdout", [self.path("holdout.jsonl")], self.make_holdout, fp, [c.sampling, c.task.holdout])
         gradient = [self.path("gradient.safetensors"), self.path("gradient.json")]
         fp = self.stage("gradient", gradient, self.make_gradient, fp, [])
-        fp = self.stage("traces", [self.path("traces")], self.make_traces, fp, [c.grid])
+        # traces are kept per grid run (see make_traces): a grid edit samples only the new runs
+        self.stage("traces", [], partial(self.make_traces, fp), fp, [c.grid])
         # the student's prior training does not depend on the teacher: it is chained to the tokenizer only
         base = [self.path("models", "student_base"), self.path("data", "student_pretrain.jsonl")]
         student = c.student.model_dump(exclude={"distill"})
@@ -163,7 +164,7 @@ class Pipeline:
             fp, [self.stage("student_base", base, self.make_student_base, tok, [student, c.answer_tokens])]
         )
         students = self.run_students(fp)
-        self.stage("report", [self.path("report")], self.make_report, fingerprint(fp, students), [])
+        self.stage("report", [self.path("report")], self.make_report, fingerprint(fp, students), [c.grid])
         return self.path("report")
 
     def student_stage(self, point: Point, after: str, quiet: bool = False) -> str:
@@ -293,8 +294,10 @@ class Pipeline:
         self.path("gradient.json").write_text(json.dumps(info, indent=2))
         return {k: info[k] for k in ("epsilon", "scale", "mean_loss")}
 
-    def grid_requests(self, tok: Any, scale: float) -> tuple[list[sampling.TraceRequest], list[tuple[str, str, int]]]:
-        """Every grid run's distill and test prompts as requests, with (run, split, index) labels; each
+    def grid_requests(
+        self, tok: Any, scale: float, points: Sequence[Point]
+    ) -> tuple[list[sampling.TraceRequest], list[tuple[str, str, int]]]:
+        """The grid runs' distill and test prompts as requests, with (run, split, index) labels; each
         request has a seed of its own, derived from the run's seed and its label, so that a rerun
         samples the same traces (vLLM's engine-wide seed alone depends on how requests are batched)."""
         s = self.cfg.sampling
@@ -302,7 +305,7 @@ class Pipeline:
         prompts = {
             split: [tok(prompt_of(p))["input_ids"] for p in self.problems(split)] for split in ("distill", "test")
         }
-        for mode, value, seed in self.cfg.grid.points():
+        for mode, value, seed in points:
             if mode == "temperature":
                 tau, lam, ad_mode = value, 0.0, "ad"
             else:
@@ -315,10 +318,25 @@ class Pipeline:
                     labels.append(label)
         return requests, labels
 
-    def make_traces(self) -> dict[str, Any]:
+    def make_traces(self, upstream: str) -> dict[str, Any]:
+        """Traces for every grid run that lacks them. Runs already sampled are kept while what they
+        were sampled from (teacher, proxy, gradient, sampling settings: the ``upstream`` fingerprint)
+        is unchanged, since each request's own seed makes a run's traces the same whichever runs share
+        the engine: a new point or seed costs only its own requests."""
+        traces = self.path("traces")
+        stamp = traces / "upstream.txt"
+        if traces.is_dir() and not (stamp.is_file() and stamp.read_text() == upstream):
+            shutil.rmtree(traces)
+        traces.mkdir(exist_ok=True)
+        stamp.write_text(upstream)
+        points = self.cfg.grid.points()
+        # a run's .json is written after its .jsonl: it marks the run complete
+        missing = [p for p in points if not (traces / f"{run_name(*p)}.json").is_file()]
+        if not missing:
+            return {"runs": 0, "requests": 0, "kept": len(points)}
         grad = json.loads(self.path("gradient.json").read_text())
         tok = self.tokenizer()
-        requests, labels = self.grid_requests(tok, grad["scale"])
+        requests, labels = self.grid_requests(tok, grad["scale"], missing)
         s = self.cfg.sampling
         settings = (
             sampling.processor_settings(
@@ -351,7 +369,6 @@ class Pipeline:
         by_run: dict[str, dict[str, list]] = {}
         for (run, split, i), req, text in zip(labels, requests, texts, strict=True):
             by_run.setdefault(run, {"distill": [], "test": [], "request": req})[split].append((i, text))
-        self.path("traces").mkdir()
         for run, parts in by_run.items():
             rows = [
                 {
@@ -372,7 +389,7 @@ class Pipeline:
                 "mean_trace_chars": sum(len(r["completion"]) for r in rows) / len(rows),
             }
             self.path("traces", f"{run}.json").write_text(json.dumps(meta))
-        return {"runs": len(by_run), "requests": len(requests)}
+        return {"runs": len(by_run), "requests": len(requests), "kept": len(points) - len(missing)}
 
     def distil(self, mode: str, value: float, seed: int, out: Path) -> dict[str, Any]:
         """The attack for one grid run: fine-tune the student base on that run's traces, score it."""

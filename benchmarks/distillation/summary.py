@@ -3,8 +3,8 @@
 Target (the product's claim, after the paper's Figure 3): at ≤ 2 points of teacher-accuracy loss
 relative to plain sampling at the AD temperature, the antidistillation student is ≥ 10 points below
 the temperature-sampling student AT THE SAME TEACHER ACCURACY (read off the temperature curve by
-linear interpolation). Intervals: over seeds, a 95% Student-t interval of the mean; a single-seed
-point gets the 95% Wilson interval of its test accuracy instead.
+linear interpolation), on a point with ≥ 3 seeds. Intervals: over seeds, a 95% Student-t interval
+of the mean; a single-seed point gets the 95% Wilson interval of its test accuracy instead.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from benchmarks.distillation.config import MODES, EvalConfig, point_name
 
 TEACHER_LOSS_ALLOWED = 0.02
 TARGET_GAP = 0.10
+MIN_SEEDS = 3  # seeds the deciding AD point needs before the target can count as met
 # two-sided 95% Student-t quantiles by degrees of freedom (more seeds: normal approximation)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -122,7 +123,8 @@ def verdict(stats: Sequence[PointStat], base_temperature: float) -> dict[str, An
         matched = interpolate(curve, best.teacher)
         out[mode] = {**asdict(best), "temperature_student_at_same_teacher": matched, "gap": matched - best.student}
     ad = out.get("antidistillation")
-    out["target_met"] = bool(ad and ad["gap"] >= TARGET_GAP)
+    # the best of several single-seed points is the luckiest one: a gap counts only with enough seeds
+    out["target_met"] = bool(ad and ad["gap"] >= TARGET_GAP and ad["seeds"] >= MIN_SEEDS)
     return out
 
 
@@ -235,6 +237,11 @@ def write_report(
             f"{100 * ad['temperature_student_at_same_teacher']:.1f}% "
             f"at the same teacher accuracy (gap {100 * ad['gap']:.1f} pts; target {100 * TARGET_GAP:.0f})."
         )
+        if ad["seeds"] < MIN_SEEDS:
+            lines.append(
+                f"That point has {ad['seeds']} seed(s); the target counts only with ≥ {MIN_SEEDS}: "
+                f"add `antidistillation@{ad['value']:g}` to grid.key_points and rerun."
+            )
     baseline = point_name("temperature", cfg.sampling.temperature)
     differences = key_point_differences(results, cfg.grid.key_points, baseline)
     if differences:

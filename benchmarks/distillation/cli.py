@@ -15,7 +15,7 @@ DEFAULT_ROOT = Path("runs")
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="antidistill eval", description=__doc__)
-    ap.add_argument("config", help="packaged config name (micro, toy, smollm2, paper) or a YAML path")
+    ap.add_argument("config", help="packaged config name (micro, toy, toy-slips, smollm2, paper) or a YAML path")
     ap.add_argument(
         "--out", type=Path, help="run directory (default: runs/<config name>); rerun to resume, or after a config edit"
     )

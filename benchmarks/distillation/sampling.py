@@ -62,8 +62,40 @@ def generate(
 ) -> list[str]:
     """Completions (text) for ``requests``, in order, submitted ``chunk`` at a time (progress is
     logged between chunks); the engine is shut down afterwards."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
     with processor_environment(settings, engine_args.pop("kv_cache_gib", 1)):
-        return _generate(teacher, settings, requests, top_p, max_tokens, seed, engine_args, chunk)
+        llm = LLM(
+            model=str(teacher),
+            seed=seed,
+            logits_processors=[PROCESSOR],
+            additional_config={"antidistillation": settings},
+            **engine_args,
+        )
+        try:
+            texts: list[str] = []
+            start = time.time()
+            for i in range(0, len(requests), chunk):
+                part = requests[i : i + chunk]
+                params = [
+                    SamplingParams(
+                        temperature=r.temperature,
+                        top_p=top_p,
+                        max_tokens=max_tokens,
+                        seed=r.seed,
+                        extra_args=r.extra_args(),
+                    )
+                    for r in part
+                ]
+                prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in part]
+                texts.extend(o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False))
+                log.info("traces: %d/%d requests (%.0f s)", len(texts), len(requests), time.time() - start)
+            return texts
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
 
 
 @contextmanager
@@ -86,48 +118,3 @@ def processor_environment(settings: dict, kv_cache_gib: int) -> Iterator[None]:
             else:
                 os.environ[k] = v
         admission_settings.cache_clear()
-
-
-def _generate(
-    teacher: Path,
-    settings: dict,
-    requests: Sequence[TraceRequest],
-    top_p: float,
-    max_tokens: int,
-    seed: int,
-    engine_args: dict[str, Any],
-    chunk: int,
-) -> list[str]:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    llm = LLM(
-        model=str(teacher),
-        seed=seed,
-        logits_processors=[PROCESSOR],
-        additional_config={"antidistillation": settings},
-        **engine_args,
-    )
-    try:
-        texts: list[str] = []
-        start = time.time()
-        for i in range(0, len(requests), chunk):
-            part = requests[i : i + chunk]
-            params = [
-                SamplingParams(
-                    temperature=r.temperature,
-                    top_p=top_p,
-                    max_tokens=max_tokens,
-                    seed=r.seed,
-                    extra_args=r.extra_args(),
-                )
-                for r in part
-            ]
-            prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in part]
-            texts.extend(o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False))
-            log.info("traces: %d/%d requests (%.0f s)", len(texts), len(requests), time.time() - start)
-        return texts
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()

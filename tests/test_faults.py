@@ -21,9 +21,13 @@ TIERS = {
     "pro": {"lambda": 1.0, "profile": "code", "max_logprobs": 2},
     "internal": {"lambda": 0.0, "max_logprobs": 2},
 }
-TIE = 1e-3  # logprob margin below which fp32 batch-shape noise may flip a greedy choice
+# How far a chosen token's logprob may move between a request run alone and the same request batched
+# and preempted. Measured: <= 2.1e-3 on the protected tiers (λ/2ε amplifies the proxy's fp32 rounding up
+# to 1500x at ε = 1e-3), exactly 0 at λ = 0. A proxy resumed on the wrong context moved it by 0.38-0.49.
+NOISE = 1e-2
 KV_BLOCKS, BLOCK = 12, 32  # 384 tokens: one 256-token request fits, eight ~90-token requests do not
 PROMPTS = [f"Question {i}: what is {i} plus {2 * i}?" for i in range(8)]
+Greedy = tuple[list[int], list[dict]]  # token ids, and per step the top-2 logprobs keyed by token id
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +43,7 @@ def pressured(tmp_path_factory):
         yield {"base": base, "keys": keys, "model": str(models.teacher), "log": log, "proc": proc}
 
 
-async def greedy(client: httpx.AsyncClient, srv: dict, tier: str, prompt: str) -> tuple[list[int], list[dict]]:
+async def greedy(client: httpx.AsyncClient, srv: dict, tier: str, prompt: str) -> Greedy:
     """Greedy token ids and, per step, the top-2 (processed) logprobs keyed by token id."""
     body = {
         "model": srv["model"],
@@ -57,27 +61,31 @@ async def greedy(client: httpx.AsyncClient, srv: dict, tier: str, prompt: str) -
     return choice["token_ids"], choice["logprobs"]["top_logprobs"]
 
 
-def first_divergence_is_a_tie(reference: tuple[list[int], list[dict]], other: list[int]) -> bool:
-    """Identical, or different only from a step where the reference's top two were tied within TIE:
-    batched and single-request fp32 matmuls round differently, which may flip an exact tie but
-    nothing else (a corrupted proxy state after a preemption would diverge at a clear winner)."""
-    ids, tops = reference
-    step = next((k for k, (a, b) in enumerate(zip(ids, other, strict=True)) if a != b), None)
+def compare(reference: Greedy, other: Greedy) -> tuple[int | None, float, float]:
+    """Where `other` first leaves the reference's greedy path (None: never), the reference's top-2
+    margin there, and the largest difference between the two runs' logprob of the chosen token on
+    the shared prefix (the noise that batch shape and a preemption's recompute add)."""
+    (ids, tops), (other_ids, other_tops) = reference, other
+    step = next((k for k, (a, b) in enumerate(zip(ids, other_ids, strict=True)) if a != b), None)
+    shared = len(ids) if step is None else step
+    noise = max(
+        (abs(tops[k][f"token_id:{ids[k]}"] - other_tops[k][f"token_id:{ids[k]}"]) for k in range(shared)), default=0.0
+    )
     if step is None:
-        return True
+        return None, float("inf"), noise
     first, second = sorted(tops[step].values(), reverse=True)[:2]
-    return first - second < TIE
+    return step, first - second, noise
 
 
 def test_preemption_keeps_greedy_outputs(pressured):
     srv = pressured
     jobs = [(("free", "pro", "internal")[i % 3], p) for i, p in enumerate(PROMPTS)]
 
-    async def alone() -> list[list[int]]:
+    async def alone() -> list[Greedy]:
         async with httpx.AsyncClient(base_url=srv["base"], timeout=300) as client:
             return [await greedy(client, srv, tier, prompt) for tier, prompt in jobs]
 
-    async def together() -> list[list[int]]:
+    async def together() -> list[Greedy]:
         async with httpx.AsyncClient(base_url=srv["base"], timeout=300) as client:
             return await asyncio.gather(*(greedy(client, srv, tier, prompt) for tier, prompt in jobs))
 
@@ -88,8 +96,11 @@ def test_preemption_keeps_greedy_outputs(pressured):
     preemptions = total(scrape(srv["base"]), "vllm:num_preemptions_total")
     print(f"preemptions: {preemptions:g}")
     assert preemptions > 0, "the KV cache was small enough to force preemption"
-    for i, (ref, (got, _)) in enumerate(zip(reference, pressured_out, strict=True)):
-        assert first_divergence_is_a_tie(ref, got), f"request {i} diverged at a clear winner under preemption"
+    for i, (ref, got) in enumerate(zip(reference, pressured_out, strict=True)):
+        step, margin, noise = compare(ref, got)
+        print(f"request {i} ({jobs[i][0]}): logprob noise {noise:.2e}, diverged at {step} (margin {margin:.2e})")
+        assert noise <= NOISE, f"request {i}: logprobs moved by {noise:.3g} under preemption (proxy state lost?)"
+        assert step is None or margin < 2 * NOISE, f"request {i} diverged at a clear winner (margin {margin:.3g})"
     assert sum(ref[0] == got[0] for ref, got in zip(reference, pressured_out, strict=True)) >= len(jobs) - 2
     used, _ = wait_kv_idle(srv["base"])
     assert used == 0, "preempted and finished rows released their proxy KV"

@@ -1,9 +1,15 @@
 """Protection of a teacher batch: which rows are protected, with which profile, λ and mode, and
 the per-step ``logits[row] += λ · Δ_row``.
 
-This is the one object the vLLM adapters talk to. It never raises from ``apply``: an exception in
-a logits processor kills the engine, so a failure costs the affected rows their protection for
-that step (logged and counted) and nothing else.
+This is the one object the vLLM adapters talk to. It never raises from ``apply`` (an exception in
+a logits processor kills the engine) and it never lets a protected row sample from the raw
+teacher: a row whose Δ is unavailable for a step (KV budget, non-finite Δ, an exception or
+out-of-memory in the step, arguments the worker cannot read) is, by its ``on_failure``,
+- ``refuse``: *withheld* — its logits are flattened to uniform over the tokens the teacher's
+  sampler still allows, for that step and every later one — and its ticket is written to the
+  failure ledger, so the gateway refuses the request before any of that output reaches a client;
+- ``degrade``: served with Δ = 0 for that step, and the step is written to the ledger.
+Both are counted (``antidistill_delta_fallbacks_total``) and logged.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -20,24 +27,35 @@ from proxy_worker import metrics
 from proxy_worker.config import load_config
 from proxy_worker.delta import PermutationControl, add_scaled
 from proxy_worker.engine import ProxyEngine, parse_dtype
+from proxy_worker.failure_ledger import FailureLedger, Reason
 from proxy_worker.gradient_file import load_gradient
 from proxy_worker.model import StackedProxy
-from proxy_worker.settings import ProcessorSettings, RequestArgs
+from proxy_worker.settings import ProcessorSettings, RequestArgs, ticket_of
 from proxy_worker.validation import check_proxy_matches_teacher
 from proxy_worker.weights import load_proxy_state, stack_perturbed
 
 log = logging.getLogger(__name__)
 
 
-def failure_kind(reason: str) -> str:
-    """Metric label for why a row went unprotected for a step."""
-    return "non_finite" if "non-finite" in reason else "budget" if "budget" in reason else "other"
+def failure_reason(text: str) -> Reason:
+    """The ledger and metric reason for an engine's per-row failure message."""
+    return Reason.NON_FINITE if "non-finite" in text else Reason.BUDGET if "budget" in text else Reason.ERROR
+
+
+def withhold(logits: torch.Tensor, targets: Sequence[int]) -> None:
+    """Replace rows by a uniform distribution over the tokens still allowed (a grammar's or a
+    processor's −inf stays): what the row samples then carries nothing of the teacher."""
+    index = torch.tensor(list(targets), dtype=torch.long, device=logits.device)
+    rows = logits.index_select(0, index)
+    logits.index_copy_(0, index, torch.where(rows == float("-inf"), rows, torch.zeros_like(rows)))
 
 
 @dataclass
 class _Row:
     args: RequestArgs
     key: str  # stable identity of the request's prompt, for the permutation control's signs
+    refused: Reason | None = None  # set once a refuse-mode row lost Δ: withheld from then on
+    degraded_steps: int = 0  # steps a degrade-mode row was served with Δ = 0
 
 
 def prompt_key(prompt: Sequence[int]) -> str:
@@ -48,11 +66,16 @@ class Protection:
     """Rows keyed by batch index, one ProxyEngine per gradient profile."""
 
     def __init__(
-        self, settings: ProcessorSettings, engines: dict[str, ProxyEngine], control: PermutationControl | None
+        self,
+        settings: ProcessorSettings,
+        engines: dict[str, ProxyEngine],
+        control: PermutationControl | None,
+        ledger: FailureLedger | None = None,
     ) -> None:
         self.settings = settings
         self.engines = engines
         self.control = control
+        self.ledger = ledger
         self.rows: dict[int, _Row] = {}
         self.clock = metrics.StepClock()
         for name, engine in engines.items():
@@ -65,8 +88,11 @@ class Protection:
         device: torch.device | str = "cpu",
         teacher_tokenizer: str | None = None,
         teacher_width: int | None = None,
+        token_budget: int | None = None,
+        ledger: FailureLedger | None = None,
     ) -> Protection:
-        """Load the proxy once and one θ ± εg pair per profile; check the proxy against the teacher."""
+        """Load the proxy once and one θ ± εg pair per profile; check the proxy against the teacher.
+        ``token_budget`` (default: the settings') is each profile's KV pool, in tokens."""
         cfg = load_config(settings.proxy)
         if settings.check_tokenizer and teacher_tokenizer is not None:
             check_proxy_matches_teacher(
@@ -79,7 +105,7 @@ class Protection:
             eps = spec.epsilon or settings.epsilon
             params = stack_perturbed(theta, load_gradient(spec.gradient, cfg), (eps, -eps), cfg, dtype, device)
             model = StackedProxy(cfg, params, device)
-            engines[name] = engine = ProxyEngine(model, eps, settings.token_budget)
+            engines[name] = engine = ProxyEngine(model, eps, token_budget or settings.token_budget)
             log.info(
                 "antidistillation profile %r (ε=%g): proxy copies %.1f MiB + KV cache %.1f MiB (%d tokens) on %s",
                 name,
@@ -92,7 +118,7 @@ class Protection:
         control = None
         if "permutation" in settings.allowed_modes:
             control = PermutationControl(cfg.vocab_size, settings.permutation_seed)
-        return cls(settings, engines, control)
+        return cls(settings, engines, control, ledger)
 
     def add(self, index: int, args: RequestArgs, prompt: Sequence[int], output: Sequence[int]) -> None:
         """A request enters row ``index`` (replacing any previous occupant)."""
@@ -101,9 +127,20 @@ class Protection:
             self.engines[args.profile].add(index, prompt, output)
             self.rows[index] = _Row(args, prompt_key(prompt) if args.mode == "permutation" else "")
 
+    def add_unreadable(self, index: int, extra_args: Mapping | None, error: str) -> None:
+        """A request whose arguments this worker cannot read (its settings differ from the API
+        server's): it may have asked for protection, so it is refused, never served raw."""
+        self.remove(index)
+        try:
+            ticket = ticket_of(extra_args)
+        except ValueError:
+            ticket = None
+        row = self.rows[index] = _Row(RequestArgs(ticket=ticket), "")
+        self._fail(index, row, Reason.BAD_ARGUMENTS, error)
+
     def remove(self, index: int) -> None:
         row = self.rows.pop(index, None)
-        if row is not None:
+        if row is not None and row.args.protected:
             engine = self.engines[row.args.profile]
             engine.remove(index)
             metrics.record_kv(row.args.profile, engine.cache.used_tokens, engine.cache.capacity_tokens)
@@ -112,12 +149,13 @@ class Protection:
         self.remove(dst)
         row = self.rows.pop(src, None)
         if row is not None:
-            self.engines[row.args.profile].move(src, dst)
+            if row.args.protected:
+                self.engines[row.args.profile].move(src, dst)
             self.rows[dst] = row
 
     def swap(self, a: int, b: int) -> None:
         ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
-        for profile in {r.args.profile for r in (ra, rb) if r is not None}:
+        for profile in {r.args.profile for r in (ra, rb) if r is not None and r.args.protected}:
             self.engines[profile].swap(a, b)
         if ra is not None:
             self.rows[b] = ra
@@ -125,32 +163,40 @@ class Protection:
             self.rows[a] = rb
 
     def apply(self, logits: torch.Tensor, logits_rows: Mapping[int, int] | None = None) -> torch.Tensor:
-        """Add λ·Δ to every protected row in place; rows with λ = 0 are never touched.
+        """Add λ·Δ to every protected row in place; withhold the rows that cannot have it.
 
         ``logits_rows`` maps a row index to its logits row when they differ (V2 runner: request
-        slot → batch position); rows missing from it are not in this step.
+        slot → batch position); rows missing from it are not in this step. Rows with λ = 0 are
+        never touched.
         """
         self.clock.tick(protected=bool(self.rows))
         if not self.rows:
             return logits
         start = time.perf_counter()
-        try:
-            for profile, engine in self.engines.items():
-                indices = [
-                    i
-                    for i, r in self.rows.items()
-                    if r.args.profile == profile and (i in logits_rows if logits_rows is not None else i < len(logits))
-                ]
-                if indices:
-                    targets = [logits_rows[i] for i in indices] if logits_rows is not None else indices
-                    self._apply_profile(logits, engine, indices, targets)
-        except Exception:
-            log.exception("antidistillation step failed; protected rows fall back to Δ = 0 for this step")
-            metrics.record_fallback("*", "other")
+        if logits_rows is None:
+            logits_rows = {i: i for i in self.rows if i < len(logits)}
+        by_profile: dict[str, list[int]] = defaultdict(list)
+        for index, row in self.rows.items():
+            if index in logits_rows and row.refused is None:
+                by_profile[row.args.profile].append(index)
+        for profile, indices in by_profile.items():
+            try:
+                failed = self._apply_profile(logits, self.engines[profile], indices, logits_rows)
+            except Exception as exc:  # an exception here would kill the engine: the rows fail instead
+                log.exception("antidistillation step failed for profile %r", profile)
+                failed = dict.fromkeys(indices, (Reason.ERROR, f"{type(exc).__name__}: {exc}"))
+            for index, (reason, detail) in failed.items():
+                self._fail(index, self.rows[index], reason, detail)
+        refused = [logits_rows[i] for i, row in self.rows.items() if row.refused is not None and i in logits_rows]
+        if refused:
+            withhold(logits, refused)
         metrics.PROXY_SECONDS.inc(time.perf_counter() - start)
         return logits
 
-    def _apply_profile(self, logits: torch.Tensor, engine: ProxyEngine, indices: list[int], targets: list[int]) -> None:
+    def _apply_profile(
+        self, logits: torch.Tensor, engine: ProxyEngine, indices: list[int], logits_rows: Mapping[int, int]
+    ) -> dict[int, tuple[Reason, str]]:
+        """λ·Δ for one profile's rows; returns the rows whose Δ is unavailable this step."""
         profile = self.rows[indices[0]].args.profile
         start = time.perf_counter()
         result = engine.step(indices)
@@ -160,11 +206,27 @@ class Protection:
         if permuted and self.control is not None:
             keys = [f"{rows[j].key}:{engine.cache.rows[indices[j]].length}" for j in permuted]
             delta[permuted] = self.control.apply(delta[permuted], keys)
-        for index, reason in result.failed.items():
-            metrics.record_fallback(profile, failure_kind(reason))
-            log.warning("antidistillation row %d unprotected this step: %s", index, reason)
         lambdas = torch.tensor([r.args.lam for r in rows], dtype=torch.float32, device=delta.device)
-        target = torch.tensor(targets, device=logits.device)
+        target = torch.tensor([logits_rows[i] for i in indices], device=logits.device)
         add_scaled(logits, target, lambdas.to(logits.device), delta.to(logits.device))
         metrics.record_profile_step(profile, result, len(indices), time.perf_counter() - start)
         metrics.record_kv(profile, engine.cache.used_tokens, engine.cache.capacity_tokens)
+        return {index: (failure_reason(text), text) for index, text in result.failed.items()}
+
+    def _fail(self, index: int, row: _Row, reason: Reason, detail: str) -> None:
+        """Count, log and record a row that has no Δ this step; a refuse-mode row is withheld from now on."""
+        metrics.record_fallback(row.args.profile or "*", reason.label)
+        if row.args.on_failure == "refuse":
+            if row.refused is not None:
+                return
+            row.refused = reason
+        else:
+            row.degraded_steps += 1
+        if row.refused is not None or row.degraded_steps == 1:
+            verdict = "refused" if row.refused is not None else "served with Δ = 0 (degrade)"
+            log.warning("antidistillation row %d (ticket %s) %s: %s", index, row.args.ticket, verdict, detail)
+        if self.ledger is not None and row.args.ticket is not None:
+            try:
+                self.ledger.append(row.args.ticket, reason)
+            except OSError:  # the row is withheld all the same: no teacher text can come of it
+                log.exception("could not record ticket %s in the failure ledger", row.args.ticket)

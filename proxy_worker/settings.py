@@ -22,7 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 ENV_VAR = "ANTIDISTILL_CONFIG"
 CONFIG_KEY = "antidistillation"
 Mode = Literal["ad", "permutation"]
-REQUEST_KEYS = ("ad_lambda", "ad_profile", "ad_mode")
+OnFailure = Literal["refuse", "degrade"]
+REQUEST_KEYS = ("ad_lambda", "ad_profile", "ad_mode", "ad_ticket", "ad_on_failure")
+MAX_TICKET = 2**63 - 1
 
 
 class SettingsError(ValueError):
@@ -125,11 +127,18 @@ def load_settings(additional_config: Mapping[str, Any] | None = None) -> Process
 
 @dataclass(frozen=True)
 class RequestArgs:
-    """What one request asked for, already validated."""
+    """What one request asked for, already validated.
+
+    ``ticket`` names the request in the failure ledger (set by the gateway); ``on_failure`` says
+    what a step without Δ does: ``refuse`` (the default) never lets the row sample from the raw
+    teacher, ``degrade`` serves it with Δ = 0 (both are recorded in the ledger).
+    """
 
     lam: float = 0.0
     profile: str = ""
     mode: Mode = "ad"
+    ticket: int | None = None
+    on_failure: OnFailure = "refuse"
 
     @property
     def protected(self) -> bool:
@@ -157,4 +166,17 @@ def parse_request_args(extra_args: Mapping[str, Any] | None, settings: Processor
         raise ValueError(f"vllm_xargs.ad_mode: must be 'ad' or 'permutation', got {mode!r}")
     if mode not in settings.allowed_modes:
         raise ValueError(f"vllm_xargs.ad_mode: {mode!r} is not enabled on this server")
-    return RequestArgs(float(lam), profile, mode)
+    on_failure = args.get("ad_on_failure", "refuse")
+    if on_failure not in ("refuse", "degrade"):
+        raise ValueError(f"vllm_xargs.ad_on_failure: must be 'refuse' or 'degrade', got {on_failure!r}")
+    return RequestArgs(float(lam), profile, mode, ticket_of(args), on_failure)
+
+
+def ticket_of(extra_args: Mapping[str, Any] | None) -> int | None:
+    """The request's failure-ledger ticket; ValueError when it is not one (the gateway's are)."""
+    ticket = (extra_args or {}).get("ad_ticket")
+    if ticket is None:
+        return None
+    if isinstance(ticket, bool) or not isinstance(ticket, int) or not 0 < ticket <= MAX_TICKET:
+        raise ValueError(f"vllm_xargs.ad_ticket: must be an integer in [1, 2**63), got {ticket!r}")
+    return ticket

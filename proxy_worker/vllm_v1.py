@@ -17,8 +17,10 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+from proxy_worker import capacity
+from proxy_worker.failure_ledger import FailureLedger
 from proxy_worker.protection import Protection
-from proxy_worker.settings import ProcessorSettings, RequestArgs, load_settings, parse_request_args
+from proxy_worker.settings import ProcessorSettings, load_settings, parse_request_args
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -35,6 +37,35 @@ def use_vllm_logging() -> None:
             ours.addHandler(handler)
         ours.setLevel(theirs.level or logging.INFO)
         ours.propagate = False
+
+
+def build_protection(vllm_config: VllmConfig, device: torch.device | str) -> Protection:
+    """The worker's Protection, its KV pool sized to follow the teacher's capped KV capacity."""
+    settings = load_settings(vllm_config.additional_config)
+    plan = capacity.from_vllm_config(vllm_config, settings.token_budget)
+    if plan.coupled:
+        log.info(
+            "antidistillation: proxy KV pool %d tokens per profile follows the teacher's %d tokens (+%d headroom)",
+            plan.proxy_tokens,
+            plan.teacher_tokens,
+            plan.headroom,
+        )
+    else:
+        log.warning(
+            "antidistillation: the teacher's KV capacity is not capped (no --num-gpu-blocks-override), so "
+            "the proxy's %d-token pool may not hold everything vLLM schedules; protected rows that do not "
+            "fit are refused (antidistill serve sets the cap)",
+            plan.proxy_tokens,
+        )
+    model = vllm_config.model_config
+    return Protection.from_settings(
+        settings,
+        device,
+        teacher_tokenizer=model.tokenizer,
+        teacher_width=model.get_vocab_size(),
+        token_budget=plan.proxy_tokens,
+        ledger=FailureLedger.from_env(),
+    )
 
 
 @cache
@@ -55,21 +86,18 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         use_vllm_logging()
-        self.settings = load_settings(vllm_config.additional_config)
-        model = vllm_config.model_config
-        self.protection = Protection.from_settings(
-            self.settings, device, teacher_tokenizer=model.tokenizer, teacher_width=model.get_vocab_size()
-        )
+        self.protection = build_protection(vllm_config, device)
 
     def is_argmax_invariant(self) -> bool:
         return False
 
-    def _request_args(self, params: SamplingParams) -> RequestArgs:
+    def _add(self, index: int, params: SamplingParams, prompt: list[int], output: list[int]) -> None:
         try:
-            return parse_request_args(params.extra_args, self.settings)
-        except ValueError as exc:  # admission already validated; only a config drift gets here
-            log.error("antidistillation arguments rejected in the worker, row unprotected: %s", exc)
-            return RequestArgs()
+            args = parse_request_args(params.extra_args, self.protection.settings)
+        except ValueError as exc:  # admission validated them: only a settings drift gets here
+            self.protection.add_unreadable(index, params.extra_args, str(exc))
+            return
+        self.protection.add(index, args, prompt, output)
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:
@@ -77,7 +105,7 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         for index in batch_update.removed:
             self.protection.remove(index)
         for index, params, prompt, output in batch_update.added:
-            self.protection.add(index, self._request_args(params), prompt or [], output)
+            self._add(index, params, prompt or [], output)
         for a, b, direction in batch_update.moved:
             if direction == MoveDirectionality.SWAP:
                 self.protection.swap(a, b)

@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING
 
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
 
-from proxy_worker.protection import Protection
-from proxy_worker.settings import RequestArgs, load_settings, parse_request_args
-from proxy_worker.vllm_v1 import admission_settings, use_vllm_logging
+from proxy_worker.settings import RequestArgs, parse_request_args
+from proxy_worker.vllm_v1 import admission_settings, build_protection, use_vllm_logging
 
 if TYPE_CHECKING:
     import torch
@@ -41,12 +40,9 @@ class AntidistillationLogitsProcessorV2(LogitsProcessor):
 
     def __init__(self, vllm_config: VllmConfig, req_states: LogitsProcRequestState) -> None:
         use_vllm_logging()
-        self.settings = load_settings(vllm_config.additional_config)
         self.req_states = req_states
-        model = vllm_config.model_config
-        self.protection = Protection.from_settings(
-            self.settings, req_states.device, teacher_tokenizer=model.tokenizer, teacher_width=model.get_vocab_size()
-        )
+        self.protection = build_protection(vllm_config, req_states.device)
+        self.settings = self.protection.settings
         self.args: dict[int, RequestArgs] = {}
         self.history: dict[int, list[int]] = {}
 
@@ -56,9 +52,10 @@ class AntidistillationLogitsProcessorV2(LogitsProcessor):
         self.history.pop(req_idx, None)
         try:
             args = parse_request_args(sampling_params.extra_args, self.settings)
-        except ValueError as exc:  # admission already validated; only a config drift gets here
-            log.error("antidistillation arguments rejected in the worker, slot unprotected: %s", exc)
-            args = RequestArgs()
+        except ValueError as exc:  # admission validated them: only a settings drift gets here
+            self.args.pop(req_idx, None)
+            self.protection.add_unreadable(req_idx, sampling_params.extra_args, str(exc))
+            return True
         if not args.protected:
             self.args.pop(req_idx, None)
             return False
@@ -66,20 +63,20 @@ class AntidistillationLogitsProcessorV2(LogitsProcessor):
         return True
 
     def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
-        if not self.args:
+        if not self.args and not self.protection.rows:
             return logits
         slots = [int(s) for s in ctx.idx_mapping_np]
         present = {slot: row for row, slot in enumerate(slots) if slot in self.args}
         for slot in [s for s in self.history if s not in present]:
             self.protection.remove(slot)
             del self.history[slot]
-        if not present:
-            return logits
-        rows = list(present.values())
-        newest = ctx.input_ids[rows].tolist()
-        for (slot, row), token in zip(present.items(), newest, strict=True):
-            self._sync(slot, int(ctx.seq_lens_upper_bound_np[row]), int(token))
-        return self.protection.apply(logits, present)
+        if present:
+            rows = list(present.values())
+            newest = ctx.input_ids[rows].tolist()
+            for (slot, row), token in zip(present.items(), newest, strict=True):
+                self._sync(slot, int(ctx.seq_lens_upper_bound_np[row]), int(token))
+        in_step = {slot: row for row, slot in enumerate(slots) if slot in self.protection.rows}
+        return self.protection.apply(logits, in_step) if in_step else logits
 
     def _sync(self, slot: int, length: int, newest: int) -> None:
         """Make the slot's host history exactly its ``length``-token prefix ending in ``newest``."""

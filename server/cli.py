@@ -28,6 +28,9 @@ PROCESSOR = "proxy_worker.vllm_v1:AntidistillationLogitsProcessor"
 MIDDLEWARE = "server.middleware.AntidistillationMiddleware"
 
 
+DEFAULT_PROXY_TOKENS = 16384
+
+
 class StartupError(RuntimeError):
     """A configuration problem found before vLLM starts; printed as one line."""
 
@@ -45,7 +48,12 @@ def serve_parser() -> argparse.ArgumentParser:
     ap.add_argument("--epsilon", type=float, default=1e-3, help="finite-difference ε (see proxy_worker.calibrate)")
     ap.add_argument("--tiers", help="tiers YAML (API keys → λ)")
     ap.add_argument("--proxy-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--proxy-token-budget", type=int, default=16384, help="proxy KV tokens per profile")
+    ap.add_argument(
+        "--proxy-token-budget",
+        type=int,
+        help=f"proxy KV tokens per profile (default {DEFAULT_PROXY_TOKENS}); the teacher's KV is capped to fit it, "
+        "or, given --num-gpu-blocks-override alone, the pool is sized from that",
+    )
     ap.add_argument("--max-lambda", type=float, default=50.0, help="largest λ the engine accepts")
     ap.add_argument("--audit-log", default="audit.jsonl", help="JSON-lines audit file ('-' for stderr)")
     ap.add_argument("--audit-text", action="store_true", help="include prompt text in audit lines")
@@ -74,7 +82,7 @@ def processor_settings(ours: argparse.Namespace) -> ProcessorSettings:
         "profiles": profiles,
         "epsilon": ours.epsilon,
         "proxy_dtype": ours.proxy_dtype,
-        "token_budget": ours.proxy_token_budget,
+        "token_budget": ours.proxy_token_budget or DEFAULT_PROXY_TOKENS,
         "max_lambda": ours.max_lambda,
     }
     try:
@@ -124,6 +132,39 @@ def fresh_metrics_dir() -> None:
     atexit.register(shutil.rmtree, path, ignore_errors=True)
 
 
+def couple_capacity(
+    args: argparse.Namespace, ours: argparse.Namespace, settings: ProcessorSettings
+) -> ProcessorSettings:
+    """Cap the teacher's KV to the proxy pool, or size the pool from the teacher's cap (kv_plan)."""
+    from proxy_worker.capacity import CapacityError
+    from proxy_worker.config import load_config
+    from server.kv_plan import describe_plan, plan_capacity
+
+    try:
+        plan = plan_capacity(args, ours.proxy_token_budget, DEFAULT_PROXY_TOKENS)
+    except CapacityError as exc:
+        raise StartupError(str(exc)) from None
+    args.num_gpu_blocks_override = plan.teacher_blocks
+    print(
+        "antidistill: " + describe_plan(plan, args, load_config(ours.proxy), ours.proxy_dtype, len(settings.profiles)),
+        file=sys.stderr,
+        flush=True,
+    )
+    return settings.model_copy(update={"token_budget": plan.proxy_tokens})
+
+
+def fresh_failure_ledger() -> None:
+    """The worker tells the gateway which protected requests lost Δ through this file (one per start)."""
+    from proxy_worker.failure_ledger import ENV_VAR, create
+
+    if os.environ.get(ENV_VAR):
+        return
+    root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    folder = tempfile.mkdtemp(prefix="antidistill-ledger-", dir=root)
+    os.environ[ENV_VAR] = str(create(Path(folder) / "failures.bin"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
 def serve(argv: Sequence[str]) -> None:
     if "-h" in argv or "--help" in argv:
         serve_parser().print_help()
@@ -153,6 +194,8 @@ def serve(argv: Sequence[str]) -> None:
 
     cli_env_setup()
     args = make_arg_parser(FlexibleArgumentParser(prog="antidistill serve")).parse_args(rest)
+    settings = couple_capacity(args, ours, settings)
+    fresh_failure_ledger()
     config = settings.model_dump()
     os.environ[ENV_VAR] = json.dumps({CONFIG_KEY: config})
     os.environ["ANTIDISTILL_TIERS"] = str(Path(ours.tiers).resolve())

@@ -20,6 +20,23 @@ OUTPUT_TOKENS = Counter(
     "antidistill_output_tokens", "Completion tokens served, split by whether λ > 0.", ["tier", "protected"]
 )
 ESCALATED = Counter("antidistill_escalated_requests", "Requests served at an escalated λ.", ["tier"])
+PROTECTION_FAILURES = Counter(
+    "antidistill_protection_failures",
+    "Protected requests whose Δ was unavailable for some step, by what was done (refused or degraded).",
+    ["tier", "reason", "action"],
+)
+UNPROTECTED_TOKENS = Counter(
+    "antidistill_unprotected_tokens",
+    "Tokens emitted with Δ = 0 on protected requests (degrade tiers only; refused requests emit none).",
+    ["tier"],
+)
+
+
+def record_protection_failure(tier: str, reason: str, refused: bool, unprotected_tokens: int) -> None:
+    """A protected request that lost Δ for some step: refused, or served with ``unprotected_tokens``."""
+    PROTECTION_FAILURES.labels(tier, reason, "refused" if refused else "degraded").inc()
+    if unprotected_tokens:
+        UNPROTECTED_TOKENS.labels(tier).inc(unprotected_tokens)
 
 
 def record_request(tier: str, status: int, lam: float | None, completion_tokens: int, escalated: bool) -> None:

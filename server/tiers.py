@@ -6,7 +6,7 @@ profile, and optional limits. It is validated with pydantic; errors name the fie
 
     tiers:
       free:     {lambda: 3.0, max_lambda: 6.0, profile: math, rpm: 20, max_tokens: 512, max_logprobs: 0}
-      pro:      {lambda: 1.0, min_lambda: 0.5, max_lambda: 3.0}
+      pro:      {lambda: 1.0, min_lambda: 0.5, max_lambda: 3.0, on_protection_failure: degrade}
       internal: {lambda: 0.0}
       anonymous: {lambda: 5.0, rpm: 5}     # optional: serves requests that carry no key
     keys:
@@ -20,6 +20,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -58,6 +59,10 @@ class Tier(BaseModel):
         None, description="prompt_logprobs / echo+logprobs (default: unprotected only)"
     )
     escalation: Escalation | None = None
+    on_protection_failure: Literal["refuse", "degrade"] = Field(
+        "refuse",
+        description="a protected request whose Δ cannot be computed: refused (503), or served with Δ = 0, flagged",
+    )
 
     @model_validator(mode="after")
     def _range(self) -> Tier:

@@ -60,7 +60,7 @@ def test_rows_follow_moves_and_swaps_across_profiles(protection):
 
 
 def test_non_finite_delta_falls_back_to_zero_and_is_counted(protection):
-    protection.add(0, RequestArgs(1.0, "math"), [5, 6, 7], [])
+    protection.add(0, RequestArgs(1.0, "math", on_failure="degrade"), [5, 6, 7], [])
     protection.add(1, RequestArgs(1.0, "code"), [5, 6, 7], [])
     protection.engines["math"].model.params["norm"][0, 0] = float("nan")
     logits = torch.zeros(2, 320)

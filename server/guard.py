@@ -1,0 +1,184 @@
+"""Fail closed at the gateway: a protected request whose Δ the worker could not compute is refused.
+
+The worker writes a failing row's ticket to the failure ledger (proxy_worker/failure_ledger.py)
+before that step's token is sampled, and withholds the row (its logits flattened) so nothing it
+samples from then on carries the teacher. This module is the other half, in the API-server
+process: ``FailureWatcher`` reads the ledger for the tickets of live requests (on every response
+message, and every few milliseconds while any is live), and ``ProtectionGuard`` sits between vLLM
+and the client for one request:
+
+- the response start is held until the first body message, so a refusal found by then becomes a
+  503 with an OpenAI-style error and ``Retry-After`` (streamed or not);
+- a stream refused later gets one error event and ends: no further tokens;
+- a refused request is aborted in the engine (its receive channel reports a disconnect);
+- in ``degrade`` mode nothing is refused; the failed steps are counted and flagged instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy_worker.failure_ledger import FailureLedger, Reason
+from proxy_worker.settings import MAX_TICKET
+from server.errors import error_body, respond
+
+log = logging.getLogger("server.gateway")
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+POLL_SECONDS = 0.01
+RETRY_AFTER = {Reason.BUDGET: 2, Reason.NON_FINITE: 1, Reason.ERROR: 5, Reason.BAD_ARGUMENTS: 30}
+WHY = {
+    Reason.BUDGET: "the proxy's KV cache was full",
+    Reason.NON_FINITE: "the proxy produced non-finite values",
+    Reason.ERROR: "the proxy step failed",
+    Reason.BAD_ARGUMENTS: "the engine could not read the request's protection settings",
+}
+OVERFLOW = "the failure ledger overflowed, so this request's protection cannot be verified"
+
+
+@dataclass
+class Watch:
+    """One protected request's ticket and what the worker said about it."""
+
+    ticket: int
+    refuse: bool
+    reason: Reason | None = None
+    unverifiable: bool = False  # the ledger overflowed while this request was live
+    failed_steps: int = 0
+    failed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def protected(self) -> bool:
+        """Every emitted token had λ·Δ applied (what the audit line reports)."""
+        return self.failed_steps == 0 and not self.unverifiable
+
+    def message(self) -> str:
+        why = OVERFLOW if self.unverifiable else WHY[self.reason or Reason.ERROR]
+        return f"antidistillation protection could not be applied ({why}); the request was stopped, not served raw"
+
+    def retry_after(self) -> int:
+        return 1 if self.unverifiable else RETRY_AFTER[self.reason or Reason.ERROR]
+
+
+class FailureWatcher:
+    """The tickets of this process's live protected requests, matched against the ledger."""
+
+    def __init__(self, ledger: FailureLedger | None) -> None:
+        self.ledger = ledger
+        self.live: dict[int, Watch] = {}
+        self._poller: asyncio.Task | None = None
+
+    def open(self, refuse: bool) -> Watch:
+        ticket = secrets.randbelow(MAX_TICKET) + 1
+        watch = self.live[ticket] = Watch(ticket, refuse)
+        if self.ledger is not None and (self._poller is None or self._poller.done()):
+            self._poller = asyncio.get_running_loop().create_task(self._poll_while_live())
+        return watch
+
+    def close(self, watch: Watch) -> None:
+        self.poll()
+        self.live.pop(watch.ticket, None)
+
+    def poll(self) -> None:
+        if self.ledger is None:
+            return
+        batch = self.ledger.read()
+        if batch.overflowed:
+            log.error("failure ledger overflowed: %d live protected requests cannot be verified", len(self.live))
+            for watch in self.live.values():
+                watch.unverifiable = True
+                watch.failed.set()
+        for record in batch.records:
+            watch = self.live.get(record.ticket)
+            if watch is not None:
+                watch.reason = watch.reason or record.reason
+                watch.failed_steps += 1
+                watch.failed.set()
+
+    async def _poll_while_live(self) -> None:
+        while self.live:
+            self.poll()
+            await asyncio.sleep(POLL_SECONDS)
+
+
+class ProtectionGuard:
+    """The send/receive pair vLLM's app gets for one protected request (see the module docstring)."""
+
+    def __init__(self, watch: Watch, watcher: FailureWatcher, send: Send, receive: Receive) -> None:
+        self.watch, self.watcher = watch, watcher
+        self._send, self._receive = send, receive
+        self._start: Message | None = None
+        self.started = False  # the client has the response start
+        self.done = False  # the client's response is complete (or refused): drop the rest
+
+    @property
+    def refused(self) -> bool:
+        return self.watch.refuse and self.watch.failed.is_set()
+
+    async def receive(self) -> Message:
+        """The app's receive channel, reporting a disconnect once the request is refused: vLLM aborts it."""
+        if self.refused:
+            return {"type": "http.disconnect"}
+        inner = asyncio.ensure_future(self._receive())
+        if not self.watch.refuse:
+            return await inner
+        stop = asyncio.ensure_future(self.watch.failed.wait())
+        done, _ = await asyncio.wait({inner, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if inner in done:
+            stop.cancel()
+            return inner.result()
+        inner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await inner
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: Message) -> None:
+        if self.done:
+            return
+        self.watcher.poll()
+        if message["type"] == "http.response.start":
+            self._start = message
+            return
+        if message["type"] != "http.response.body":
+            return await self._send(message)
+        if self.refused:
+            return await self._refuse()
+        if not self.started:
+            await self._send_start()
+        await self._send(message)
+        if not message.get("more_body"):
+            self.done = True
+
+    async def finish(self) -> None:
+        """After the app returned: a refused request that sent nothing gets its 503 now."""
+        self.watcher.poll()
+        if not self.done and self.refused:
+            await self._refuse()
+
+    async def _send_start(self) -> None:
+        start = self._start or {"type": "http.response.start", "status": 200, "headers": []}
+        if self.watch.failed_steps:
+            start["headers"] = [*start.get("headers", []), (b"x-antidistillation-protection", b"degraded")]
+        self.started = True
+        await self._send(start)
+
+    async def _refuse(self) -> None:
+        """503 if nothing was sent yet; otherwise one error event that ends the stream."""
+        self.done = True
+        if not self.started:
+            self.started = True
+            retry = [(b"retry-after", str(self.watch.retry_after()).encode())]
+            return await respond(self._send, 503, error_body(503, self.watch.message()), retry)
+        event = {"error": json.loads(error_body(503, self.watch.message()))["error"]}
+        chunk = f"data: {json.dumps(event)}\n\n".encode()
+        await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await self._send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})

@@ -24,7 +24,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from proxy_worker.failure_ledger import FailureLedger
 from server import metrics
+from server.errors import error_body, respond
+from server.guard import FailureWatcher, ProtectionGuard, Watch
 from server.limits import KeyLimiter
 from server.policy import LAMBDA_HEADER, PolicyError, decide, find_smuggled
 from server.tiers import Caller, Tier, TiersError, TierTable, hash_key, load_tiers
@@ -46,24 +49,6 @@ MAX_DEPTH = 64  # JSON nesting; tool schemas and content parts need far less, re
 PROTECTED_REFUSED = {"use_beam_search": "beam search", "prompt_embeds": "prompt embeddings"}
 
 
-def error_body(status: int, message: str, param: str | None = None) -> bytes:
-    kind = {
-        400: "invalid_request_error",
-        401: "authentication_error",
-        403: "permission_error",
-        404: "not_found_error",
-        429: "rate_limit_error",
-        503: "service_unavailable",
-    }.get(status, "error")
-    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}).encode()
-
-
-async def respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    base = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": base + (headers or [])})
-    await send({"type": "http.response.body", "body": body})
-
-
 @dataclass
 class Exchange:
     """What the audit line and the output-token count need to know about one request."""
@@ -81,6 +66,7 @@ class Exchange:
     completion_tokens: int = 0
     prompt_text: Any = None
     body: bytearray = field(default_factory=bytearray)
+    watch: Watch | None = None  # protected requests: what the worker reported
 
 
 _served_app: list[Any] = []  # vLLM's FastAPI app, seen at lifespan start (its uvicorn server is on app.state)
@@ -111,6 +97,7 @@ class AntidistillationMiddleware:
         self.app = app
         self.tiers = tiers or load_tiers(os.environ[TIERS_ENV])
         self.limiter = KeyLimiter()
+        self.watcher = FailureWatcher(FailureLedger.from_env())
         self.audit = _audit_logger(os.environ.get(AUDIT_ENV, "audit.jsonl"))
         self.audit_text = os.environ.get(AUDIT_TEXT_ENV) == "1"
         self.seed_unsafe = _cpu_platform()
@@ -210,14 +197,24 @@ class AntidistillationMiddleware:
             extra = [(b"retry-after", str(err.retry_after).encode())] if err.retry_after else []
             await respond(send, err.status, error_body(err.status, err.message, err.param), extra)
             return self._finish(ex)
+        if ex.lam:  # protected: the worker reports a step without Δ under this ticket
+            ex.watch = self.watcher.open(refuse=caller.tier.on_protection_failure == "refuse")
+            body["vllm_xargs"].update(ad_ticket=ex.watch.ticket, ad_on_failure=caller.tier.on_protection_failure)
         payload = json.dumps(body).encode()
         headers_out = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         scope = {**scope, "headers": [*headers_out, (b"content-length", str(len(payload)).encode())]}
         self.in_flight += 1
         try:
-            await self.app(scope, _replay(payload, receive), self._labelled(send, ex))
+            if ex.watch is None:
+                await self.app(scope, _replay(payload, receive), self._labelled(send, ex))
+            else:
+                guard = ProtectionGuard(ex.watch, self.watcher, self._labelled(send, ex), _replay(payload, receive))
+                await self.app(scope, guard.receive, guard.send)
+                await guard.finish()
         finally:
             self.in_flight -= 1
+            if ex.watch is not None:
+                self.watcher.close(ex.watch)
             self.limiter.release(caller.key_id, ex.completion_tokens)
             self._finish(ex)
 
@@ -287,7 +284,14 @@ class AntidistillationMiddleware:
     def _finish(self, ex: Exchange) -> None:
         """The one place a request ends: its audit line and its metrics."""
         tokens = ex.completion_tokens
-        metrics.record_request(ex.caller.tier_name or "none", ex.status, ex.lam, tokens, ex.escalated)
+        tier = ex.caller.tier_name or "none"
+        metrics.record_request(tier, ex.status, ex.lam, tokens, ex.escalated)
+        watch = ex.watch
+        failure, unprotected = None, 0
+        if watch is not None and not watch.protected:
+            failure = "unverifiable" if watch.unverifiable else (watch.reason.label if watch.reason else "error")
+            unprotected = 0 if watch.refuse else min(watch.failed_steps, tokens)
+            metrics.record_protection_failure(tier, failure, watch.refuse, unprotected)
         line = {
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "key_id": ex.caller.key_id,
@@ -300,6 +304,9 @@ class AntidistillationMiddleware:
             "status": ex.status,
             "prompt_tokens": ex.prompt_tokens,
             "completion_tokens": tokens,
+            "protected": None if watch is None else watch.protected,
+            "protection_failure": failure,
+            "unprotected_tokens": unprotected,
             "latency_ms": round(1000 * (time.monotonic() - ex.start), 1),
         }
         if self.audit_text:

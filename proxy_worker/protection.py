@@ -182,9 +182,9 @@ class Protection:
         for profile, indices in by_profile.items():
             try:
                 failed = self._apply_profile(logits, self.engines[profile], indices, logits_rows)
-            except Exception as exc:  # an exception here would kill the engine: the rows fail instead
-                log.exception("antidistillation step failed for profile %r", profile)
-                failed = dict.fromkeys(indices, (Reason.ERROR, f"{type(exc).__name__}: {exc}"))
+            except Exception:  # raising here would kill the engine: find the rows that fail instead
+                log.exception("antidistillation step failed for profile %r; retrying its rows one by one", profile)
+                failed = self._isolate(logits, self.engines[profile], indices, logits_rows)
             for index, (reason, detail) in failed.items():
                 self._fail(index, self.rows[index], reason, detail)
         refused = [logits_rows[i] for i, row in self.rows.items() if row.refused is not None and i in logits_rows]
@@ -208,10 +208,22 @@ class Protection:
             delta[permuted] = self.control.apply(delta[permuted], keys)
         lambdas = torch.tensor([r.args.lam for r in rows], dtype=torch.float32, device=delta.device)
         target = torch.tensor([logits_rows[i] for i in indices], device=logits.device)
-        add_scaled(logits, target, lambdas.to(logits.device), delta.to(logits.device))
         metrics.record_profile_step(profile, result, len(indices), time.perf_counter() - start)
         metrics.record_kv(profile, engine.cache.used_tokens, engine.cache.capacity_tokens)
+        add_scaled(logits, target, lambdas.to(logits.device), delta.to(logits.device))  # last: a retry adds once
         return {index: (failure_reason(text), text) for index, text in result.failed.items()}
+
+    def _isolate(
+        self, logits: torch.Tensor, engine: ProxyEngine, indices: list[int], logits_rows: Mapping[int, int]
+    ) -> dict[int, tuple[Reason, str]]:
+        """After a failed batched step: one row per pass (less memory, and one bad row fails alone)."""
+        failed: dict[int, tuple[Reason, str]] = {}
+        for index in indices:
+            try:
+                failed |= self._apply_profile(logits, engine, [index], logits_rows)
+            except Exception as exc:
+                failed[index] = (Reason.ERROR, f"{type(exc).__name__}: {exc}")
+        return failed
 
     def _fail(self, index: int, row: _Row, reason: Reason, detail: str) -> None:
         """Count, log and record a row that has no Δ this step; a refuse-mode row is withheld from now on."""

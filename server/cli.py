@@ -153,6 +153,19 @@ def couple_capacity(
     return settings.model_copy(update={"token_budget": plan.proxy_tokens})
 
 
+def with_our_processor(processors: list) -> list:
+    """vLLM's processor list plus ours — unless a subclass of ours is already there (it replaces ours)."""
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    from proxy_worker.vllm_v1 import AntidistillationLogitsProcessor
+
+    def ours(entry: object) -> bool:
+        cls = resolve_obj_by_qualname(entry.replace(":", ".")) if isinstance(entry, str) else entry
+        return isinstance(cls, type) and issubclass(cls, AntidistillationLogitsProcessor)
+
+    return processors if any(ours(p) for p in processors) else [*processors, PROCESSOR]
+
+
 def fresh_failure_ledger() -> None:
     """The worker tells the gateway which protected requests lost Δ through this file (one per start)."""
     from proxy_worker.failure_ledger import ENV_VAR, create
@@ -203,7 +216,7 @@ def serve(argv: Sequence[str]) -> None:
     os.environ["ANTIDISTILL_AUDIT_TEXT"] = "1" if ours.audit_text else "0"
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # the V1 path is the tested one (README)
     args.additional_config = {**(args.additional_config or {}), CONFIG_KEY: config}
-    args.logits_processors = [*(args.logits_processors or []), PROCESSOR]
+    args.logits_processors = with_our_processor(args.logits_processors or [])
     args.middleware = [*(args.middleware or []), MIDDLEWARE]
     if not any(a.startswith("--logprobs-mode") for a in rest):
         args.logprobs_mode = "processed_logprobs"  # logprobs describe the protected distribution

@@ -1,0 +1,211 @@
+"""Fail closed, end to end: a real `antidistill serve` (vLLM CPU engine, tiny models) whose proxy
+cannot protect some requests. Every response is judged by its tokens against an independent HF
+reference sampler: either exactly the protected output at the tier's λ, or a refusal (HTTP 503 /
+a stream error event) — never λ = 0 text. A `degrade` tier is served with Δ = 0 and flagged. A
+second server shows the capacity coupling: a pool that the same load used to overflow is now
+followed by the teacher, so nothing falls back at all."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from functools import cache
+
+import httpx
+import pytest
+
+from server.launch import free_port, running_server
+from tests.reference_sampler import ReferenceSampler
+from tests.test_metrics import scrape, total
+from tests.vllm_setup import EPSILONS, antidistill_serve_args, build_models, write_tiers
+
+TIERS = {
+    "guarded": {"lambda": 3.0, "min_lambda": 3.0},
+    "lenient": {"lambda": 3.0, "on_protection_failure": "degrade"},
+}
+NAN_TOKEN, RAISE_TOKEN = 300, 301  # prompts starting with these get the injected faults
+POOL_TOKENS = 200  # the repro: 8 concurrent ~80-token requests cannot all fit
+LAMBDA, MAX_TOKENS = 3.0, 64
+FAULTS = {"pool_tokens": POOL_TOKENS, "nan_token": NAN_TOKEN, "raise_token": RAISE_TOKEN}
+
+
+def serve(tmp_path_factory, name: str, extra: list[str], env: dict):
+    root = tmp_path_factory.mktemp(name)
+    models = build_models(root)
+    keys = write_tiers(root / "tiers.yaml", TIERS)
+    port = free_port()
+    args = antidistill_serve_args(models, root / "tiers.yaml", root / "audit.jsonl", port) + extra
+    log = root / "server.log"
+    return models, keys, root, running_server(args, {"VLLM_CPU_KVCACHE_SPACE": "1", **env}, log, port)
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory):
+    extra = ["--logits-processors", "tests.fault_injection:FaultyProcessor"]
+    models, keys, root, server = serve(
+        tmp_path_factory, "fail-closed", extra, {"ANTIDISTILL_TEST_FAULTS": json.dumps(FAULTS)}
+    )
+    with server as base:
+        yield {"base": base, "keys": keys, "models": models, "audit": root / "audit.jsonl", "log": root / "server.log"}
+
+
+_samplers: dict[str, ReferenceSampler] = {}
+
+
+def reference(models, lam: float, prompt: tuple[int, ...], max_tokens: int = MAX_TOKENS) -> list[int]:
+    """The independent HF sampler's greedy tokens (one sampler per model set)."""
+    if str(models.teacher) not in _samplers:
+        theta, grad = models.theta_and_grad("math")
+        _samplers[str(models.teacher)] = ReferenceSampler(models.teacher, models.proxy, theta, grad, EPSILONS["math"])
+    return _generate(str(models.teacher), lam, prompt, max_tokens)
+
+
+@cache
+def _generate(teacher: str, lam: float, prompt: tuple[int, ...], max_tokens: int) -> list[int]:
+    return _samplers[teacher].generate(list(prompt), lam, max_tokens)
+
+
+def prompts(models, count: int) -> list[tuple[int, ...]]:
+    texts = [f"Question {i}: Alice has {i} apples and buys {2 * i + 1} more, so" for i in range(count)]
+    return [tuple(models.tokenizer(t)["input_ids"]) for t in texts]
+
+
+def body(srv, prompt, stream: bool, max_tokens: int = MAX_TOKENS) -> dict:
+    return {
+        "model": str(srv["models"].teacher),
+        "prompt": list(prompt),
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+        "stream": stream,
+    }
+
+
+async def complete(client: httpx.AsyncClient, srv, tier: str, payload: dict) -> tuple[int, list[int], dict | None]:
+    """(status, token ids received, the error object if refused) — streamed or not."""
+    headers = {"Authorization": f"Bearer {srv['keys'][tier]}"}
+    if not payload["stream"]:
+        res = await client.post("/v1/completions", json=payload, headers=headers)
+        data = res.json()
+        if res.status_code != 200:
+            return res.status_code, [], data["error"]
+        return 200, data["choices"][0]["token_ids"], None
+    ids, error = [], None
+    async with client.stream("POST", "/v1/completions", json=payload, headers=headers) as res:
+        if res.status_code != 200:
+            return res.status_code, [], json.loads(await res.aread())["error"]
+        async for line in res.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            assert error is None, f"nothing may follow a refusal, got {line}"
+            event = json.loads(line[6:])
+            if "error" in event:
+                error = event["error"]
+                continue
+            ids += event["choices"][0].get("token_ids") or [] if event["choices"] else []
+    return 200, ids, error
+
+
+def audit_lines(srv) -> list[dict]:
+    return [json.loads(line) for line in srv["audit"].read_text().splitlines() if line.strip()]
+
+
+async def _concurrent(srv, tier: str, payloads: list[dict]) -> list[tuple[int, list[int], dict | None]]:
+    async with httpx.AsyncClient(base_url=srv["base"], timeout=300) as client:
+        return await asyncio.gather(*(complete(client, srv, tier, p) for p in payloads))
+
+
+def test_overflowing_proxy_pool_refuses_and_never_serves_raw(faulty):
+    models = faulty["models"]
+    cases = prompts(models, 8)
+    payloads = [body(faulty, p, stream=i % 2 == 1) for i, p in enumerate(cases)]
+    before = total(scrape(faulty["base"]), "antidistill_protection_failures_total", reason="budget")
+    results = asyncio.run(_concurrent(faulty, "guarded", payloads))
+    refused = 0
+    for prompt, (status, ids, error), payload in zip(cases, results, payloads, strict=True):
+        protected = reference(models, LAMBDA, prompt)
+        raw = reference(models, 0.0, prompt)
+        assert protected != raw, "the test needs prompts where protection changes the output"
+        if error is None:
+            assert status == 200 and ids == protected, "a served answer is the protected one, token for token"
+            continue
+        refused += 1
+        assert error["code"] == 503 and "KV cache was full" in error["message"], error
+        assert ids == protected[: len(ids)], "tokens streamed before the refusal were protected"
+        if status == 200:
+            assert payload["stream"] and ids, "only a stream that already sent tokens ends in an error event"
+        else:
+            assert status == 503 and ids == [], "refused before its first token: a plain 503"
+    assert refused >= 1, "the pool cannot hold 8 requests of ~80 tokens: some must be refused"
+    after = total(scrape(faulty["base"]), "antidistill_protection_failures_total", reason="budget")
+    assert after - before == refused
+    lines = [line for line in audit_lines(faulty) if line["tier"] == "guarded"][-8:]
+    assert sum(line["protection_failure"] == "budget" for line in lines) == refused
+    assert all(line["protected"] == (line["protection_failure"] is None) for line in lines)
+    assert sum(line["status"] == 503 for line in lines) == sum(status == 503 for status, _, _ in results)
+    # the engine keeps serving, correctly
+    ((status, ids, error),) = asyncio.run(_concurrent(faulty, "guarded", [body(faulty, cases[0], False, 16)]))
+    assert status == 200 and error is None and ids == reference(models, LAMBDA, cases[0], 16)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("token,reason", [(NAN_TOKEN, "non_finite"), (RAISE_TOKEN, "error")], ids=["nan", "raise"])
+def test_injected_faults_are_refused_counted_and_audited(faulty, token, reason, stream):
+    models = faulty["models"]
+    prompt = (token, *prompts(models, 1)[0])
+    good = prompts(models, 2)[1]
+    before = total(scrape(faulty["base"]), "antidistill_protection_failures_total", reason=reason, action="refused")
+    payloads = [body(faulty, prompt, stream, 16), body(faulty, good, stream, 16)]
+    (status, ids, error), (good_status, good_ids, good_error) = asyncio.run(_concurrent(faulty, "guarded", payloads))
+    assert error is not None and error["code"] == 503 and ids == [], "refused before any token"
+    assert status == 503, "a refusal found before the first token is a plain 503, streamed or not"
+    assert good_status == 200 and good_error is None, "the other request in the batch is unaffected"
+    assert good_ids == reference(models, LAMBDA, good, 16)
+    after = total(scrape(faulty["base"]), "antidistill_protection_failures_total", reason=reason, action="refused")
+    assert after == before + 1
+    line = next(line for line in reversed(audit_lines(faulty)) if line["status"] == 503)
+    assert line["protected"] is False and line["protection_failure"] == reason and line["unprotected_tokens"] == 0
+
+
+def test_degrade_tier_serves_delta_zero_and_flags_it(faulty):
+    models = faulty["models"]
+    prompt = (NAN_TOKEN, *prompts(models, 1)[0])
+    before = total(scrape(faulty["base"]), "antidistill_unprotected_tokens_total", tier="lenient")
+    headers = {"Authorization": f"Bearer {faulty['keys']['lenient']}"}
+    res = httpx.post(
+        f"{faulty['base']}/v1/completions", json=body(faulty, prompt, False, 16), headers=headers, timeout=120
+    )
+    assert res.status_code == 200 and res.headers["x-antidistillation-protection"] == "degraded"
+    assert res.json()["choices"][0]["token_ids"] == reference(models, 0.0, prompt, 16), "Δ = 0 at every step"
+    line = audit_lines(faulty)[-1]
+    assert (
+        line["protected"] is False and line["protection_failure"] == "non_finite" and line["unprotected_tokens"] == 16
+    )
+    after = total(scrape(faulty["base"]), "antidistill_unprotected_tokens_total", tier="lenient")
+    assert after == before + 16
+
+
+@pytest.fixture(scope="module")
+def coupled(tmp_path_factory):
+    """The same pool size that overflowed above, now with the teacher capped to follow it."""
+    extra = ["--proxy-token-budget", "640", "--block-size", "32"]
+    models, keys, root, server = serve(tmp_path_factory, "coupled", extra, {})
+    with server as base:
+        yield {"base": base, "keys": keys, "models": models, "audit": root / "audit.jsonl", "log": root / "server.log"}
+
+
+def test_coupled_capacity_serves_the_overflowing_load_fully_protected(coupled):
+    log = coupled["log"].read_text()
+    assert "KV capacity: teacher 384 tokens (12 blocks × 32" in log and "proxy 640 tokens per profile" in log
+    models = coupled["models"]
+    cases = prompts(models, 8)  # 8 × ~80 tokens: more than the teacher's 384, so it queues and preempts
+    results = asyncio.run(
+        _concurrent(coupled, "guarded", [body(coupled, p, stream=i % 2 == 1) for i, p in enumerate(cases)])
+    )
+    for prompt, (status, ids, error) in zip(cases, results, strict=True):
+        assert status == 200 and error is None, error
+        assert ids == reference(models, LAMBDA, prompt)
+    metrics = scrape(coupled["base"])
+    assert total(metrics, "antidistill_delta_fallbacks_total") == 0
+    assert total(metrics, "antidistill_protection_failures_total") == 0

@@ -3,10 +3,16 @@ other, over batch × context, with the bytes, FLOPs and roofline each step impli
 
     python -m benchmarks.proxy_step --out benchmarks/results/proxy_step-cpu.json
     python -m benchmarks.proxy_step --shape qwen2.5-0.5b --dtype bfloat16 --device cuda   # on a GPU
+    python -m benchmarks.proxy_step --shared-prefix 1000 --batches 32 --contexts 1024   # prefix sharing
 
 Every row already holds ``context`` cached tokens (random KV: values do not change the cost) and
 each step adds one token per row: plan + forward + log-softmax (Δ for two copies). All modes run
 side by side in one process, so the ratios are meaningful on a noisy machine.
+
+``--shared-prefix P`` instead runs whole engine steps (cache bookkeeping, plan, forward, Δ) over
+rows of ``context`` prompt tokens, once with distinct prompts and once with the first P tokens
+shared, and reports the proxy KV tokens held, the prompt tokens the first step would compute,
+and the decode step time.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from benchmarks.report import write_json
 from proxy_worker.cache import ProxyKVCache
 from proxy_worker.config import ProxyConfig, parse_config
 from proxy_worker.delta import finite_difference
-from proxy_worker.engine import DTYPES
+from proxy_worker.engine import DTYPES, ProxyEngine
 from proxy_worker.model import StackedProxy
 from proxy_worker.plan import build_plan
 
@@ -142,14 +148,63 @@ def decode_fn(models: list[StackedProxy], batch: int, context: int, device: str)
     return step
 
 
+def engine_rows(
+    model: StackedProxy, batch: int, context: int, shared: int, steps: int
+) -> tuple[ProxyEngine, list[list[int]], int]:
+    """An engine holding ``batch`` rows of ``context`` prompt tokens whose first ``shared`` are common,
+    with their prompts marked computed (random KV: values do not change the cost), so the next
+    step is a decode step. Returns it, the rows' live outputs, and the prompt tokens a real first
+    step would have computed (what prefix sharing saves)."""
+    gen = torch.Generator().manual_seed(1)
+    prefix = torch.randint(0, model.cfg.vocab_size, (shared,), generator=gen).tolist()
+    engine = ProxyEngine(model, 1e-2, token_budget=batch * (context + 16 + steps))
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    prefill = 0
+    for r in range(batch):
+        prompt = prefix + torch.randint(0, model.cfg.vocab_size, (context - shared,), generator=gen).tolist()
+        engine.add(r, prompt, outputs[r])
+        row = engine.cache.rows[r]
+        engine.cache.reserve(row, context)
+        prefill += context - row.computed
+        engine.cache.mark_written(row, row.computed, context)
+        row.computed = context
+    return engine, outputs, prefill
+
+
+def shared_prefix_run(args: argparse.Namespace, model: StackedProxy) -> list[dict]:
+    """Batch × context with and without a shared prefix: tokens held, prefill to compute, decode step time."""
+    points = []
+    print(f"{'batch':>5} {'ctx':>5} {'shared':>6} {'tokens held':>11} {'prefill':>8} {'decode ms':>9}")
+    for context in args.contexts:
+        for batch in args.batches:
+            for shared in (0, min(args.shared_prefix, context - 1)):
+                engine, outputs, prefill = engine_rows(model, batch, context, shared, args.iters + 1)
+                held = engine.cache.used_tokens
+
+                def step(engine: ProxyEngine = engine, outputs: list[list[int]] = outputs) -> object:
+                    for out in outputs:
+                        out.append(1)
+                    return engine.step(range(len(outputs)))
+
+                ms = 1e3 * _median_time(step, args.iters, args.device)
+                point = dict(batch=batch, context=context, shared_prefix=shared, tokens_held=held)
+                points.append(point | dict(prefill_tokens=prefill, decode_ms=ms))
+                print(f"{batch:>5} {context:>5} {shared:>6} {held:>11} {prefill:>8} {ms:>9.1f}", flush=True)
+                del engine, outputs, step
+                gc.collect()
+    return points
+
+
 def run(args: argparse.Namespace) -> dict:
     cfg = parse_config({**SHAPES[args.shape], "max_position_embeddings": 8192}, args.shape)
     dtype = DTYPES[args.dtype]
     elem = torch.tensor([], dtype=dtype).element_size()
     bw, peak = machine_roofline(args.device, dtype)
     print(f"{args.shape} {args.dtype} on {args.device}: measured {bw / 1e9:.1f} GB/s, {peak / 1e9:.0f} GFLOP/s")
-    one = StackedProxy(cfg, random_params(cfg, 1, dtype, args.device), args.device)
     two = StackedProxy(cfg, random_params(cfg, 2, dtype, args.device), args.device)
+    if args.shared_prefix:
+        return dict(shape=args.shape, dtype=args.dtype, device=args.device, shared_prefix=shared_prefix_run(args, two))
+    one = StackedProxy(cfg, random_params(cfg, 1, dtype, args.device), args.device)
     modes = {"one_copy": [one], "two_batched": [two], "two_sequential": [one, one]}
     points = []
     header = (
@@ -207,6 +262,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--contexts", type=int, nargs="+", default=[128, 1024])
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--shared-prefix", type=int, default=0, help="engine steps with/without this many shared tokens")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     result = run(args)

@@ -1,12 +1,24 @@
-"""Per-request proxy KV state in a preallocated, bounded block pool.
+"""Per-request proxy KV state in a preallocated, bounded block pool with prefix sharing.
 
 Rows are keyed by the teacher batch's row index and follow vLLM's BatchUpdate operations (add,
 remove, one-way move, swap). The pool is allocated once at start-up (its memory is not in vLLM's
 budget) and never grows: a request that does not fit gets ``ProxyBudgetExceeded`` for itself only.
+
+Full blocks are shared the way vLLM's prefix cache shares them: each is named by a chained
+content digest (parent digest + its token ids), registered as soon as a row reserves it, and
+reference-counted; a row that is added (or must recompute its prefix) takes the longest chain of
+registered blocks, leaving at least its last token to compute. A block is freed with its last
+reference. Both perturbed copies use one block table (the store has a copy dimension).
+
+Ordering: a block registered in this step may not be written yet. A row reads the shared blocks
+it took (``RowState.shared``) but only ever writes its own; it may run a pass only once every
+block it took is *written* (its last position computed), see ``ready``.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -14,6 +26,15 @@ import torch
 
 from proxy_worker.config import ProxyConfig
 from proxy_worker.model import KVStore
+from proxy_worker.plan import PagedSlots
+
+ROOT = b"proxy-kv-root"
+
+
+def block_digest(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """Chained content digest of a full block (blake2b, not Python's ``hash``), so a client cannot
+    craft a different prefix that lands on another request's proxy KV."""
+    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=32).digest()
 
 
 class ProxyBudgetExceeded(RuntimeError):
@@ -22,11 +43,17 @@ class ProxyBudgetExceeded(RuntimeError):
 
 @dataclass
 class RowState:
-    """One request's token history (live sequences, read at step time) and its cached prefix."""
+    """One request's token history (live sequences, read at step time) and its cached prefix.
+
+    ``blocks[:shared]`` were taken from other rows (read-only here); ``digests[j]`` names full
+    block j; ``computed`` positions have their keys/values in the store.
+    """
 
     prompt: Sequence[int]
     output: Sequence[int]
     blocks: list[int] = field(default_factory=list)
+    digests: list[bytes] = field(default_factory=list)
+    shared: int = 0
     computed: int = 0
     last_delta: torch.Tensor | None = None
     error: str | None = None
@@ -44,7 +71,7 @@ class RowState:
 
 
 class ProxyKVCache:
-    """Block pool + row table. ``token_budget`` bounds the tokens held across all rows."""
+    """Block pool + row table. ``token_budget`` bounds the distinct tokens held across all rows."""
 
     def __init__(
         self,
@@ -64,6 +91,10 @@ class ProxyKVCache:
             torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
         )
         self._free = list(range(self.num_blocks - 1, -1, -1))
+        self.refs = [0] * self.num_blocks
+        self.written = [False] * self.num_blocks
+        self._by_digest: dict[bytes, int] = {}
+        self._digest_of: dict[int, bytes] = {}
         self.rows: dict[int, RowState] = {}
 
     @property
@@ -75,11 +106,19 @@ class ProxyKVCache:
         return (self.num_blocks - len(self._free)) * self.block_size
 
     @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def registered_blocks(self) -> int:
+        return len(self._by_digest)
+
+    @property
     def nbytes(self) -> int:
         return 2 * self.store.k.numel() * self.store.k.element_size()
 
     def add(self, index: int, prompt: Sequence[int], output: Sequence[int] = ()) -> None:
-        """Start a row; an occupied index is replaced (its blocks are freed)."""
+        """Start a row; an occupied index is replaced (its blocks are released)."""
         self.remove(index)
         self.rows[index] = RowState(prompt=prompt, output=output)
 
@@ -109,29 +148,87 @@ class ProxyKVCache:
         row.error = None
 
     def reserve(self, row: RowState, length: int) -> None:
-        """Make ``row`` able to hold ``length`` tokens, or raise without changing anything."""
-        needed = -(-length // self.block_size) - len(row.blocks)
-        if needed <= 0:
-            return
+        """Make ``row`` able to hold ``length`` tokens, or raise without changing anything.
+
+        A row without blocks first takes the longest chain of registered blocks of its first
+        ``length - 1`` tokens; every full block it then holds is registered for others to take.
+        """
+        taken, digests = ([], []) if row.blocks else self._match(row, length)
+        needed = -(-length // self.block_size) - len(row.blocks) - len(taken)
         if needed > len(self._free):
             raise ProxyBudgetExceeded(
                 f"proxy KV budget exhausted: a row of {length} tokens needs {needed} more blocks of "
                 f"{self.block_size}, {len(self._free)} free of {self.num_blocks}"
             )
-        row.blocks.extend(self._free.pop() for _ in range(needed))
+        if taken:
+            for b in taken:
+                self.refs[b] += 1
+            row.blocks, row.digests, row.shared = taken, digests, len(taken)
+            row.computed = len(taken) * self.block_size
+        for _ in range(max(needed, 0)):
+            b = self._free.pop()
+            self.refs[b], self.written[b] = 1, False
+            row.blocks.append(b)
+        self._register(row, length)
+
+    def ready(self, row: RowState) -> bool:
+        """Whether every block ``row`` took from another row has been written."""
+        return all(self.written[b] for b in row.blocks[: row.shared])
+
+    def mark_written(self, row: RowState, start: int, end: int) -> None:
+        """A pass wrote ``row``'s positions [start, end): its blocks whose last position lies there are complete."""
+        for j in range(start // self.block_size, end // self.block_size):
+            self.written[row.blocks[j]] = True
+
+    def drop_unwritten(self) -> None:
+        """After an interrupted step: release every row holding a full block nobody finished writing
+        (its writer may never run), so no row waits on it and no one takes it."""
+        for row in self.rows.values():
+            if not all(self.written[b] for b in row.blocks[: len(row.digests)]):
+                self._release(row)
+
+    def paged(self, rows: Sequence[RowState]) -> PagedSlots:
+        """The rows' block tables, for ``build_plan``."""
+        return PagedSlots([row.blocks for row in rows], self.block_size)
 
     def slot_table(self, rows: Sequence[RowState], length: int) -> torch.Tensor:
         """[B, length] flat KV slots of positions 0..length-1 for each row (padding repeats slot 0)."""
-        nblk = -(-length // self.block_size)
-        table = torch.zeros(len(rows), nblk, dtype=torch.long)
-        for i, row in enumerate(rows):
-            blocks = row.blocks[:nblk]
-            table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-        slots = table[:, :, None] * self.block_size + torch.arange(self.block_size)
-        return slots.view(len(rows), -1)[:, :length]
+        return self.paged(rows).slots(range(len(rows)), length)
+
+    def _match(self, row: RowState, length: int) -> tuple[list[int], list[bytes]]:
+        """The longest chain of registered blocks covering the first ``length - 1`` tokens."""
+        blocks: list[int] = []
+        digests: list[bytes] = []
+        parent = ROOT
+        for j in range((length - 1) // self.block_size):
+            parent = block_digest(parent, row.tokens(j * self.block_size, (j + 1) * self.block_size))
+            block = self._by_digest.get(parent)
+            if block is None:
+                break
+            blocks.append(block)
+            digests.append(parent)
+        return blocks, digests
+
+    def _register(self, row: RowState, length: int) -> None:
+        """Name the row's full blocks below ``length``; a digest already registered keeps its block."""
+        bs = self.block_size
+        for j in range(len(row.digests), length // bs):
+            parent = row.digests[-1] if row.digests else ROOT
+            digest = block_digest(parent, row.tokens(j * bs, (j + 1) * bs))
+            row.digests.append(digest)
+            if digest not in self._by_digest:
+                self._by_digest[digest] = row.blocks[j]
+                self._digest_of[row.blocks[j]] = digest
 
     def _release(self, row: RowState) -> None:
-        self._free.extend(reversed(row.blocks))
-        row.blocks = []
+        for b in reversed(row.blocks):
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                self._free.append(b)
+                self.written[b] = False
+                digest = self._digest_of.pop(b, None)
+                if digest is not None:
+                    del self._by_digest[digest]
+        row.blocks, row.digests, row.shared = [], [], 0
         row.computed = 0
         row.last_delta = None

@@ -59,6 +59,7 @@ class ProxyEngine:
         self.epsilon = epsilon
         self.max_pass_tokens = max_pass_tokens
         self.cache = ProxyKVCache(model.cfg, 2, model.dtype, token_budget, block_size, model.device)
+        self._interrupted = False
 
     @classmethod
     def from_files(
@@ -106,6 +107,9 @@ class ProxyEngine:
         that step only). Nothing here raises for a single row's sake.
         """
         result = StepResult(torch.zeros(len(indices), self.cfg.vocab_size, device=self.model.device))
+        if self._interrupted:
+            self.cache.drop_unwritten()
+        self._interrupted = True
         work: list[tuple[int, RowState, int]] = []
         for pos, index in enumerate(indices):
             row = self.cache.rows.get(index)
@@ -129,30 +133,38 @@ class ProxyEngine:
                     continue
                 work.append((pos, row, row.length))
         self._run(work, indices, result)
+        self._interrupted = False
         return result
 
     def _run(self, work: list[tuple[int, RowState, int]], indices: Sequence[int], result: StepResult) -> None:
-        """Advance every row in ``work`` to its target length, ``max_pass_tokens`` per row per pass."""
+        """Advance every row in ``work`` to its target length, ``max_pass_tokens`` per row per pass.
+
+        A pass takes the rows whose shared blocks are written; a row that took blocks another row
+        of this step is still writing waits for a later pass. Writers reserved before their
+        readers, so each pass makes progress.
+        """
         while work:
-            rows = [row for _, row, _ in work]
-            ends = [min(target, row.computed + self.max_pass_tokens) for _, row, target in work]
+            ready = [item for item in work if self.cache.ready(item[1])]
+            if not ready:
+                raise RuntimeError("proxy KV: rows wait for shared blocks that no pass of this step writes")
+            rows = [row for _, row, _ in ready]
+            ends = [min(target, row.computed + self.max_pass_tokens) for _, row, target in ready]
             new = [row.tokens(row.computed, end) for row, end in zip(rows, ends, strict=True)]
-            slots = self.cache.slot_table(rows, max(ends))
-            plan = build_plan(new, [r.computed for r in rows], slots, self.cfg.sliding_window, self.model.device)
+            starts = [row.computed for row in rows]
+            plan = build_plan(new, starts, self.cache.paged(rows), self.cfg.sliding_window, self.model.device)
             delta, bad = zero_non_finite(finite_difference(self.model.logits(plan, self.cache.store), self.epsilon))
-            remaining = []
-            for j, ((pos, row, target), end) in enumerate(zip(work, ends, strict=True)):
+            for j, ((pos, row, target), end) in enumerate(zip(ready, ends, strict=True)):
                 count = end - row.computed
                 if count == 1 and row.computed > 0:
                     result.decode_tokens += 1
                 else:
                     result.prefill_tokens += count
+                self.cache.mark_written(row, row.computed, end)
                 row.computed = end
                 if end < target:
-                    remaining.append((pos, row, target))
                     continue
                 row.last_delta = delta[j]
                 result.delta[pos] = delta[j]
                 if bool(bad[j]):
                     result.failed[indices[pos]] = "non-finite delta"
-            work = remaining
+            work = [item for item in work if item[1].computed < item[2]]

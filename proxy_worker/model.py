@@ -7,7 +7,7 @@ two-copy serving pass, the exact JVP (``torch.func.jvp`` over one copy) and the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from proxy_worker.config import ProxyConfig
-from proxy_worker.plan import StepPlan
+from proxy_worker.plan import PAD_SLACK, AttentionGroup, StepPlan
 from proxy_worker.rope import RotaryTable, apply_rotary
 
 Params = Mapping[str, torch.Tensor]
@@ -46,29 +46,82 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def attention(
     q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, plan: StepPlan, scale: float
 ) -> torch.Tensor:
-    """Causal (optionally windowed) grouped-query attention for packed rows.
+    """Causal (optionally windowed) grouped-query attention for packed rows, one group at a time.
 
     q: [C, N, Hq, D]; k_store/v_store: [C, Hkv, S, D] (a paged cache or the pass's own k/v).
+    Returns [C, N, Hq*D] in the packed token order. Groups run one after another, so the
+    transients of a layer are those of its largest group (see ``attention_bytes``).
+    """
+    parts = [group_attention(q, k_store, v_store, group, scale) for group in plan.groups]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return out if plan.order is None else out[:, plan.order]
+
+
+def group_attention(
+    q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, group: AttentionGroup, scale: float
+) -> torch.Tensor:
+    """Attention of one group's rows on their padded [b, S, T] grid → [C, valid queries, Hq*D].
+
     The store is head-major so one ``index_select`` gathers every row's prefix contiguously and
-    the matmuls batch over (copy, kv head, row) without further copies.
-    Returns [C, N, Hq*D] in the packed token order.
+    the matmuls batch over (copy, kv head, row) without further copies. Scaling and masking are
+    in place: the scores and the probabilities are the only grid-sized tensors alive at once.
     """
     c, _, hq, d = q.shape
     hkv = k_store.shape[1]
     g = hq // hkv
-    b, smax = plan.query_index.shape
-    tmax = plan.kv_index.shape[1]
-    flat = plan.kv_index.reshape(-1)
+    b, smax = group.query_index.shape
+    tmax = group.kv_index.shape[1]
+    flat = group.kv_index.reshape(-1)
     kb = k_store.index_select(2, flat).view(c, hkv, b, tmax, d)
     vb = v_store.index_select(2, flat).view(c, hkv, b, tmax, d)
-    qb = q[:, plan.query_index].view(c, b, smax, hkv, g, d).permute(0, 3, 1, 4, 2, 5)
-    scores = torch.matmul(qb.reshape(c, hkv, b, g * smax, d), kb.transpose(-1, -2)) * scale
-    scores = scores.view(c, hkv, b, g, smax, tmax)
-    scores = scores.masked_fill(~plan.mask[None, None, :, None], float("-inf"))
+    qb = q[:, group.query_index].view(c, b, smax, hkv, g, d).permute(0, 3, 1, 4, 2, 5)
+    scores = torch.matmul(qb.reshape(c, hkv, b, g * smax, d), kb.transpose(-1, -2)).mul_(scale)
+    scores = scores.view(c, hkv, b, g, smax, tmax).masked_fill_(~group.mask[None, None, :, None], float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    del scores
     out = torch.matmul(probs.view(c, hkv, b, g * smax, tmax), vb)
     out = out.view(c, hkv, b, g, smax, d).permute(0, 2, 4, 1, 3, 5).reshape(c, b, smax, hq * d)
-    return out[:, plan.query_valid]
+    return out[:, group.query_valid]
+
+
+def attention_bytes(cfg: ProxyConfig, copies: int, elem: int, queries: Sequence[int], keys: Sequence[int]) -> int:
+    """Upper bound on one layer's attention transients for rows with these new-token counts
+    (``queries``, S_i) and key counts (``keys``, T_i = start + S_i); ``elem`` = serving dtype bytes.
+
+    Per padded grid cell and (copy, query head): the scores and the probabilities, plus an fp32
+    copy of the scores below fp32 (``cell`` = 8 bytes in fp32, 10 in bf16/fp16, 16 in fp64); per
+    padded key and (copy, kv head): the gathered key and value; per padded query and (copy, query
+    head): the gathered query and the output (two copies each). Grouping pads a row to at most
+    ``PAD_SLACK`` × its own grid, hence at most ``PAD_SLACK`` × its queries and keys, so
+
+        bytes ≤ PAD_SLACK · copies · (cell·Hq·Σ S_i·T_i + 2·elem·Hkv·D·Σ T_i + 4·elem·Hq·D·Σ S_i)
+
+    — proportional to the query-key pairs in the pass, not rows × longest chunk.
+    """
+    pairs = sum(s * t for s, t in zip(queries, keys, strict=True))
+    hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    cell = 2 * max(elem, 4) + (elem if elem < 4 else 0)
+    return PAD_SLACK * copies * (cell * hq * pairs + 2 * elem * hkv * d * sum(keys) + 4 * elem * hq * d * sum(queries))
+
+
+def step_bytes(cfg: ProxyConfig, copies: int, elem: int, queries: Sequence[int], keys: Sequence[int]) -> int:
+    """Upper bound on the peak transient bytes of one pass (KV store and weights excluded).
+
+    One layer's attention (``attention_bytes``; layers run one after another) plus, per new token
+    and copy, the residual stream, norms, q/k/v with their rotary copies and the MLP's
+    gate/up/product (≤ elem · (6·H + 3·(Hq + 2·Hkv)·D + 4·I)), plus, per row and copy, the
+    logits with their fp32 log-softmax and Δ (≤ 16·V):
+
+        bytes ≤ attention_bytes + copies · (elem · N · (6·H + 3·(Hq+2·Hkv)·D + 4·I) + 16 · B · V)
+
+    where N = Σ S_i and B = rows.
+    """
+    n, rows = sum(queries), len(queries)
+    per_token = 6 * cfg.hidden_size + 3 * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    per_token += 4 * cfg.intermediate_size
+    return attention_bytes(cfg, copies, elem, queries, keys) + copies * (
+        elem * n * per_token + 16 * rows * cfg.vocab_size
+    )
 
 
 def transformer_forward(

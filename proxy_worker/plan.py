@@ -2,7 +2,11 @@
 and which earlier positions each query may attend to.
 
 Rows of different lengths and different numbers of new tokens (a chunk of prefill, one decode
-token) are packed into one flat token list; attention pads them to a [rows, queries, keys] grid.
+token) are packed into one flat token list. For attention the rows are split into *groups* of
+similar shape, each padded to its own [rows, queries, keys] grid: padding every row to the
+longest chunk would make one 512-token prefill chunk cost every decode row 512 × keys scores.
+Each row's padded grid is at most ``PAD_SLACK`` × its own ``queries × keys`` (see ``group_rows``),
+so a pass's attention memory is proportional to the query-key pairs it really has.
 """
 
 from __future__ import annotations
@@ -12,6 +16,49 @@ from dataclasses import dataclass
 
 import torch
 
+PAD_SLACK = 2
+"""A row's padded attention grid is at most this many times its own (queries × keys)."""
+
+
+@dataclass(frozen=True)
+class PagedSlots:
+    """Per-row block tables of a paged KV store: position t of row b is slot
+    ``tables[b][t // block_size] * block_size + t % block_size``."""
+
+    tables: Sequence[Sequence[int]]
+    block_size: int
+
+    def slots(self, rows: Sequence[int], length: int) -> torch.Tensor:
+        """[len(rows), length] slots of positions 0..length-1 (past a row's blocks: block 0)."""
+        nblk = -(-length // self.block_size)
+        table = torch.tensor([_pad(self.tables[r], nblk) for r in rows], dtype=torch.long).view(len(rows), nblk)
+        slots = table[:, :, None] * self.block_size + torch.arange(self.block_size)
+        return slots.view(len(rows), -1)[:, :length]
+
+
+def _pad(blocks: Sequence[int], n: int) -> list[int]:
+    head = list(blocks[:n])
+    return head + [0] * (n - len(head))
+
+
+@dataclass(frozen=True)
+class AttentionGroup:
+    """Rows attended together on one padded grid (tensors on the model's device)."""
+
+    query_index: torch.Tensor  # [b, S] index into the N new tokens (padding repeats a valid one)
+    query_valid: torch.Tensor  # [b, S] which grid cells are real queries
+    kv_index: torch.Tensor  # [b, T] where each row's keys/values live in the KV store
+    mask: torch.Tensor  # [b, S, T] True where the query may attend to the key
+
+    @property
+    def score_cells(self) -> int:
+        """Query-key pairs on the padded grid (per copy and head)."""
+        return self.mask.numel()
+
+    @property
+    def key_cells(self) -> int:
+        return self.kv_index.numel()
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -19,63 +66,116 @@ class StepPlan:
 
     tokens: torch.Tensor  # [N] new token ids, rows packed one after another
     positions: torch.Tensor  # [N] absolute position of each new token
-    query_index: torch.Tensor  # [B, Smax] index into the N new tokens (padding repeats a valid one)
-    query_valid: torch.Tensor  # [B, Smax] which grid cells are real queries
-    kv_index: torch.Tensor  # [B, Tmax] where each row's keys/values live in the KV store
-    mask: torch.Tensor  # [B, Smax, Tmax] True where the query may attend to the key
     write_index: torch.Tensor  # [N] KV-store slot each new token's key/value is written to
     last_index: torch.Tensor  # [B] index into N of each row's newest token
+    groups: tuple[AttentionGroup, ...]
+    order: torch.Tensor | None  # [N] row of the concatenated group outputs holding token n; None: identity
 
     @property
     def num_rows(self) -> int:
-        return self.query_index.shape[0]
+        return self.last_index.shape[0]
+
+
+def group_rows(queries: Sequence[int], keys: Sequence[int], slack: float = PAD_SLACK) -> list[list[int]]:
+    """Partition rows into groups padded together, each row's padded area ≤ ``slack`` × its own.
+
+    Rows are taken largest area (queries × keys) first and join the first group whose padded
+    shape stays within ``slack`` × their own area; earlier members are larger, so their bound
+    holds too. A uniform decode batch stays one group (one dense batched matmul), while a prefill
+    chunk among decode rows gets a group of its own.
+    """
+    order = sorted(range(len(queries)), key=lambda i: queries[i] * keys[i], reverse=True)
+    groups: list[list[int]] = []
+    shapes: list[tuple[int, int]] = []
+    for i in order:
+        s, t = queries[i], keys[i]
+        for g, (gs, gt) in enumerate(shapes):
+            if max(gs, s) * max(gt, t) <= slack * s * t:
+                groups[g].append(i)
+                shapes[g] = (max(gs, s), max(gt, t))
+                break
+        else:
+            groups.append([i])
+            shapes.append((s, t))
+    return [sorted(g) for g in groups]
 
 
 def build_plan(
     new_tokens: Sequence[Sequence[int]],
     starts: Sequence[int],
-    kv_slots: torch.Tensor | None = None,
+    kv_slots: torch.Tensor | PagedSlots | None = None,
     sliding_window: int | None = None,
     device: torch.device | str = "cpu",
 ) -> StepPlan:
     """Plan a pass over ``new_tokens[b]`` appended at position ``starts[b]`` of row ``b``.
 
-    ``kv_slots[b, t]`` is the KV-store slot of row b's position t (a paged cache). Without it the
-    KV store is the pass's own keys/values (index = flat token index), which requires every row
-    to start at 0: a full forward with no cache, used for ground truth, gradients and JVPs.
+    ``kv_slots`` says where row b's position t lives in a paged KV store: a [B, ≥T] slot tensor
+    or the rows' block tables. Without it the KV store is the pass's own keys/values (index =
+    flat token index), which requires every row to start at 0: a full forward with no cache,
+    used for ground truth, gradients and JVPs.
     """
-    counts = torch.tensor([len(t) for t in new_tokens], dtype=torch.long)
-    if (counts < 1).any():
+    counts = [len(t) for t in new_tokens]
+    if min(counts, default=0) < 1:
         raise ValueError("every row in a step needs at least one new token")
-    start = torch.tensor(list(starts), dtype=torch.long)
-    offsets = torch.cumsum(counts, 0) - counts
-    smax = int(counts.max())
-    s = torch.arange(smax)
-    query_valid = s[None, :] < counts[:, None]
-    clamped = torch.minimum(s[None, :], counts[:, None] - 1)
-    qpos = start[:, None] + clamped
-    query_index = offsets[:, None] + clamped
-    lengths = start + counts
-    tmax = int(lengths.max())
-    t = torch.arange(tmax)
-    if kv_slots is None:
-        if bool((start != 0).any()):
-            raise ValueError("a plan without a KV cache must start every row at position 0")
-        kv_index = offsets[:, None] + torch.minimum(t[None, :], lengths[:, None] - 1)
-    else:
-        kv_index = kv_slots[:, :tmax].to("cpu", torch.long)
-    mask = t[None, None, :] <= qpos[:, :, None]
-    if sliding_window is not None:
-        mask &= (qpos[:, :, None] - t[None, None, :]) < sliding_window
-    write_index = kv_index.gather(1, qpos)[query_valid]
+    start = [int(s) for s in starts]
+    if kv_slots is None and any(start):
+        raise ValueError("a plan without a KV cache must start every row at position 0")
+    lengths = [s + c for s, c in zip(start, counts, strict=True)]
+    offsets = [0, *torch.cumsum(torch.tensor(counts), 0).tolist()[:-1]]
+    groups, writes, packed = [], [], []
+    for rows in group_rows(counts, lengths):
+        shape = _RowShape([counts[r] for r in rows], [start[r] for r in rows], [offsets[r] for r in rows])
+        kv_index = _kv_index(kv_slots, rows, shape, max(lengths[r] for r in rows))
+        group, qpos = _group(shape, kv_index, sliding_window)
+        writes.append(kv_index.gather(1, qpos)[group.query_valid])
+        packed.append(group.query_index[group.query_valid])
+        groups.append(
+            AttentionGroup(*(x.to(device) for x in (group.query_index, group.query_valid, kv_index, group.mask)))
+        )
+    flat = torch.cat(packed)
+    order = None if torch.equal(flat, torch.arange(flat.numel())) else torch.argsort(flat)
+    write_index = torch.cat(writes)
+    positions = torch.cat([torch.arange(s, s + c) for s, c in zip(start, counts, strict=True)])
     tokens = torch.tensor([tok for row in new_tokens for tok in row], dtype=torch.long)
     return StepPlan(
         tokens=tokens.to(device),
-        positions=qpos[query_valid].to(device),
-        query_index=query_index.to(device),
-        query_valid=query_valid.to(device),
-        kv_index=kv_index.to(device),
-        mask=mask.to(device),
-        write_index=write_index.to(device),
-        last_index=(offsets + counts - 1).to(device),
+        positions=positions.to(device),
+        write_index=(write_index if order is None else write_index[order]).to(device),
+        last_index=torch.tensor([o + c - 1 for o, c in zip(offsets, counts, strict=True)], device=device),
+        groups=tuple(groups),
+        order=None if order is None else order.to(device),
     )
+
+
+@dataclass(frozen=True)
+class _RowShape:
+    """New-token counts, start positions and packed offsets of one group's rows."""
+
+    counts: list[int]
+    starts: list[int]
+    offsets: list[int]
+
+
+def _kv_index(kv_slots: torch.Tensor | PagedSlots | None, rows: list[int], shape: _RowShape, tmax: int) -> torch.Tensor:
+    """[b, tmax] KV-store index of each row's positions (past a row's end: a valid slot, masked)."""
+    if isinstance(kv_slots, PagedSlots):
+        return kv_slots.slots(rows, tmax)
+    if kv_slots is not None:
+        return kv_slots[rows, :tmax].to("cpu", torch.long)
+    t = torch.arange(tmax)
+    off, cnt = torch.tensor(shape.offsets), torch.tensor(shape.counts)
+    return off[:, None] + torch.minimum(t[None, :], cnt[:, None] - 1)
+
+
+def _group(shape: _RowShape, kv_index: torch.Tensor, sliding_window: int | None) -> tuple[AttentionGroup, torch.Tensor]:
+    """The padded [b, S, T] grid of one group, and each grid query's absolute position."""
+    counts, start, offsets = (torch.tensor(x, dtype=torch.long) for x in (shape.counts, shape.starts, shape.offsets))
+    s = torch.arange(int(counts.max()))
+    query_valid = s[None, :] < counts[:, None]
+    clamped = torch.minimum(s[None, :], counts[:, None] - 1)
+    qpos = start[:, None] + clamped
+    t = torch.arange(kv_index.shape[1])
+    mask = t[None, None, :] <= qpos[:, :, None]
+    if sliding_window is not None:
+        mask &= (qpos[:, :, None] - t[None, None, :]) < sliding_window
+    return AttentionGroup(offsets[:, None] + clamped, query_valid, kv_index, mask), qpos

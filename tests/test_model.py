@@ -6,11 +6,13 @@ import random
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy_worker.cache import ProxyKVCache
 from proxy_worker.config import load_config
 from proxy_worker.model import StackedProxy
-from proxy_worker.plan import build_plan
+from proxy_worker.plan import PAD_SLACK, build_plan, group_rows
 from proxy_worker.weights import load_proxy_state, perturbed_copies, stack_copies, stack_perturbed
 from tests.tiny_models import load_hf
 
@@ -153,3 +155,41 @@ def test_stack_perturbed_equals_copies_and_casts_after_forming_in_fp32(model_dir
     bf16 = stack_perturbed(theta1, ones, (2**-9, -(2**-9)), cfg, torch.bfloat16)
     cast_first = (torch.tensor(1 + 3 * 2**-9).to(torch.bfloat16) - 2**-9).to(torch.bfloat16)
     assert bf16["norm"][1, 0].item() == 1.0 != cast_first.item()
+
+
+@given(st.lists(st.tuples(st.integers(1, 600), st.integers(0, 3000)), min_size=1, max_size=40))
+def test_row_groups_pad_each_row_to_at_most_slack_times_its_grid(shapes):
+    queries = [s for s, _ in shapes]
+    keys = [s + start for s, start in shapes]
+    groups = group_rows(queries, keys)
+    assert sorted(i for g in groups for i in g) == list(range(len(shapes)))
+    for g in groups:
+        s_max, t_max = max(queries[i] for i in g), max(keys[i] for i in g)
+        assert all(s_max * t_max <= PAD_SLACK * queries[i] * keys[i] for i in g)
+
+
+def test_decode_rows_are_not_padded_to_a_prefill_chunk(model_dir):
+    """A mixed pass: 6 decode rows and one 40-token chunk get separate grids, and every row's
+    logits equal the row computed alone."""
+    path = model_dir("llama")
+    cfg, _, proxy = one_copy(path)
+    cache = ProxyKVCache(cfg, 1, torch.float32, token_budget=1024, block_size=8)
+    rng = random.Random(2)
+    seqs = [[rng.randrange(300) for _ in range(30 + 3 * i)] for i in range(6)] + [list(range(1, 61))]
+    news = [1] * 6 + [40]
+    rows = []
+    for i, seq in enumerate(seqs):
+        cache.add(i, seq)
+        row = cache.rows[i]
+        cache.reserve(row, len(seq))
+        pre = len(seq) - news[i]
+        proxy.logits(build_plan([seq[:pre]], [0], cache.paged([row])), cache.store)
+        row.computed = pre
+        rows.append(row)
+    plan = build_plan([s[-n:] for s, n in zip(seqs, news, strict=True)], [r.computed for r in rows], cache.paged(rows))
+    assert sorted(tuple(g.mask.shape) for g in plan.groups) == [(1, 40, 60), (6, 1, 45)]
+    assert sum(g.score_cells for g in plan.groups) < len(seqs) * 40 * 60 / 5
+    batched = proxy.logits(plan, cache.store)[0]
+    for i, seq in enumerate(seqs):
+        alone = proxy.logits(build_plan([seq], [0]))[0, 0]
+        assert (batched[i] - alone).abs().max().item() <= 1e-4

@@ -15,10 +15,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,11 +26,13 @@ from typing import Any
 
 from proxy_worker.failure_ledger import FailureLedger
 from server import metrics
+from server.admission import admit
 from server.errors import error_body, respond
 from server.guard import FailureWatcher, ProtectionGuard, Watch
 from server.limits import KeyLimiter
-from server.policy import LAMBDA_HEADER, PolicyError, decide, find_smuggled
-from server.tiers import Caller, Tier, TiersError, TierTable, hash_key, load_tiers
+from server.policy import LAMBDA_HEADER, PolicyError
+from server.request import canonical, max_body_bytes, parse
+from server.tiers import Caller, TiersError, TierTable, hash_key, load_tiers
 
 log = logging.getLogger("server.gateway")
 Scope = MutableMapping[str, Any]
@@ -43,10 +45,11 @@ OPEN = ("/health", "/metrics", "/ping")
 EXPOSED = (*GENERATE, *OPEN, "/v1/models", "/version")
 TIERS_ENV, AUDIT_ENV, AUDIT_TEXT_ENV = "ANTIDISTILL_TIERS", "ANTIDISTILL_AUDIT_LOG", "ANTIDISTILL_AUDIT_TEXT"
 DRAIN_ENV = "ANTIDISTILL_DRAIN_TIMEOUT"
-MAX_DEPTH = 64  # JSON nesting; tool schemas and content parts need far less, recursion limits far more
-# refused on protected requests: beam search ranks candidates by vLLM's own per-step logprobs and
-# its sub-requests do not carry vllm_xargs; prompt embeddings give the proxy no prompt tokens
-PROTECTED_REFUSED = {"use_beam_search": "beam search", "prompt_embeds": "prompt embeddings"}
+MAX_BODY_ENV = "ANTIDISTILL_MAX_BODY_BYTES"  # default: server.request.max_body_bytes(max_model_len)
+# where clients put API keys besides Authorization (Azure- and Anthropic-style SDKs, URLs): refused,
+# so that we, a front proxy and vLLM's own --api-key check cannot disagree about who the caller is
+KEY_HEADERS = (b"api-key", b"x-api-key")
+KEY_PARAMS = ("api_key", "api-key", "apikey", "key")
 
 
 @dataclass
@@ -104,6 +107,7 @@ class AntidistillationMiddleware:
         self.in_flight = 0
         self.draining = False
         self.drain_timeout = float(os.environ.get(DRAIN_ENV, "120"))
+        max_body_bytes(None, os.environ.get(MAX_BODY_ENV))  # a bad value stops the start, not each request
         # outside the main thread (in-process tests) no handler can be set; reload() still works
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGHUP, lambda *_: self.reload())
@@ -156,6 +160,23 @@ class AntidistillationMiddleware:
         )
         return True
 
+    async def _authenticate(self, scope: Scope, send: Send) -> Caller | None:
+        """The caller of the request's one credential; None once a refusal (400: more than one
+        credential, 401: none valid) has been sent and audited."""
+        key, status = None, 401
+        try:
+            key = _bearer(scope)
+            caller = self.tiers.identify(key)
+            if caller is not None:
+                return caller
+            message = "missing API key" if key is None else "invalid or revoked API key"
+        except PolicyError as err:
+            status, message = err.status, err.message
+        await respond(send, status, error_body(status, message), [(b"www-authenticate", b"Bearer")] * (status == 401))
+        stranger = Caller(hash_key(key)[:12] if key else "none", "", None)
+        self._finish(Exchange(stranger, scope["path"], time.monotonic(), status=status))
+        return None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.sigterm_installed:
             self._install_sigterm()
@@ -176,22 +197,17 @@ class AntidistillationMiddleware:
             return await respond(send, 404, error_body(404, f"{path} is not exposed by this server"))
         # latin-1: HTTP allows obs-text bytes in header values (UTF-8 decoding made them a 500)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        caller = self.tiers.identify(_bearer(headers))
+        caller = await self._authenticate(scope, send)
         if caller is None:
-            key = _bearer(headers)
-            msg = "missing API key" if key is None else "invalid or revoked API key"
-            await respond(send, 401, error_body(401, msg), [(b"www-authenticate", b"Bearer")])
-            stranger = Caller(hash_key(key)[:12] if key else "none", "", None)
-            return self._finish(Exchange(stranger, path, time.monotonic(), status=401))
+            return
         if path not in GENERATE or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         await self._generate(scope, receive, send, caller, headers)
 
     async def _generate(self, scope: Scope, receive: Receive, send: Send, caller: Caller, headers: dict) -> None:
         ex = Exchange(caller, scope["path"], time.monotonic())
-        raw = await _read_body(receive)
         try:
-            body = self._admit(ex, raw, headers)
+            body = self._admit(ex, await _read_body(receive, scope), headers)
         except PolicyError as err:
             ex.status = err.status
             extra = [(b"retry-after", str(err.retry_after).encode())] if err.retry_after else []
@@ -219,51 +235,19 @@ class AntidistillationMiddleware:
             self._finish(ex)
 
     def _admit(self, ex: Exchange, raw: bytes, headers: dict) -> dict:
-        """Validate and rewrite the body; raises PolicyError (400/403/429)."""
-        try:
-            body = json.loads(raw or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PolicyError(400, f"request body is not valid JSON ({exc})") from None
-        except RecursionError:  # found with hostile inputs: a deeply nested body was a 500
-            raise PolicyError(400, f"request body is nested more than {MAX_DEPTH} levels deep") from None
-        if not isinstance(body, dict):
-            raise PolicyError(400, "request body must be a JSON object")
-        if _too_deep(body):
-            raise PolicyError(400, f"request body is nested more than {MAX_DEPTH} levels deep")
-        if body.get("structured_outputs") is not None and not isinstance(body["structured_outputs"], dict):
-            # found by fuzzing: vLLM 0.32's validator calls .get on it (AttributeError → 500)
-            raise PolicyError(400, "structured_outputs must be an object", "structured_outputs")
-        xargs = body.get("vllm_xargs") or {}
-        if not isinstance(xargs, dict):
-            raise PolicyError(400, "vllm_xargs must be an object", "vllm_xargs")
-        if body.get("seed") is not None and self.seed_unsafe:
+        """Parse the body once with vLLM's model for the route, decide on it, and return the JSON
+        object vLLM is sent (its canonical serialisation); raises PolicyError (400/403/429)."""
+        parsed = parse(ex.path, raw)
+        if parsed.request.seed is not None and self.seed_unsafe:
             raise PolicyError(400, SEED_UNSUPPORTED, "seed")
-        smuggled = find_smuggled(body)
-        if smuggled:
-            raise PolicyError(403, f"{smuggled}: antidistillation arguments go in vllm_xargs only", smuggled)
         tier = ex.caller.tier
         escalated = self.limiter.escalated_lambda(ex.caller.key_id, tier)
-        decision = decide(ex.caller.tier_name, tier, xargs, headers.get(LAMBDA_HEADER), escalated)
-        _check_output_caps(body, tier)
-        if decision.lam > 0:
-            for name, what in PROTECTED_REFUSED.items():
-                if body.get(name) not in (None, False):
-                    raise PolicyError(403, f"{what} ({name}) is not available on protected (λ > 0) requests", name)
-        ex.lam, ex.profile, ex.escalated = decision.lam, decision.profile, escalated is not None
-        ex.stream = bool(body.get("stream"))
-        if ex.stream:  # exact token counts for metrics, audit and escalation
-            options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
-            ex.hide_usage = not options.get("include_usage")
-            body["stream_options"] = {**options, "include_usage": True}
+        decided = admit(parsed, ex.caller.tier_name, tier, headers.get(LAMBDA_HEADER), escalated)
+        ex.lam, ex.profile, ex.escalated = decided.lam, decided.profile, escalated is not None
+        ex.stream, ex.hide_usage = decided.stream, decided.hide_usage
+        body = canonical(decided.request)
         ex.prompt_text = (body.get("messages") or body.get("prompt")) if self.audit_text else None
-        completion = _int(body.get("max_tokens")) or _int(body.get("max_completion_tokens")) or 0
-        budget = _approx_prompt_tokens(body) + completion * (_int(body.get("n")) or 1)
-        self.limiter.admit(ex.caller.key_id, tier, budget)
-        new_xargs = {k: v for k, v in xargs.items() if not k.startswith("ad_")}
-        new_xargs["ad_lambda"] = decision.lam
-        if decision.profile:
-            new_xargs["ad_profile"] = decision.profile
-        body["vllm_xargs"] = new_xargs
+        self.limiter.admit(ex.caller.key_id, tier, decided.budget)
         return body
 
     def _labelled(self, send: Send, ex: Exchange) -> Send:
@@ -306,6 +290,7 @@ class AntidistillationMiddleware:
             "completion_tokens": tokens,
             "protected": None if watch is None else watch.protected,
             "protection_failure": failure,
+            "refused": failure is not None and watch.refuse,
             "unprotected_tokens": unprotected,
             "latency_ms": round(1000 * (time.monotonic() - ex.start), 1),
         }
@@ -330,78 +315,16 @@ def _cpu_platform() -> bool:
     return current_platform.is_cpu()
 
 
-def _too_deep(body: Any) -> bool:
-    """Nesting beyond MAX_DEPTH, checked without recursion (our policy walk and vLLM's parsers recurse)."""
-    level = [body]
-    for _ in range(MAX_DEPTH):
-        level = [
-            child
-            for node in level
-            if isinstance(node, dict | list)
-            for child in (node.values() if isinstance(node, dict) else node)
-            if isinstance(child, dict | list)
-        ]
-        if not level:
-            return False
-    return True
-
-
-def _int(value: Any) -> int | None:
-    """An integer field's value, or None when absent or mistyped (vLLM then answers 400 itself)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _logprob_count(value: Any) -> float:
-    """How many logprobs a field asks for, read the way vLLM's pydantic models read it (lax: "5",
-    5.0 and true are numbers); -1 (the whole vocabulary) and anything unreadable count as unlimited."""
-    if value is None or value is False:
-        return 0
-    if value is True:
-        return 1
-    try:
-        count = float(value)
-    except (TypeError, ValueError):
-        return math.inf
-    return math.inf if count < 0 or not math.isfinite(count) else math.ceil(count)
-
-
-def _check_output_caps(body: dict, tier: Tier) -> None:
-    """max_tokens and the logprobs side channels per tier. Sampled-token logprobs describe the
-    protected distribution (processed mode) but still hand a distiller soft labels; prompt logprobs
-    are always computed from the raw teacher (vLLM's prompt scoring skips logits processors)."""
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = _int(body.get(name))
-        if tier.max_tokens is not None and value is not None and value > tier.max_tokens:
-            raise PolicyError(403, f"{name} {value} exceeds this tier's max_tokens {tier.max_tokens}", name)
-    if tier.max_tokens is not None and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-        body["max_tokens"] = tier.max_tokens
-    if "messages" in body:
-        top = _logprob_count(body.get("top_logprobs"))
-        asked = body.get("logprobs") not in (None, False, 0) or top > 0
-    else:
-        asked = body.get("logprobs") is not None and body.get("logprobs") is not False
-        top = _logprob_count(body.get("logprobs"))
-    token_ids = body.get("logprob_token_ids")
-    if token_ids is not None:  # explicit token ids: one logprob each, whatever logprobs says
-        asked = True
-        top = max(top, len(token_ids) if isinstance(token_ids, list) else math.inf)
-    if asked and (tier.max_logprobs == 0 or top > tier.max_logprobs):
-        raise PolicyError(403, f"logprobs are limited to {tier.max_logprobs} on this tier (max_logprobs)", "logprobs")
-    if (body.get("prompt_logprobs") is not None or (body.get("echo") and asked)) and not tier.allow_prompt_logprobs:
-        message = "prompt logprobs are not allowed on this tier (allow_prompt_logprobs)"
-        raise PolicyError(403, message, "prompt_logprobs")
-    if body.get("prompt_logprobs") is not None and _logprob_count(body.get("prompt_logprobs")) > tier.max_logprobs:
-        message = f"prompt_logprobs are limited to {tier.max_logprobs} on this tier (max_logprobs)"
-        raise PolicyError(403, message, "prompt_logprobs")
-
-
 def _count_output(ex: Exchange, chunk: bytes, last: bool) -> bytes:
-    """Take usage from a JSON body (parsed once, at its last chunk) or from the stream's usage event;
-    drop that event if we injected it."""
+    """Take usage from what vLLM returned: a JSON body (parsed once, at its last chunk) or the
+    stream's usage event (the stream flag as vLLM parsed it says which); drop that event if we
+    injected it. Chunks without usage pass untouched."""
     if not ex.stream:
         ex.body.extend(chunk)
         if last:
             _take_usage(ex, bytes(ex.body))
+        return chunk
+    if b'"usage"' not in chunk:
         return chunk
     kept = []
     for event in chunk.split(b"\n\n"):
@@ -416,32 +339,63 @@ def _count_output(ex: Exchange, chunk: bytes, last: bool) -> bytes:
 def _take_usage(ex: Exchange, data: bytes) -> None:
     try:
         usage = json.loads(data).get("usage") or {}
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return
-    ex.prompt_tokens = usage.get("prompt_tokens") or ex.prompt_tokens
-    ex.completion_tokens = usage.get("completion_tokens") or ex.completion_tokens
+    ex.prompt_tokens = prompt if isinstance(prompt, int) else ex.prompt_tokens
+    ex.completion_tokens = completion if isinstance(completion, int) else ex.completion_tokens
 
 
-def _approx_prompt_tokens(body: dict) -> int:
-    """A cheap upper-ish estimate for the tokens-per-minute budget (4 characters per token)."""
-    text = json.dumps(body.get("messages") or body.get("prompt") or "")
-    return len(text) // 4 + 1
+def _bearer(scope: Scope) -> str | None:
+    """The request's one API key (None: none). More than one credential (a repeated Authorization
+    header: ASGI keeps every copy, a dict keeps the last, a front proxy may read the first; or a key
+    in another header or the query string) is a 400; a scheme other than Bearer is a 401."""
+    auth = [v for k, v in scope["headers"] if k.lower() == b"authorization"]
+    if len(auth) > 1:
+        raise PolicyError(400, f"{len(auth)} Authorization headers: send exactly one credential")
+    query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    elsewhere = [k.decode("latin-1").lower() + " header" for k, _ in scope["headers"] if k.lower() in KEY_HEADERS]
+    elsewhere += [f"query parameter {name}" for name in KEY_PARAMS if name in query]
+    if elsewhere:
+        where = ", ".join(elsewhere)
+        raise PolicyError(400, f"credential in {where}: send exactly one, as Authorization: Bearer <key>")
+    if not auth:
+        return None
+    scheme, _, key = auth[0].decode("latin-1").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        raise PolicyError(401, f"unsupported authorization scheme {scheme[:20]!r}: use Bearer <key>")
+    return key.strip() or None
 
 
-def _bearer(headers: dict[str, str]) -> str | None:
-    auth = headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip() or None
-    return None
-
-
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
+async def _read_body(receive: Receive, scope: Scope) -> bytes:
+    """The request body, refused (413) as soon as it passes the limit: by its declared length
+    before reading, then while reading, so an oversized body is never buffered."""
+    limit = _body_limit(scope)
+    declared = [v for k, v in scope["headers"] if k.lower() == b"content-length"]
+    if declared and declared[0].strip().isdigit() and int(declared[0]) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
     while True:
         message = await receive()
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
         if not message.get("more_body"):
             return b"".join(chunks)
+
+
+def _body_limit(scope: Scope) -> int:
+    """ANTIDISTILL_MAX_BODY_BYTES, else derived from the served model's max_model_len (from vLLM's
+    app state: --max-model-len, or the model's own)."""
+    config = getattr(getattr(scope.get("app"), "state", None), "vllm_config", None)
+    max_model_len = getattr(getattr(config, "model_config", None), "max_model_len", None)
+    return max_body_bytes(max_model_len, os.environ.get(MAX_BODY_ENV))
+
+
+def _too_large(limit: int) -> PolicyError:
+    return PolicyError(413, f"request body is larger than this server's limit of {limit} bytes")
 
 
 def _replay(payload: bytes, receive: Receive) -> Receive:

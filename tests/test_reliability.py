@@ -72,15 +72,18 @@ def test_logprobs_are_gated_per_tier(srv):
     over = [
         completion(srv, logprobs=6),
         completion(srv, logprobs=-1),  # -1 = the whole vocabulary
-        completion(srv, logprobs="20"),  # vLLM reads numeric strings
-        completion(srv, logprobs=5.5),
+        completion(srv, logprobs=6.0),  # vLLM reads integral floats
+        completion(srv, logprobs=6, messages=[], top_logprobs=0),  # a decoy: the route decides the rules
         completion(srv, logprobs=1, logprob_token_ids=list(range(40))),
         chat(srv, logprobs=True, top_logprobs=-1),
         chat(srv, logprobs=True, top_logprobs=1, logprob_token_ids=list(range(6))),
     ]
     for body in over:
-        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        path = "/v1/chat/completions" if body.get("messages") else "/v1/completions"
         assert refused(post(srv, "scored", path, body), "max_logprobs"), body
+    for body in (completion(srv, logprobs="20"), completion(srv, logprobs=5.5)):  # vLLM's own model refuses these
+        res = post(srv, "scored", "/v1/completions", body)
+        assert res.status_code == 400 and res.json()["error"]["param"] == "logprobs", res.text
     for body in (completion(srv, prompt_logprobs=1), completion(srv, echo=True, logprobs=1, max_tokens=1)):
         assert refused(post(srv, "scored", "/v1/completions", body), "allow_prompt_logprobs"), body
     assert refused(post(srv, "scored", "/v1/chat/completions", chat(srv, prompt_logprobs=0)), "allow_prompt_logprobs")

@@ -1,0 +1,139 @@
+"""Admission: from a parsed generation request and the caller's tier, the request vLLM will run
+(caps, usage reporting and the ``ad_*`` arguments applied), or a refusal (PolicyError).
+
+A pure function over the typed request (server/request.py): every field is read as vLLM's model
+coerced it, and the side channels are read the way vLLM's ``to_sampling_params`` turns them into
+sampling parameters, so a value cannot mean one thing here and another to the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.entrypoints.generate.base.protocol import StreamOptions
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+from server.policy import PolicyError, decide, find_smuggled
+from server.request import GenerationRequest, Parsed
+from server.tiers import Tier
+
+# refused on protected requests: beam search ranks candidates by vLLM's own per-step logprobs and
+# its sub-requests do not carry vllm_xargs; prompt embeddings give the proxy no prompt tokens
+PROTECTED_REFUSED = {"use_beam_search": "beam search", "prompt_embeds": "prompt embeddings"}
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What the gateway decided: the request to forward and what the audit line must say."""
+
+    request: GenerationRequest
+    lam: float
+    profile: str | None
+    stream: bool
+    hide_usage: bool  # usage is reported for exact counting; the client did not ask for it
+    budget: int  # tokens counted against the tier's tpm: prompt estimate + output limit × n
+
+
+def admit(
+    parsed: Parsed, tier_name: str, tier: Tier, lambda_header: str | None, escalated: float | None = None
+) -> Admission:
+    """Decide on ``parsed`` for a caller of ``tier``; raises PolicyError (403 or 400)."""
+    smuggled = find_smuggled(parsed.raw)
+    if smuggled:
+        raise PolicyError(403, f"{smuggled}: antidistillation arguments go in vllm_xargs only", smuggled)
+    req = parsed.request
+    xargs = dict(req.vllm_xargs or {})
+    decision = decide(tier_name, tier, xargs, lambda_header, escalated)
+    limit, update = output_limit(req, parsed.raw, tier)
+    check_logprobs(req, tier)
+    if decision.lam > 0:
+        for name, what in PROTECTED_REFUSED.items():
+            if vars(req).get(name) not in (None, False):  # a model field (chat has no prompt_embeds)
+                raise PolicyError(403, f"{what} ({name}) is not available on protected (λ > 0) requests", name)
+    stream = bool(req.stream)
+    asked_usage = bool(req.stream_options and req.stream_options.include_usage)
+    if stream:  # exact token counts for metrics, audit and escalation
+        continuous = req.stream_options.continuous_usage_stats if req.stream_options else False
+        update["stream_options"] = StreamOptions(include_usage=True, continuous_usage_stats=continuous)
+    new_xargs: dict[str, Any] = {k: v for k, v in xargs.items() if not k.startswith("ad_")}
+    new_xargs["ad_lambda"] = decision.lam
+    if decision.profile:
+        new_xargs["ad_profile"] = decision.profile
+    update["vllm_xargs"] = new_xargs
+    admitted = req.model_copy(update=update)
+    budget = approx_prompt_tokens(admitted) + max(limit or 0, 0) * max(req.n or 1, 1)
+    return Admission(admitted, decision.lam, decision.profile, stream, stream and not asked_usage, budget)
+
+
+def output_limit(req: GenerationRequest, raw: dict[str, Any], tier: Tier) -> tuple[int | None, dict[str, int]]:
+    """The output-token limit vLLM will apply (None: up to the context length) and the field to
+    set when the client chose none and the tier has a cap. A client's own value over the cap → 403."""
+    chat = isinstance(req, ChatCompletionRequest)
+    names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
+    values = {name: vars(req)[name] for name in names}  # vars: chat's max_tokens warns when read
+    cap = tier.max_tokens
+    for name, value in values.items():
+        if cap is not None and raw.get(name) is not None and value is not None and value > cap:
+            raise PolicyError(403, f"{name} {value} exceeds this tier's max_tokens {cap}", name)
+    if cap is not None and all(raw.get(name) is None for name in names):
+        return cap, {names[0]: cap}
+    return next((v for v in values.values() if v is not None), None), {}
+
+
+def check_logprobs(req: GenerationRequest, tier: Tier) -> None:
+    """The logprobs side channels per tier. Sampled-token logprobs describe the protected
+    distribution (processed mode) but still hand a distiller soft labels; prompt logprobs are
+    always computed from the raw teacher (vLLM's prompt scoring skips logits processors)."""
+    sampled = sampled_logprobs(req)
+    if sampled is not None and (tier.max_logprobs == 0 or sampled > tier.max_logprobs):
+        raise PolicyError(403, f"logprobs are limited to {tier.max_logprobs} on this tier (max_logprobs)", "logprobs")
+    prompt = prompt_logprobs(req)
+    if prompt is not None and not tier.allow_prompt_logprobs:
+        message = "prompt logprobs are not allowed on this tier (allow_prompt_logprobs)"
+        raise PolicyError(403, message, "prompt_logprobs")
+    if prompt is not None and prompt > tier.max_logprobs:
+        message = f"prompt_logprobs are limited to {tier.max_logprobs} on this tier (max_logprobs)"
+        raise PolicyError(403, message, "prompt_logprobs")
+
+
+def sampled_logprobs(req: GenerationRequest) -> float | None:
+    """Logprobs per generated token that vLLM will return (None: none); ``-1`` (the whole
+    vocabulary) is unlimited and each id in ``logprob_token_ids`` counts as one. A chat
+    ``top_logprobs`` without ``logprobs`` counts too (vLLM refuses it; never let it through)."""
+    if isinstance(req, ChatCompletionRequest):
+        top = req.top_logprobs or 0
+        count = _count(top) if req.logprobs or top else None
+    else:
+        count = None if req.logprobs is None else _count(req.logprobs)
+    if req.logprob_token_ids:
+        count = max(count or 0, len(req.logprob_token_ids))
+    return count
+
+
+def prompt_logprobs(req: GenerationRequest) -> float | None:
+    """Prompt logprobs vLLM will compute (None: none): ``prompt_logprobs``, else with ``echo`` the
+    sampled-token count (``logprobs`` on completions, ``top_logprobs`` on chat, whose default 0
+    still scores the prompt)."""
+    if req.prompt_logprobs is not None:
+        return _count(req.prompt_logprobs)
+    if not req.echo:
+        return None
+    fallback = req.top_logprobs if isinstance(req, ChatCompletionRequest) else req.logprobs
+    return None if fallback is None else _count(fallback)
+
+
+def approx_prompt_tokens(req: GenerationRequest) -> int:
+    """A cheap upper-ish estimate for the tokens-per-minute budget: 4 characters of text per token,
+    one per token id."""
+    if isinstance(req, ChatCompletionRequest):
+        return len(json.dumps(req.messages, default=str)) // 4 + 1
+    prompt = req.prompt
+    parts = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+    return sum(len(p or "") // 4 + 1 if isinstance(p, str) or p is None else len(p) for p in parts)
+
+
+def _count(value: int) -> float:
+    return math.inf if value < 0 else value

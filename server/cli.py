@@ -58,6 +58,11 @@ def serve_parser() -> argparse.ArgumentParser:
     ap.add_argument("--audit-log", default="audit.jsonl", help="JSON-lines audit file ('-' for stderr)")
     ap.add_argument("--audit-text", action="store_true", help="include prompt text in audit lines")
     ap.add_argument(
+        "--max-body-bytes",
+        type=int,
+        help="largest generation request body in bytes, larger ones get 413 (default: 64 × max-model-len + 1 MiB)",
+    )
+    ap.add_argument(
         "--embedded-default",
         action="store_true",
         help="prepare and serve the embedded SmolLM2 default (teacher, proxy, gradient, demo tiers)",
@@ -214,6 +219,8 @@ def serve(argv: Sequence[str]) -> None:
     os.environ["ANTIDISTILL_TIERS"] = str(Path(ours.tiers).resolve())
     os.environ["ANTIDISTILL_AUDIT_LOG"] = ours.audit_log
     os.environ["ANTIDISTILL_AUDIT_TEXT"] = "1" if ours.audit_text else "0"
+    if ours.max_body_bytes:
+        os.environ["ANTIDISTILL_MAX_BODY_BYTES"] = str(ours.max_body_bytes)
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # the V1 path is the tested one (README)
     args.additional_config = {**(args.additional_config or {}), CONFIG_KEY: config}
     args.logits_processors = with_our_processor(args.logits_processors or [])

@@ -194,6 +194,8 @@ def serve(argv: Sequence[str]) -> None:
 
         ours, rest = embedded_default(ours, rest)
     settings = processor_settings(ours)
+    if ours.max_body_bytes is not None and ours.max_body_bytes < 1024:
+        raise StartupError(f"--max-body-bytes {ours.max_body_bytes}: must be at least 1024")
     if not ours.tiers:
         raise StartupError("--tiers FILE is required (see `antidistill keygen` and README: Tiers)")
     try:
@@ -219,7 +221,7 @@ def serve(argv: Sequence[str]) -> None:
     os.environ["ANTIDISTILL_TIERS"] = str(Path(ours.tiers).resolve())
     os.environ["ANTIDISTILL_AUDIT_LOG"] = ours.audit_log
     os.environ["ANTIDISTILL_AUDIT_TEXT"] = "1" if ours.audit_text else "0"
-    if ours.max_body_bytes:
+    if ours.max_body_bytes is not None:
         os.environ["ANTIDISTILL_MAX_BODY_BYTES"] = str(ours.max_body_bytes)
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # the V1 path is the tested one (README)
     args.additional_config = {**(args.additional_config or {}), CONFIG_KEY: config}

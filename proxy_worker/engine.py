@@ -101,10 +101,12 @@ class ProxyEngine:
     def step(self, indices: Sequence[int]) -> StepResult:
         """Δ for each row in ``indices`` given its current token history.
 
-        A row whose history shrank is recomputed from scratch; a row with nothing new reuses its
-        last Δ (a chunked-prefill row asked again). A row that cannot get KV space is reported in
-        ``failed`` with Δ = 0 and stays failed until removed or rebuilt; so is a non-finite Δ (for
-        that step only). Nothing here raises for a single row's sake.
+        A row whose history shrank is recomputed (from the longest shared prefix still resident);
+        a row with nothing new reuses its last Δ (a chunked-prefill row asked again). A row that
+        cannot get KV space is reported in ``failed`` with Δ = 0 and stays failed until removed or
+        rebuilt; so is a non-finite Δ (for that step only). Nothing here raises for a single row's
+        sake; if a pass raises (e.g. out of memory), the next step first releases the rows that
+        hold blocks the interrupted step did not finish writing.
         """
         result = StepResult(torch.zeros(len(indices), self.cfg.vocab_size, device=self.model.device))
         if self._interrupted:

@@ -11,6 +11,7 @@ so a pass's attention memory is proportional to the query-key pairs it really ha
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,6 +50,9 @@ class AttentionGroup:
     query_valid: torch.Tensor  # [b, S] which grid cells are real queries
     kv_index: torch.Tensor  # [b, T] where each row's keys/values live in the KV store
     mask: torch.Tensor  # [b, S, T] True where the query may attend to the key
+
+    def to(self, device: torch.device | str) -> AttentionGroup:
+        return AttentionGroup(*(x.to(device) for x in (self.query_index, self.query_valid, self.kv_index, self.mask)))
 
     @property
     def score_cells(self) -> int:
@@ -121,30 +125,33 @@ def build_plan(
     if kv_slots is None and any(start):
         raise ValueError("a plan without a KV cache must start every row at position 0")
     lengths = [s + c for s, c in zip(start, counts, strict=True)]
-    offsets = [0, *torch.cumsum(torch.tensor(counts), 0).tolist()[:-1]]
-    groups, writes, packed = [], [], []
+    offsets = [0, *itertools.accumulate(counts)][:-1]
+    groups, packed, writes, positions = [], [], [], []
     for rows in group_rows(counts, lengths):
         shape = _RowShape([counts[r] for r in rows], [start[r] for r in rows], [offsets[r] for r in rows])
         kv_index = _kv_index(kv_slots, rows, shape, max(lengths[r] for r in rows))
         group, qpos = _group(shape, kv_index, sliding_window)
-        writes.append(kv_index.gather(1, qpos)[group.query_valid])
         packed.append(group.query_index[group.query_valid])
-        groups.append(
-            AttentionGroup(*(x.to(device) for x in (group.query_index, group.query_valid, kv_index, group.mask)))
-        )
+        writes.append(kv_index.gather(1, qpos)[group.query_valid])
+        positions.append(qpos[group.query_valid])
+        groups.append(group.to(device))
     flat = torch.cat(packed)
     order = None if torch.equal(flat, torch.arange(flat.numel())) else torch.argsort(flat)
-    write_index = torch.cat(writes)
-    positions = torch.cat([torch.arange(s, s + c) for s, c in zip(start, counts, strict=True)])
     tokens = torch.tensor([tok for row in new_tokens for tok in row], dtype=torch.long)
     return StepPlan(
         tokens=tokens.to(device),
-        positions=positions.to(device),
-        write_index=(write_index if order is None else write_index[order]).to(device),
+        positions=_packed(positions, order).to(device),
+        write_index=_packed(writes, order).to(device),
         last_index=torch.tensor([o + c - 1 for o, c in zip(offsets, counts, strict=True)], device=device),
         groups=tuple(groups),
         order=None if order is None else order.to(device),
     )
+
+
+def _packed(per_group: list[torch.Tensor], order: torch.Tensor | None) -> torch.Tensor:
+    """Per-group values (in group order) → packed token order."""
+    flat = torch.cat(per_group)
+    return flat if order is None else flat[order]
 
 
 @dataclass(frozen=True)

@@ -209,3 +209,32 @@ def test_coupled_capacity_serves_the_overflowing_load_fully_protected(coupled):
     metrics = scrape(coupled["base"])
     assert total(metrics, "antidistill_delta_fallbacks_total") == 0
     assert total(metrics, "antidistill_protection_failures_total") == 0
+
+
+def test_shared_prefix_is_held_once_and_stays_exact(coupled):
+    """8 requests sharing a 160-token prefix: the teacher (prefix caching) holds it once, and so must
+    the proxy — 8 private copies (8 × 160+) would not fit the 640-token pool."""
+    models = coupled["models"]
+    prefix = list(models.tokenizer(" ".join(f"step {i} adds {i + 1}." for i in range(40)))["input_ids"])[:160]
+    assert len(prefix) == 160
+    cases = [tuple(prefix + list(p[:8])) for p in prompts(models, 8)]
+    peak = 0.0
+
+    async def load() -> list:
+        nonlocal peak
+        task = asyncio.ensure_future(_concurrent(coupled, "guarded", [body(coupled, p, False, 24) for p in cases]))
+        async with httpx.AsyncClient(base_url=coupled["base"], timeout=30) as client:
+            while not task.done():
+                text = (await client.get("/metrics")).text
+                for line in text.splitlines():
+                    if line.startswith("antidistill_proxy_kv_tokens_used{"):
+                        peak = max(peak, float(line.rsplit(" ", 1)[1]))
+                await asyncio.sleep(0.05)
+        return await task
+
+    results = asyncio.run(load())
+    for prompt, (status, ids, error) in zip(cases, results, strict=True):
+        assert status == 200 and error is None, error
+        assert ids == reference(models, LAMBDA, prompt, 24), "rows reading shared blocks match the reference"
+    bound = 160 + 8 * (16 + 8 + 24)  # the prefix once, then per row its last prefix block, suffix and output
+    assert 0 < peak <= bound, f"proxy KV peaked at {peak} tokens, bound {bound} (8 private copies: {8 * 192})"

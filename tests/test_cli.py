@@ -81,3 +81,21 @@ def test_bad_checkpoints_and_tiers_are_one_line(models, tmp_path, capsys):
     for args, needle in cases:
         code, err = run(capsys, *args)
         assert code == 1 and needle in err and err.count("\n") == 0, (args, err)
+
+
+def test_capacities_that_cannot_agree_stop_startup(models, tmp_path, capsys, monkeypatch):
+    """Both KV capacities fixed by the operator and too small a pool, or a pool that cannot follow one
+    max-length prompt: one line, exit 1, before vLLM starts (nothing listens, no engine)."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))  # kept out of this process's environment
+    tiers = tmp_path / "tiers.yaml"
+    tiers.write_text(yaml.safe_dump({"tiers": {"free": {"lambda": 1}}}))
+    good = ["--proxy", str(models.proxy), "--gradient", f"math={models.gradients['math']}", "--tiers", str(tiers)]
+    teacher = ["--model", str(models.teacher), "--max-model-len", "256", "--block-size", "32"]
+    cases = [
+        (["--proxy-token-budget", "1000", "--num-gpu-blocks-override", "40"], "cannot hold what --num-gpu-blocks"),
+        (["--proxy-token-budget", "200"], "cannot follow even one teacher block"),
+        (["--max-body-bytes", "10"], "--max-body-bytes 10"),
+    ]
+    for extra, needle in cases:
+        code, err = run(capsys, *good, *teacher, *extra)
+        assert code == 1 and needle in err and err.count("\n") == 0, (extra, err)

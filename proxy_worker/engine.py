@@ -30,6 +30,11 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def unknown_token(tokens: Sequence[int], vocab_size: int) -> int | None:
+    """The first token id the proxy has no embedding for, if any."""
+    return next((t for t in tokens if not 0 <= t < vocab_size), None) if tokens else None
+
+
 @dataclass
 class StepResult:
     """Δ rows in the order asked for (fp32, zero where a row failed) and what the step did."""
@@ -126,6 +131,12 @@ class ProxyEngine:
                 result.failed[index] = "row has no tokens"
             elif row.length == row.computed and row.last_delta is not None:
                 result.delta[pos] = row.last_delta
+            elif (unknown := unknown_token(row.tokens(row.computed, row.length), self.cfg.vocab_size)) is not None:
+                # the teacher's vocabulary may be wider (padded, or added tokens): an id the proxy's
+                # embedding lacks would index out of range (on CUDA a device assert kills the engine)
+                row.error = result.failed[index] = (
+                    f"token id {unknown} is outside the proxy's vocabulary of {self.cfg.vocab_size}"
+                )
             else:
                 try:
                     self.cache.reserve(row, row.length)

@@ -39,6 +39,7 @@ class Reason(enum.IntEnum):
     NON_FINITE = 2
     ERROR = 3
     BAD_ARGUMENTS = 4
+    VOCABULARY = 5  # the request holds a token the proxy has no embedding for
 
     @property
     def label(self) -> str:
@@ -129,6 +130,10 @@ class FailureLedger:
                 break
             self.cursor += 1
         return batch
+
+    def skip(self) -> None:
+        """Forget what was appended so far (a reader with nothing to watch)."""
+        self.cursor = int(self.words[2])
 
     def close(self) -> None:
         del self.words

@@ -39,7 +39,14 @@ log = logging.getLogger(__name__)
 
 def failure_reason(text: str) -> Reason:
     """The ledger and metric reason for an engine's per-row failure message."""
-    return Reason.NON_FINITE if "non-finite" in text else Reason.BUDGET if "budget" in text else Reason.ERROR
+    for needle, reason in (
+        ("non-finite", Reason.NON_FINITE),
+        ("budget", Reason.BUDGET),
+        ("vocabulary", Reason.VOCABULARY),
+    ):
+        if needle in text:
+            return reason
+    return Reason.ERROR
 
 
 def withhold(logits: torch.Tensor, targets: Sequence[int]) -> None:

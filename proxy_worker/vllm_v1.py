@@ -18,6 +18,7 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from proxy_worker import capacity
+from proxy_worker.failure_ledger import ENV_VAR as FAILURE_LEDGER_ENV
 from proxy_worker.failure_ledger import FailureLedger
 from proxy_worker.protection import Protection
 from proxy_worker.settings import ProcessorSettings, load_settings, parse_request_args
@@ -57,6 +58,13 @@ def build_protection(vllm_config: VllmConfig, device: torch.device | str) -> Pro
             "fit are refused (antidistill serve sets the cap)",
             plan.proxy_tokens,
         )
+    ledger = FailureLedger.from_env()
+    if ledger is None:
+        log.warning(
+            "antidistillation: no failure ledger (%s): a protected row without Δ is withheld (uniform "
+            "logits) but no gateway is told to refuse it; antidistill serve sets one up",
+            FAILURE_LEDGER_ENV,
+        )
     model = vllm_config.model_config
     return Protection.from_settings(
         settings,
@@ -64,7 +72,7 @@ def build_protection(vllm_config: VllmConfig, device: torch.device | str) -> Pro
         teacher_tokenizer=model.tokenizer,
         teacher_width=model.get_vocab_size(),
         token_budget=plan.proxy_tokens,
-        ledger=FailureLedger.from_env(),
+        ledger=ledger,
     )
 
 

@@ -40,6 +40,11 @@ class AntidistillationLogitsProcessorV2(LogitsProcessor):
 
     def __init__(self, vllm_config: VllmConfig, req_states: LogitsProcRequestState) -> None:
         use_vllm_logging()
+        if getattr(vllm_config, "speculative_config", None) is not None:
+            raise ValueError(
+                "the antidistillation V2 processor does not support speculative decoding yet (draft tokens "
+                "would be checked against the raw teacher): drop --speculative-config"
+            )
         self.req_states = req_states
         self.protection = build_protection(vllm_config, req_states.device)
         self.settings = self.protection.settings

@@ -23,6 +23,8 @@ from server.tiers import Tier
 # refused on protected requests: beam search ranks candidates by vLLM's own per-step logprobs and
 # its sub-requests do not carry vllm_xargs; prompt embeddings give the proxy no prompt tokens
 PROTECTED_REFUSED = {"use_beam_search": "beam search", "prompt_embeds": "prompt embeddings"}
+# set by a disaggregated-prefill router, never by a client: they reach the engine's KV connectors
+ROUTER_ONLY = ("kv_transfer_params", "ec_transfer_params")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ def admit(
     if smuggled:
         raise PolicyError(403, f"{smuggled}: antidistillation arguments go in vllm_xargs only", smuggled)
     req = parsed.request
+    for name in ROUTER_ONLY:
+        if vars(req).get(name) is not None:
+            raise PolicyError(403, f"{name} is set by a prefill/decode router, not by clients", name)
     xargs = dict(req.vllm_xargs or {})
     decision = decide(tier_name, tier, xargs, lambda_header, escalated)
     limit, update = output_limit(req, parsed.raw, tier)

@@ -214,6 +214,9 @@ def serve(argv: Sequence[str]) -> None:
 
     cli_env_setup()
     args = make_arg_parser(FlexibleArgumentParser(prog="antidistill serve")).parse_args(rest)
+    if not any(a.startswith(("--logprobs-mode", "--logprobs_mode")) for a in rest):
+        args.logprobs_mode = "processed_logprobs"  # logprobs describe the protected distribution
+    check_logprobs_mode(str(args.logprobs_mode), tiers)
     settings = couple_capacity(args, ours, settings)
     fresh_failure_ledger()
     config = settings.model_dump()
@@ -227,14 +230,24 @@ def serve(argv: Sequence[str]) -> None:
     args.additional_config = {**(args.additional_config or {}), CONFIG_KEY: config}
     args.logits_processors = with_our_processor(args.logits_processors or [])
     args.middleware = [*(args.middleware or []), MIDDLEWARE]
-    if not any(a.startswith("--logprobs-mode") for a in rest):
-        args.logprobs_mode = "processed_logprobs"  # logprobs describe the protected distribution
     validate_parsed_serve_args(args)
     uvloop.run(run_server(args))
     from server.middleware import stopped_without_signal
 
     if stopped_without_signal():  # vLLM exits 0 then; an orchestrator must see a failure and restart us
         raise StartupError("the vLLM engine process died, so the server stopped (see the log above); exit status 1")
+
+
+def check_logprobs_mode(mode: str, tiers: TierTable) -> None:
+    """Raw logprobs are the unprotected teacher's distribution: no protected tier may return them."""
+    if not mode.startswith("raw"):
+        return
+    for name, tier in tiers.spec.tiers.items():
+        if (tier.max_lambda > 0 or tier.escalation is not None) and tier.max_logprobs:
+            raise StartupError(
+                f"--logprobs-mode {mode} would hand protected tier {name!r} the raw teacher's logprobs "
+                f"(max_logprobs {tier.max_logprobs}); use processed_logprobs or set its max_logprobs to 0"
+            )
 
 
 def check_teacher_args(vllm_args: Sequence[str]) -> None:

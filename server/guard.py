@@ -35,14 +35,17 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 POLL_SECONDS = 0.01
-RETRY_AFTER = {Reason.BUDGET: 2, Reason.NON_FINITE: 1, Reason.ERROR: 5, Reason.BAD_ARGUMENTS: 30}
+RETRY_AFTER = {Reason.BUDGET: 2, Reason.NON_FINITE: 1, Reason.ERROR: 5, Reason.BAD_ARGUMENTS: 30, Reason.VOCABULARY: 0}
 WHY = {
     Reason.BUDGET: "the proxy's KV cache was full",
     Reason.NON_FINITE: "the proxy produced non-finite values",
     Reason.ERROR: "the proxy step failed",
     Reason.BAD_ARGUMENTS: "the engine could not read the request's protection settings",
+    Reason.VOCABULARY: "the request holds a token id the proxy model does not have",
 }
 OVERFLOW = "the failure ledger overflowed, so this request's protection cannot be verified"
+# an SSE comment (clients skip it) for a degrade-tier stream whose later tokens lost Δ
+DEGRADED_EVENT = b": antidistillation protection degraded: the following tokens may be unprotected\n\n"
 
 
 @dataclass
@@ -68,6 +71,10 @@ class Watch:
     def retry_after(self) -> int:
         return 1 if self.unverifiable else RETRY_AFTER[self.reason or Reason.ERROR]
 
+    def status(self) -> int:
+        """400 where the request itself cannot be protected; 503 where the server could not do it."""
+        return 400 if self.reason == Reason.VOCABULARY and not self.unverifiable else 503
+
 
 class FailureWatcher:
     """The tickets of this process's live protected requests, matched against the ledger."""
@@ -78,6 +85,8 @@ class FailureWatcher:
         self._poller: asyncio.Task | None = None
 
     def open(self, refuse: bool) -> Watch:
+        if not self.live and self.ledger is not None:
+            self.ledger.skip()  # idle: older records name no request of ours (other processes' may have wrapped)
         ticket = secrets.randbelow(MAX_TICKET) + 1
         watch = self.live[ticket] = Watch(ticket, refuse)
         if self.ledger is not None and (self._poller is None or self._poller.done()):
@@ -119,6 +128,7 @@ class ProtectionGuard:
         self._start: Message | None = None
         self.started = False  # the client has the response start
         self.done = False  # the client's response is complete (or refused): drop the rest
+        self.flagged = 0  # degrade: failed steps already announced to the client
 
     @property
     def refused(self) -> bool:
@@ -154,6 +164,9 @@ class ProtectionGuard:
             return await self._refuse()
         if not self.started:
             await self._send_start()
+        elif self.watch.failed_steps > self.flagged:  # a stream degraded after its headers: say so in-band
+            self.flagged = self.watch.failed_steps
+            await self._send({"type": "http.response.body", "body": DEGRADED_EVENT, "more_body": True})
         await self._send(message)
         if not message.get("more_body"):
             self.done = True
@@ -167,18 +180,21 @@ class ProtectionGuard:
     async def _send_start(self) -> None:
         start = self._start or {"type": "http.response.start", "status": 200, "headers": []}
         if self.watch.failed_steps:
+            self.flagged = self.watch.failed_steps
             start["headers"] = [*start.get("headers", []), (b"x-antidistillation-protection", b"degraded")]
         self.started = True
         await self._send(start)
 
     async def _refuse(self) -> None:
-        """503 if nothing was sent yet; otherwise one error event that ends the stream."""
+        """503 (400 for the request's own tokens) if nothing was sent yet; otherwise one error event
+        that ends the stream."""
         self.done = True
+        status, message = self.watch.status(), self.watch.message()
         if not self.started:
             self.started = True
-            retry = [(b"retry-after", str(self.watch.retry_after()).encode())]
-            return await respond(self._send, 503, error_body(503, self.watch.message()), retry)
-        event = {"error": json.loads(error_body(503, self.watch.message()))["error"]}
+            retry = [(b"retry-after", str(self.watch.retry_after()).encode())] if status == 503 else []
+            return await respond(self._send, status, error_body(status, message), retry)
+        event = {"error": json.loads(error_body(status, message))["error"]}
         chunk = f"data: {json.dumps(event)}\n\n".encode()
         await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
         await self._send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})

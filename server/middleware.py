@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from proxy_worker.failure_ledger import ENV_VAR as LEDGER_ENV
 from proxy_worker.failure_ledger import FailureLedger
 from server import metrics
 from server.admission import admit
@@ -100,7 +101,7 @@ class AntidistillationMiddleware:
         self.app = app
         self.tiers = tiers or load_tiers(os.environ[TIERS_ENV])
         self.limiter = KeyLimiter()
-        self.watcher = FailureWatcher(FailureLedger.from_env())
+        self.watcher = FailureWatcher(_failure_ledger())
         self.audit = _audit_logger(os.environ.get(AUDIT_ENV, "audit.jsonl"))
         self.audit_text = os.environ.get(AUDIT_TEXT_ENV) == "1"
         self.seed_unsafe = _cpu_platform()
@@ -422,6 +423,17 @@ def _use_vllm_logging() -> None:
             ours.addHandler(handler)
         ours.setLevel(logging.INFO)
         ours.propagate = False
+
+
+def _failure_ledger() -> FailureLedger:
+    """The worker's failure reports; without them a protected request could not be refused."""
+    ledger = FailureLedger.from_env()
+    if ledger is None:
+        raise RuntimeError(
+            f"{LEDGER_ENV} is not set: the gateway cannot see protection failures; start the server with "
+            "`antidistill serve`, which creates the failure ledger"
+        )
+    return ledger
 
 
 def _audit_logger(path: str) -> logging.Logger:

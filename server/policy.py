@@ -43,8 +43,8 @@ def _requested_lambda(xargs: dict[str, Any], header: str | None) -> float | None
     for where, raw in values:
         try:
             value = float(raw) if not isinstance(raw, bool) else math.nan
-        except (TypeError, ValueError):
-            raise PolicyError(400, f"{where}: must be a number, got {raw!r}", where) from None
+        except (TypeError, ValueError, OverflowError):
+            raise PolicyError(400, f"{where}: must be a number, got {str(raw)[:40]!r}", where) from None
         if not math.isfinite(value):
             raise PolicyError(400, f"{where}: must be finite, got {raw!r}", where)
         if lam is not None and value != lam:

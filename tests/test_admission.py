@@ -230,3 +230,13 @@ def test_refusal_does_not_depend_on_spelling(case, tier):
         assert second[0] != "ok", (body, respelled, first, second)
     if first[0] == "ok" and second[0] == "ok":
         assert first == second
+
+
+@pytest.mark.parametrize("route,base", [(COMPLETIONS, {"prompt": "x"}), (CHAT, {"messages": MESSAGES})])
+def test_router_only_fields_and_unparseable_lambdas_are_refused(route, base):
+    """KV-transfer parameters reach the engine's connectors; a 400-digit λ overflowed float() (a 500)."""
+    for name in ("kv_transfer_params", "ec_transfer_params"):
+        assert outcome(route, {**base, name: {"remote_host": "10.0.0.1"}}, "internal") == (403, name)
+    huge = int("9" * 400)
+    for lam in (huge, -huge):
+        assert outcome(route, {**base, "vllm_xargs": {"ad_lambda": lam}}) == (400, "vllm_xargs.ad_lambda")

@@ -99,3 +99,15 @@ def test_capacities_that_cannot_agree_stop_startup(models, tmp_path, capsys, mon
     for extra, needle in cases:
         code, err = run(capsys, *good, *teacher, *extra)
         assert code == 1 and needle in err and err.count("\n") == 0, (extra, err)
+
+
+def test_raw_logprobs_mode_with_a_protected_tier_that_returns_logprobs_stops_startup(
+    models, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    tiers = tmp_path / "tiers.yaml"
+    tiers.write_text(yaml.safe_dump({"tiers": {"free": {"lambda": 1, "max_logprobs": 5}}}))
+    args = ["--proxy", str(models.proxy), "--gradient", f"math={models.gradients['math']}", "--tiers", str(tiers)]
+    teacher = ["--model", str(models.teacher), "--max-model-len", "256", "--block-size", "32"]
+    code, err = run(capsys, *args, *teacher, "--logprobs-mode", "raw_logprobs")
+    assert code == 1 and "raw teacher's logprobs" in err and err.count("\n") == 0, err

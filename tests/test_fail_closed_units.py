@@ -161,3 +161,77 @@ def test_capacity_plan_follows_whichever_side_is_free():
         capacity.plan(1024, None, 128, headroom, 16384)
     assert capacity.headroom_tokens(100, 24, 8) == 112 + 8 * 16, "non-dividing teacher blocks cost a block a row"
     assert capacity.partial_prefills(2048, 0) == 1 and capacity.partial_prefills(2048, 512) == 5
+
+
+def test_a_token_the_proxy_lacks_fails_its_row_not_the_engine(models, ledger):
+    """The teacher's logits may be wider than the proxy's vocabulary: such an id would index past the
+    proxy's embedding (a device assert on CUDA kills the engine); the row is refused instead."""
+    protection = protection_with(models, ledger)
+    reader = FailureLedger(ledger.path)
+    vocab = protection.engines["math"].cfg.vocab_size
+    protection.add(0, RequestArgs(1.0, "math", ticket=51), [5, 6, vocab + 3], [])
+    protection.add(1, RequestArgs(1.0, "math", ticket=52), [5, 6, 7], [])
+    logits = teacher_logits(2)
+    protection.apply(logits)
+    assert_withheld(logits[0])
+    assert torch.isfinite(logits[1, :7]).all() and logits[1].abs().max() > 0
+    assert [(r.ticket, r.reason) for r in reader.read().records] == [(51, Reason.VOCABULARY)]
+
+
+class FakeApp:
+    """An ASGI app streaming chunks, with a hook between them (where the worker may fail a row)."""
+
+    def __init__(self, chunks: list[bytes], between) -> None:
+        self.chunks, self.between = chunks, between
+
+    async def __call__(self, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i, chunk in enumerate(self.chunks):
+            self.between(i)
+            await send({"type": "http.response.body", "body": chunk, "more_body": i < len(self.chunks) - 1})
+
+
+def run_guarded(ledger, refuse: bool, chunks: list[bytes], fail_at: int, reason: Reason = Reason.BUDGET) -> list:
+    import asyncio
+
+    from server.guard import FailureWatcher, ProtectionGuard
+
+    sent: list = []
+
+    async def send(message) -> None:
+        sent.append(message)
+
+    async def receive():
+        await asyncio.sleep(3600)
+
+    async def main() -> None:
+        watcher = FailureWatcher(FailureLedger(ledger.path))
+        watch = watcher.open(refuse)
+        guard = ProtectionGuard(watch, watcher, send, receive)
+
+        def between(i: int) -> None:
+            if i == fail_at:
+                ledger.append(watch.ticket, reason)
+
+        await FakeApp(chunks, between)(guard.send)
+        await guard.finish()
+        watcher.close(watch)
+
+    asyncio.run(main())
+    return sent
+
+
+def test_guard_refuses_before_and_after_the_first_token_and_flags_degraded_streams(ledger):
+    chunks = [b"data: {1}\n\n", b"data: {2}\n\n", b"data: {3}\n\n"]
+    early = run_guarded(ledger, True, chunks, fail_at=0)
+    assert early[0]["status"] == 503 and len(early) == 2 and b"KV cache was full" in early[1]["body"]
+    late = run_guarded(ledger, True, chunks, fail_at=2)
+    bodies = [m["body"] for m in late if m["type"] == "http.response.body"]
+    assert late[0]["status"] == 200 and bodies[:2] == chunks[:2], "protected tokens before the failure go out"
+    assert b'"error"' in bodies[2] and bodies[3] == b"data: [DONE]\n\n" and len(bodies) == 4, "then nothing else"
+    own = run_guarded(ledger, True, chunks, fail_at=0, reason=Reason.VOCABULARY)
+    assert own[0]["status"] == 400, "the request's own tokens: a client error"
+    degraded = run_guarded(ledger, False, chunks, fail_at=1)
+    bodies = [m["body"] for m in degraded if m["type"] == "http.response.body"]
+    assert bodies[0] == chunks[0] and bodies[1].startswith(b": antidistillation protection degraded")
+    assert bodies[2:] == chunks[1:], "degrade serves everything, flagged in-band where headers are gone"

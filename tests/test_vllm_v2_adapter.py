@@ -38,7 +38,12 @@ def runner(models, monkeypatch):
     """A processor built the way the V2 runner builds it, plus the buffers the runner would own."""
     cfg = SimpleNamespace(
         additional_config={"antidistillation": models.settings()},
-        model_config=SimpleNamespace(tokenizer=str(models.teacher), get_vocab_size=lambda: 400),
+        model_config=SimpleNamespace(tokenizer=str(models.teacher), get_vocab_size=lambda: 400, max_model_len=MAX_LEN),
+        cache_config=SimpleNamespace(block_size=16, num_gpu_blocks_override=None),
+        scheduler_config=SimpleNamespace(
+            max_num_seqs=MAX_REQS, max_num_batched_tokens=256, long_prefill_token_threshold=0
+        ),
+        speculative_config=None,
     )
     monkeypatch.setenv(
         "ANTIDISTILL_CONFIG", '{"antidistillation": ' + __import__("json").dumps(models.settings()) + "}"

@@ -367,10 +367,12 @@ def test_sigterm_drains_then_exits_zero(srv):
     reader.start()
     assert first.wait(60)
     srv["proc"].send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10  # the stream lasts ~1 s or more: ask as soon as the drain began
+    while httpx.get(srv["base"] + "/health").status_code != 503:
+        assert time.monotonic() < deadline, "orchestrators stop routing here: /health must answer 503"
+        time.sleep(0.02)
     late = post(srv, "internal", "/v1/completions", completion(srv))
     assert late.status_code == 503 and late.headers.get("retry-after"), late.text
-    assert httpx.get(srv["base"] + "/health").status_code == 503, "orchestrators stop routing here"
     reader.join(120)
     finishes = [json.loads(c[6:])["choices"][0].get("finish_reason") for c in chunks if c.startswith("data: {")]
     assert chunks[-1] == "data: [DONE]" and "length" in finishes, chunks[-3:]

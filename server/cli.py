@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy_worker.settings import CONFIG_KEY, ENV_VAR, ProcessorSettings, SettingsError, parse_settings
+from server.config import DRAIN_ENV, GatewayConfig
 from server.tiers import TiersError, TierTable, load_tiers, new_key
 
 PROCESSOR = "proxy_worker.vllm_v1:AntidistillationLogitsProcessor"
@@ -171,16 +172,18 @@ def with_our_processor(processors: list) -> list:
     return processors if any(ours(p) for p in processors) else [*processors, PROCESSOR]
 
 
-def fresh_failure_ledger() -> None:
-    """The worker tells the gateway which protected requests lost Δ through this file (one per start)."""
+def fresh_failure_ledger() -> Path:
+    """The file through which the worker tells the gateway which protected requests lost Δ: a new
+    one per start (an operator's ``ANTIDISTILL_FAILURE_LEDGER`` path is created afresh), removed on exit."""
     from proxy_worker.failure_ledger import ENV_VAR, create
 
-    if os.environ.get(ENV_VAR):
-        return
+    given = os.environ.get(ENV_VAR)
+    if given:
+        return create(given)
     root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     folder = tempfile.mkdtemp(prefix="antidistill-ledger-", dir=root)
-    os.environ[ENV_VAR] = str(create(Path(folder) / "failures.bin"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return create(Path(folder) / "failures.bin")
 
 
 def serve(argv: Sequence[str]) -> None:
@@ -218,21 +221,23 @@ def serve(argv: Sequence[str]) -> None:
         args.logprobs_mode = "processed_logprobs"  # logprobs describe the protected distribution
     check_logprobs_mode(str(args.logprobs_mode), tiers)
     settings = couple_capacity(args, ours, settings)
-    fresh_failure_ledger()
     config = settings.model_dump()
     os.environ[ENV_VAR] = json.dumps({CONFIG_KEY: config})
-    os.environ["ANTIDISTILL_TIERS"] = str(Path(ours.tiers).resolve())
-    os.environ["ANTIDISTILL_AUDIT_LOG"] = ours.audit_log
-    os.environ["ANTIDISTILL_AUDIT_TEXT"] = "1" if ours.audit_text else "0"
-    if ours.max_body_bytes is not None:
-        os.environ["ANTIDISTILL_MAX_BODY_BYTES"] = str(ours.max_body_bytes)
+    GatewayConfig(
+        tiers=Path(ours.tiers),
+        ledger=fresh_failure_ledger(),
+        audit_log=ours.audit_log,
+        audit_text=ours.audit_text,
+        drain_timeout=float(os.environ.get(DRAIN_ENV, "120")),
+        max_body_bytes=ours.max_body_bytes,
+    ).export()
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # the V1 path is the tested one (README)
     args.additional_config = {**(args.additional_config or {}), CONFIG_KEY: config}
     args.logits_processors = with_our_processor(args.logits_processors or [])
     args.middleware = [*(args.middleware or []), MIDDLEWARE]
     validate_parsed_serve_args(args)
     uvloop.run(run_server(args))
-    from server.middleware import stopped_without_signal
+    from server.lifecycle import stopped_without_signal
 
     if stopped_without_signal():  # vLLM exits 0 then; an orchestrator must see a failure and restart us
         raise StartupError("the vLLM engine process died, so the server stopped (see the log above); exit status 1")

@@ -124,14 +124,12 @@ def from_vllm_config(vllm_config: Any, token_budget: int) -> Capacity:
 
 
 def describe(capacity: Capacity, proxy_bytes_per_token: int, teacher_bytes_per_token: int | None, profiles: int) -> str:
-    """One line for the start-up log: both capacities and what each costs."""
+    """One line for the start-up log of a coupled plan (``plan``'s): both capacities and what each costs."""
     gib = 2**30
     proxy = (
         f"proxy {capacity.proxy_tokens:,} tokens per profile × {profiles} "
         f"({capacity.proxy_tokens * proxy_bytes_per_token * profiles / gib:.2f} GiB)"
     )
-    if capacity.teacher_blocks is None:
-        return f"KV capacity: {proxy}; teacher not capped (vLLM sizes it from memory) — NOT coupled"
     cost = ""
     if teacher_bytes_per_token is not None:
         cost = f", {capacity.teacher_tokens * teacher_bytes_per_token / gib:.2f} GiB"

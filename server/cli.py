@@ -29,7 +29,7 @@ PROCESSOR = "proxy_worker.vllm_v1:AntidistillationLogitsProcessor"
 MIDDLEWARE = "server.middleware.AntidistillationMiddleware"
 
 
-DEFAULT_PROXY_TOKENS = 16384
+DEFAULT_PROXY_TOKENS = ProcessorSettings.model_fields["token_budget"].default
 
 
 class StartupError(RuntimeError):

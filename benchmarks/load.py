@@ -1,6 +1,6 @@
 """Async load generator for an OpenAI-compatible server (ours or plain vLLM).
 
-    python -m benchmarks.load --key free=ad-... --key pro=ad-... --mix free=3 --mix pro=1 \\
+    python -m antidistill.benchmarks.load --key free=ad-... --key pro=ad-... --mix free=3 --mix pro=1 \\
         --concurrency 32 --requests 256 --duration 300 --max-tokens 128 --json load.json
 
 Prompts are reasoning-gym gsm_symbolic problems (chat). Reports requests/s, output tokens/s, TTFT,
@@ -25,9 +25,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
-
-from benchmarks.report import write_json
-from benchmarks.workload import questions
+from antidistill.benchmarks.report import write_json
+from antidistill.benchmarks.workload import questions
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """An official-style antidistillation sampler, written from the paper's description: HF ``generate``
 over a STATIC batch, with a logits processor that runs two cached HF proxies (θ+εg, θ−εg) one after
-the other at every step. The baseline our served path is compared against (benchmarks.overhead).
+the other at every step. The baseline our served path is compared against (antidistill.benchmarks.overhead).
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from antidistill.proxy_worker.core.weights import perturbed_copies
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
-
-from proxy_worker.weights import perturbed_copies
 
 
 class TwoProxyProcessor(LogitsProcessor):

@@ -3,7 +3,7 @@ our server at λ = 0 and at λ > 0 (through HTTP with the load generator), and a
 implementation (HF generate + two cached HF proxies, static batch); with the roofline bound
 T / (T + 2P) from parameter counts and the share of it reached.
 
-    python -m benchmarks.overhead --out benchmarks/results/overhead-cpu.json
+    python -m antidistill.benchmarks.overhead --out benchmarks/results/overhead-cpu.json
 
 Defaults: the embedded SmolLM2-135M teacher, its 15-layer proxy, greedy, 64 output tokens per
 request (fixed with ignore_eos), concurrency 1 and 32, rounds alternating the order.
@@ -20,15 +20,14 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import yaml
+from antidistill.benchmarks.load import LoadConfig, run_load, summarize
+from antidistill.benchmarks.report import write_json
+from antidistill.benchmarks.workload import benchmark_gradient, prompt_token_ids
+from antidistill.server.embedded_model import prepare_half_proxy, prepare_smollm2
+from antidistill.server.launch import free_port, running_server
+from antidistill.server.tiers import new_key
 
-from benchmarks.load import LoadConfig, run_load, summarize
-from benchmarks.report import write_json
-from benchmarks.workload import benchmark_gradient, prompt_token_ids
-from server.embedded_model import prepare_half_proxy, prepare_smollm2
-from server.launch import free_port, running_server
-from server.tiers import new_key
-
-PROCESSOR = "proxy_worker.vllm_v1:AntidistillationLogitsProcessor"
+PROCESSOR = "antidistill.proxy_worker.runtime.vllm_v1:AntidistillationLogitsProcessor"
 
 
 def parameter_count(model_dir: Path) -> int:
@@ -83,7 +82,7 @@ def start_servers(stack: ExitStack, teacher: Path, proxy: Path, grad: Path, lam:
         running_server(
             [
                 "-m",
-                "server",
+                "antidistill.server",
                 "serve",
                 "--proxy",
                 str(proxy),
@@ -129,12 +128,11 @@ def official_tokens_per_second(
     teacher: Path, proxy: Path, grad: Path, lam: float, eps: float, concurrency_levels: list[int], max_tokens: int
 ) -> dict[int, float]:
     import torch
+    from antidistill.benchmarks.official_style import load_official_style, tokens_per_second
+    from antidistill.proxy_worker.core.config import load_config
+    from antidistill.proxy_worker.core.gradient_file import load_gradient
+    from antidistill.proxy_worker.core.weights import load_proxy_state
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from benchmarks.official_style import load_official_style, tokens_per_second
-    from proxy_worker.config import load_config
-    from proxy_worker.gradient_file import load_gradient
-    from proxy_worker.weights import load_proxy_state
 
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = load_config(proxy)

@@ -1,7 +1,7 @@
 """Output tokens/s of vanilla vLLM vs our processor at λ = 0 vs λ > 0, at 1 and 32 concurrent
 requests, side by side in one run (both engines stay up; rounds alternate their order).
 
-    python -m benchmarks.processor_overhead --out benchmarks/results/processor_overhead-cpu.json
+    python -m antidistill.benchmarks.processor_overhead --out benchmarks/results/processor_overhead-cpu.json
 
 Teacher: the embedded SmolLM2-135M-Instruct. Proxy: its first 15 layers (same tokenizer), with a
 gradient from gsm_symbolic worked solutions (cost does not depend on the gradient's values).
@@ -17,11 +17,11 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.report import write_json
-from benchmarks.workload import benchmark_gradient, prompt_token_ids
-from server.embedded_model import prepare_half_proxy, prepare_smollm2
+from antidistill.benchmarks.report import write_json
+from antidistill.benchmarks.workload import benchmark_gradient, prompt_token_ids
+from antidistill.server.embedded_model import prepare_half_proxy, prepare_smollm2
 
-PROCESSOR = "proxy_worker.vllm_v1:AntidistillationLogitsProcessor"
+PROCESSOR = "antidistill.proxy_worker.runtime.vllm_v1:AntidistillationLogitsProcessor"
 
 
 def tokens_per_second(llm, batch: list[list[int]], lam: float | None, max_tokens: int) -> float:

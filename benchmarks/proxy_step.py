@@ -1,9 +1,9 @@
 """Proxy decode-step latency: one copy vs two copies in ONE batched pass vs two copies one after the
 other, over batch × context, with the bytes, FLOPs and roofline each step implies.
 
-    python -m benchmarks.proxy_step --out benchmarks/results/proxy_step-cpu.json
-    python -m benchmarks.proxy_step --shape qwen2.5-0.5b --dtype bfloat16 --device cuda   # on a GPU
-    python -m benchmarks.proxy_step --shared-prefix 1000 --batches 32 --contexts 1024   # prefix sharing
+    python -m antidistill.benchmarks.proxy_step --out benchmarks/results/proxy_step-cpu.json
+    python -m antidistill.benchmarks.proxy_step --shape qwen2.5-0.5b --dtype bfloat16 --device cuda   # on a GPU
+    python -m antidistill.benchmarks.proxy_step --shared-prefix 1000 --batches 32 --contexts 1024   # prefix sharing
 
 Every row already holds ``context`` cached tokens (random KV: values do not change the cost) and
 each step adds one token per row: plan + forward + log-softmax (Δ for two copies). All modes run
@@ -26,14 +26,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-from benchmarks.report import write_json
-from proxy_worker.cache import ProxyKVCache
-from proxy_worker.config import ProxyConfig, parse_config
-from proxy_worker.delta import finite_difference
-from proxy_worker.engine import DTYPES, ProxyEngine
-from proxy_worker.model import StackedProxy
-from proxy_worker.plan import build_plan
+from antidistill.benchmarks.report import write_json
+from antidistill.proxy_worker.core.config import ProxyConfig, parse_config
+from antidistill.proxy_worker.core.delta import finite_difference
+from antidistill.proxy_worker.core.model import StackedProxy
+from antidistill.proxy_worker.core.plan import build_plan
+from antidistill.proxy_worker.core.weights import DTYPES
+from antidistill.proxy_worker.runtime.cache import ProxyKVCache
+from antidistill.proxy_worker.runtime.engine import ProxyEngine
 
 SHAPES = {
     "smollm2-135m": dict(
@@ -74,7 +74,7 @@ SHAPES = {
 
 def random_params(cfg: ProxyConfig, copies: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
     """Fused-layout random weights (cost does not depend on values)."""
-    from proxy_worker.weights import expected_shapes, stack_copies
+    from antidistill.proxy_worker.core.weights import expected_shapes, stack_copies
 
     gen = torch.Generator().manual_seed(0)
     state = {k: torch.randn(s, generator=gen) * 0.02 for k, s in expected_shapes(cfg).items()}

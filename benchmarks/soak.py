@@ -1,9 +1,9 @@
 """Soak: mixed-tier, mixed-λ streaming load for a fixed time while sampling memory.
 
-    python -m benchmarks.soak --minutes 30 --out benchmarks/results/soak-30min.json
+    python -m antidistill.benchmarks.soak --minutes 30 --out benchmarks/results/soak-30min.json
 
 Starts ``antidistill serve`` on the tiny test models (random weights; what is measured is the
-serving machinery, not model quality), drives it with ``benchmarks.load`` (streaming chat, tiers at
+serving machinery, not model quality), drives it with ``antidistill.benchmarks.load`` (streaming chat, tiers at
 λ = 0, 1 and 3 on two gradient profiles), samples the RSS of the API-server process and of its
 engine worker every few seconds, and after the load waits for the proxy KV gauge to return to 0.
 It passes when there were no errors, neither process grew by more than ``--rss-bound-mib`` between
@@ -26,10 +26,9 @@ from pathlib import Path
 import httpx
 import psutil
 import yaml
+from antidistill.benchmarks.load import LoadConfig, run_load, summarize
+from antidistill.benchmarks.report import write_json
 from prometheus_client.parser import text_string_to_metric_families
-
-from benchmarks.load import LoadConfig, run_load, summarize
-from benchmarks.report import write_json
 
 MIB = 1024 * 1024
 SOAK_TIERS = {
@@ -174,7 +173,8 @@ def soak(
 
 
 def main() -> None:
-    from server.launch import free_port, server_process
+    from antidistill.server.launch import free_port, server_process
+
     from tests.vllm_setup import antidistill_serve_args, build_models, write_tiers
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server.embedded_model import DEFAULT_CACHE
+from antidistill.server.embedded_model import DEFAULT_CACHE
 
 
 def questions(count: int, seed: int = 2) -> list[str]:
@@ -31,13 +31,12 @@ def prompt_token_ids(teacher: Path, count: int) -> list[list[int]]:
 def benchmark_gradient(proxy: Path, traces: int = 16) -> Path:
     """A cached gradient for the proxy from gsm_symbolic worked solutions."""
     import reasoning_gym
+    from antidistill.proxy_worker.core.config import load_config
+    from antidistill.proxy_worker.core.gradient_file import CONFIG_HASH_KEY, save_gradient
+    from antidistill.proxy_worker.core.weights import load_proxy_state
+    from antidistill.proxy_worker.tools.gradient import compute_gradient
+    from antidistill.proxy_worker.tools.traces import tokenize_trace
     from transformers import AutoTokenizer
-
-    from proxy_worker.config import load_config
-    from proxy_worker.gradient import compute_gradient
-    from proxy_worker.gradient_file import CONFIG_HASH_KEY, save_gradient
-    from proxy_worker.traces import tokenize_trace
-    from proxy_worker.weights import load_proxy_state
 
     out = DEFAULT_CACHE / f"{proxy.name}-bench-grad.safetensors"
     if out.is_file():

@@ -37,13 +37,13 @@ DEPLOY = Path(__file__).resolve().parent
 ROOT = DEPLOY.parent
 sys.path.insert(0, str(ROOT))
 
-from server.cli import serve_parser  # noqa: E402  (after the path tweak: runnable without install)
-from server.tiers import TiersError, load_tiers  # noqa: E402
+from antidistill.server.cli import serve_parser  # noqa: E402  (after the path tweak: runnable without install)
+from antidistill.server.tiers import TiersError, load_tiers  # noqa: E402
 
 IMAGE_REPO = "ghcr.io/example/antidistill"
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
 QUEUE_METRIC = "vllm:num_requests_waiting"
-# what server.default_setup.embedded_default adds for each flag that is absent (it looks for the bare flag)
+# what antidistill.server.default_setup.embedded_default adds for each flag that is absent (it looks for the bare flag)
 EMBEDDED_DEFAULTS = {
     "--model": "/var/lib/antidistill/cache/SmolLM2-135M-Instruct",
     "--dtype": "float32",

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from server import metrics
-from server.guard import Watch
-from server.tiers import Caller
+from antidistill.server import metrics
+from antidistill.server.guard import Watch
+from antidistill.server.tiers import Caller
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
@@ -130,7 +130,7 @@ def _take_usage(ex: Exchange, data: bytes) -> None:
 
 
 def _audit_logger(path: str) -> logging.Logger:
-    logger = logging.getLogger("server.audit")
+    logger = logging.getLogger("antidistill.server.audit")
     if not logger.handlers:
         handler = logging.StreamHandler() if path == "-" else logging.FileHandler(path)
         handler.setFormatter(logging.Formatter("%(message)s"))

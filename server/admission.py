@@ -13,12 +13,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from antidistill.server.policy import PolicyError, decide, find_smuggled
+from antidistill.server.request import GenerationRequest, Parsed
+from antidistill.server.tiers import Tier
 from vllm.entrypoints.generate.base.protocol import StreamOptions
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-
-from server.policy import PolicyError, decide, find_smuggled
-from server.request import GenerationRequest, Parsed
-from server.tiers import Tier
 
 # refused on protected requests: beam search ranks candidates by vLLM's own per-step logprobs and
 # its sub-requests do not carry vllm_xargs; prompt embeddings give the proxy no prompt tokens

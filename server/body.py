@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from server.policy import PolicyError
-from server.request import max_body_bytes
+from antidistill.server.policy import PolicyError
+from antidistill.server.request import max_body_bytes
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -21,12 +21,18 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from proxy_worker.settings import CONFIG_KEY, ENV_VAR, ProcessorSettings, SettingsError, parse_settings
-from server.config import DRAIN_ENV, GatewayConfig
-from server.tiers import TiersError, TierTable, load_tiers, new_key
+from antidistill.proxy_worker.runtime.settings import (
+    CONFIG_KEY,
+    ENV_VAR,
+    ProcessorSettings,
+    SettingsError,
+    parse_settings,
+)
+from antidistill.server.config import DRAIN_ENV, GatewayConfig
+from antidistill.server.tiers import TiersError, TierTable, load_tiers, new_key
 
-PROCESSOR = "proxy_worker.vllm_v1:AntidistillationLogitsProcessor"
-MIDDLEWARE = "server.middleware.AntidistillationMiddleware"
+PROCESSOR = "antidistill.proxy_worker.runtime.vllm_v1:AntidistillationLogitsProcessor"
+MIDDLEWARE = "antidistill.server.middleware.AntidistillationMiddleware"
 
 
 DEFAULT_PROXY_TOKENS = ProcessorSettings.model_fields["token_budget"].default
@@ -46,7 +52,9 @@ def serve_parser() -> argparse.ArgumentParser:
         metavar="NAME=PATH",
         help="gradient profile (repeatable); the first is the default profile",
     )
-    ap.add_argument("--epsilon", type=float, default=1e-3, help="finite-difference ε (see proxy_worker.calibrate)")
+    ap.add_argument(
+        "--epsilon", type=float, default=1e-3, help="finite-difference ε (see antidistill.proxy_worker.tools.calibrate)"
+    )
     ap.add_argument("--tiers", help="tiers YAML (API keys → λ)")
     ap.add_argument("--proxy-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument(
@@ -99,10 +107,10 @@ def processor_settings(ours: argparse.Namespace) -> ProcessorSettings:
 
 def preflight(proxy: str, gradients: dict[str, str]) -> None:
     """Proxy config and weights index, and each gradient's names and shapes, before vLLM starts."""
-    from proxy_worker.config import ProxyConfigError, load_config
-    from proxy_worker.gradient_file import check_gradient_header
-    from proxy_worker.weights import WeightsError, expected_shapes, safetensors_files
-    from server.preflight import CheckpointError, check_proxy_weights
+    from antidistill.proxy_worker.core.config import ProxyConfigError, load_config
+    from antidistill.proxy_worker.core.gradient_file import check_gradient_header
+    from antidistill.proxy_worker.core.weights import WeightsError, expected_shapes, safetensors_files
+    from antidistill.server.preflight import CheckpointError, check_proxy_weights
 
     try:
         cfg = load_config(proxy)
@@ -142,9 +150,9 @@ def couple_capacity(
     args: argparse.Namespace, ours: argparse.Namespace, settings: ProcessorSettings
 ) -> ProcessorSettings:
     """Cap the teacher's KV to the proxy pool, or size the pool from the teacher's cap (kv_plan)."""
-    from proxy_worker.capacity import CapacityError
-    from proxy_worker.config import load_config
-    from server.kv_plan import describe_plan, plan_capacity
+    from antidistill.proxy_worker.core.config import load_config
+    from antidistill.proxy_worker.runtime.capacity import CapacityError
+    from antidistill.server.kv_plan import describe_plan, plan_capacity
 
     try:
         plan = plan_capacity(args, ours.proxy_token_budget, DEFAULT_PROXY_TOKENS)
@@ -161,9 +169,8 @@ def couple_capacity(
 
 def with_our_processor(processors: list) -> list:
     """vLLM's processor list plus ours — unless a subclass of ours is already there (it replaces ours)."""
+    from antidistill.proxy_worker.runtime.vllm_v1 import AntidistillationLogitsProcessor
     from vllm.utils.import_utils import resolve_obj_by_qualname
-
-    from proxy_worker.vllm_v1 import AntidistillationLogitsProcessor
 
     def ours(entry: object) -> bool:
         cls = resolve_obj_by_qualname(entry.replace(":", ".")) if isinstance(entry, str) else entry
@@ -175,7 +182,7 @@ def with_our_processor(processors: list) -> list:
 def fresh_failure_ledger() -> Path:
     """The file through which the worker tells the gateway which protected requests lost Δ: a new
     one per start (an operator's ``ANTIDISTILL_FAILURE_LEDGER`` path is created afresh), removed on exit."""
-    from proxy_worker.failure_ledger import ENV_VAR, create
+    from antidistill.proxy_worker.runtime.failure_ledger import ENV_VAR, create
 
     given = os.environ.get(ENV_VAR)
     if given:
@@ -193,7 +200,7 @@ def serve(argv: Sequence[str]) -> None:
         return
     ours, rest = serve_parser().parse_known_args(argv)
     if ours.embedded_default:
-        from server.default_setup import embedded_default
+        from antidistill.server.default_setup import embedded_default
 
         ours, rest = embedded_default(ours, rest)
     settings = processor_settings(ours)
@@ -237,7 +244,7 @@ def serve(argv: Sequence[str]) -> None:
     args.middleware = [*(args.middleware or []), MIDDLEWARE]
     validate_parsed_serve_args(args)
     uvloop.run(run_server(args))
-    from server.lifecycle import stopped_without_signal
+    from antidistill.server.lifecycle import stopped_without_signal
 
     if stopped_without_signal():  # vLLM exits 0 then; an orchestrator must see a failure and restart us
         raise StartupError("the vLLM engine process died, so the server stopped (see the log above); exit status 1")
@@ -257,7 +264,7 @@ def check_logprobs_mode(mode: str, tiers: TierTable) -> None:
 
 def check_teacher_args(vllm_args: Sequence[str]) -> None:
     """A local --model directory must be readable before vLLM's workers are spawned."""
-    from server.preflight import CheckpointError, check_teacher, looks_local, model_argument
+    from antidistill.server.preflight import CheckpointError, check_teacher, looks_local, model_argument
 
     model = model_argument(vllm_args)
     if model is not None and looks_local(model):
@@ -279,7 +286,7 @@ def keygen(argv: Sequence[str]) -> None:
 
 
 def evaluate(argv: Sequence[str]) -> None:
-    from benchmarks.distillation.cli import main as run_evaluation
+    from antidistill.benchmarks.distillation.cli import main as run_evaluation
 
     if run_evaluation(argv) != 0:
         raise StartupError("evaluation stopped")

@@ -6,7 +6,7 @@ import urllib.parse
 from collections.abc import MutableMapping
 from typing import Any
 
-from server.policy import PolicyError
+from antidistill.server.policy import PolicyError
 
 # where clients put API keys besides Authorization (Azure- and Anthropic-style SDKs, URLs): refused,
 # so that we, a front proxy and vLLM's own --api-key check cannot disagree about who the caller is

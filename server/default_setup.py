@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 import yaml
-
-from server.embedded_model import DEFAULT_CACHE, prepare_half_proxy, prepare_smollm2
-from server.tiers import new_key
+from antidistill.server.embedded_model import DEFAULT_CACHE, prepare_half_proxy, prepare_smollm2
+from antidistill.server.tiers import new_key
 
 HOLDOUT_PROBLEMS = 48
 TRACE_TOKENS = 256
 # λ multiplies Δ, whose scale grows with |g|: for this proxy and gradient Δ has a per-token standard
-# deviation of ≈ 400 logits (python -m proxy_worker.calibrate prints it), so λ = 0.002 moves logits
+# deviation of ≈ 400 logits (python -m antidistill.proxy_worker.tools.calibrate prints it), so λ = 0.002 moves logits
 # by ≈ 1 std — output stays coherent up to ≈ 0.002 and degenerates by ≈ 0.004 (README: Choosing λ).
 DEMO_TIERS = {
     "free": {"lambda": 0.002, "max_lambda": 0.004, "rpm": 60, "max_tokens": 1024},
@@ -67,7 +66,7 @@ def generate_holdout(teacher: Path, out: Path) -> Path:
 def compute_default_gradient(proxy: Path, traces: Path, out: Path) -> Path:
     if out.is_file():
         return out
-    from proxy_worker import gradient
+    from antidistill.proxy_worker.tools import gradient
 
     if gradient.main(["--proxy", str(proxy), "--traces", str(traces), "--out", str(out)]) != 0:
         raise RuntimeError("gradient computation failed")

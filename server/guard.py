@@ -25,11 +25,11 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy_worker.failure_ledger import FailureLedger, Reason
-from proxy_worker.settings import MAX_TICKET
-from server.errors import error_body, respond
+from antidistill.proxy_worker.runtime.failure_ledger import FailureLedger, Reason
+from antidistill.proxy_worker.runtime.settings import MAX_TICKET
+from antidistill.server.errors import error_body, respond
 
-log = logging.getLogger("server.gateway")
+log = logging.getLogger("antidistill.server.gateway")
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]

@@ -1,7 +1,7 @@
 """The start-up half of capacity coupling: from vLLM's parsed flags and the two model configs, agree
 on the teacher's KV cap (``--num-gpu-blocks-override``) and each profile's proxy KV pool.
 
-The maths is in ``proxy_worker.capacity``; this module only reads what it needs (block size, max
+The maths is in ``antidistill.proxy_worker.runtime.capacity``; this module only reads what it needs (block size, max
 model length, KV bytes per token, the CPU KV space) and says what it decided. The worker checks
 the plan again against the engine's final config and grows its pool if the teacher's block size
 came out larger than planned, so the proxy always holds what the teacher can schedule.
@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from proxy_worker import capacity
-from proxy_worker.config import ProxyConfig
+from antidistill.proxy_worker.core.config import ProxyConfig
+from antidistill.proxy_worker.runtime import capacity
 
 DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2}
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-log = logging.getLogger("server.gateway")
+log = logging.getLogger("antidistill.server.gateway")
 
 _served_app: list[Any] = []  # vLLM's FastAPI app, seen at lifespan start (its uvicorn server is on app.state)
 _stop_signals: list[str] = []  # shutdown signals received, in order

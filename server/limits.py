@@ -12,8 +12,8 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.policy import PolicyError
-from server.tiers import Tier
+from antidistill.server.policy import PolicyError
+from antidistill.server.tiers import Tier
 
 MINUTE, HOUR = 60.0, 3600.0
 

@@ -19,21 +19,21 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from proxy_worker.failure_ledger import FailureLedger
-from server.accounting import Accounting, Exchange
-from server.admission import admit
-from server.body import read_body, replay
-from server.config import GatewayConfig
-from server.credentials import bearer
-from server.errors import error_body, respond
-from server.guard import FailureWatcher, ProtectionGuard
-from server.lifecycle import Lifecycle
-from server.limits import KeyLimiter
-from server.policy import LAMBDA_HEADER, PolicyError
-from server.request import canonical, parse
-from server.tiers import Caller, TiersError, hash_key, load_tiers
+from antidistill.proxy_worker.runtime.failure_ledger import FailureLedger
+from antidistill.server.accounting import Accounting, Exchange
+from antidistill.server.admission import admit
+from antidistill.server.body import read_body, replay
+from antidistill.server.config import GatewayConfig
+from antidistill.server.credentials import bearer
+from antidistill.server.errors import error_body, respond
+from antidistill.server.guard import FailureWatcher, ProtectionGuard
+from antidistill.server.lifecycle import Lifecycle
+from antidistill.server.limits import KeyLimiter
+from antidistill.server.policy import LAMBDA_HEADER, PolicyError
+from antidistill.server.request import canonical, parse
+from antidistill.server.tiers import Caller, TiersError, hash_key, load_tiers
 
-log = logging.getLogger("server.gateway")
+log = logging.getLogger("antidistill.server.gateway")
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -184,7 +184,7 @@ def _cpu_platform() -> bool:
 def _use_vllm_logging() -> None:
     """Send the gateway's log lines (reload, drain) through vLLM's handlers, format and level:
     without a handler of its own, the server process would drop them."""
-    ours, theirs = logging.getLogger("server"), logging.getLogger("vllm")
+    ours, theirs = logging.getLogger("antidistill.server"), logging.getLogger("vllm")
     if not ours.handlers and theirs.handlers:
         for handler in theirs.handlers:
             ours.addHandler(handler)

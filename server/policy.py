@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from server.tiers import Tier
+from antidistill.server.tiers import Tier
 
 LAMBDA_HEADER = "x-antidistillation-lambda"
 SMUGGLE_KEYS = ("ad_lambda", "ad_profile", "ad_mode")

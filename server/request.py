@@ -14,13 +14,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from antidistill.server.policy import PolicyError
 from pydantic import ValidationError
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.exception_handling.handlers.validation import clean_loc_for_param
 from vllm.exceptions import VLLMValidationError
-
-from server.policy import PolicyError
 
 GenerationRequest = CompletionRequest | ChatCompletionRequest
 MODELS: dict[str, type[GenerationRequest]] = {

@@ -17,9 +17,8 @@ import os
 from collections.abc import Callable, Sequence
 
 import torch
-
-from proxy_worker.engine import ProxyEngine, StepResult
-from proxy_worker.vllm_v1 import AntidistillationLogitsProcessor
+from antidistill.proxy_worker.runtime.engine import ProxyEngine, StepResult
+from antidistill.proxy_worker.runtime.vllm_v1 import AntidistillationLogitsProcessor
 
 ENV_VAR = "ANTIDISTILL_TEST_FAULTS"
 

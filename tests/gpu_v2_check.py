@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-V2_PROCESSOR = "proxy_worker.vllm_v2:AntidistillationLogitsProcessorV2"
+V2_PROCESSOR = "antidistill.proxy_worker.runtime.vllm_v2:AntidistillationLogitsProcessorV2"
 
 
 def main() -> int:

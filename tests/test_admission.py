@@ -8,16 +8,15 @@ import json
 import warnings
 
 import pytest
+from antidistill.server.admission import admit
+from antidistill.server.policy import PolicyError
+from antidistill.server.request import MODELS, canonical, max_body_bytes, parse
+from antidistill.server.tiers import Tier
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import RequestOutputKind
-
-from server.admission import admit
-from server.policy import PolicyError
-from server.request import MODELS, canonical, max_body_bytes, parse
-from server.tiers import Tier
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 TIERS = {

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from proxy_worker.cache import ROOT, ProxyBudgetExceeded, ProxyKVCache, block_digest
-from proxy_worker.config import parse_config
+from antidistill.proxy_worker.core.config import parse_config
+from antidistill.proxy_worker.runtime.cache import ROOT, ProxyBudgetExceeded, ProxyKVCache, block_digest
 
 CFG = parse_config(
     dict(

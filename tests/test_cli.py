@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import yaml
+from antidistill.server.cli import main
 
-from server.cli import main
 from tests.vllm_setup import build_models
 
 

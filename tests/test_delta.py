@@ -4,9 +4,8 @@ through the HF model; the permutation control; padding and non-finite handling."
 from __future__ import annotations
 
 import torch
-
-from proxy_worker.config import load_config
-from proxy_worker.delta import (
+from antidistill.proxy_worker.core.config import load_config
+from antidistill.proxy_worker.core.delta import (
     PermutationControl,
     add_scaled,
     exact_delta,
@@ -14,10 +13,11 @@ from proxy_worker.delta import (
     pad_to_width,
     zero_non_finite,
 )
-from proxy_worker.model import StackedProxy
-from proxy_worker.plan import build_plan
-from proxy_worker.rope import RotaryTable
-from proxy_worker.weights import load_proxy_state, perturbed_copies, stack_copies
+from antidistill.proxy_worker.core.model import StackedProxy
+from antidistill.proxy_worker.core.plan import build_plan
+from antidistill.proxy_worker.core.rope import RotaryTable
+from antidistill.proxy_worker.core.weights import load_proxy_state, perturbed_copies, stack_copies
+
 from tests.tiny_models import load_hf
 
 IDS = [4, 80, 17, 250, 9, 33, 61, 2, 7, 140, 11]

@@ -14,18 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from antidistill.proxy_worker.core.config import load_config
+from antidistill.proxy_worker.core.delta import finite_difference
+from antidistill.proxy_worker.core.model import KVStore, StackedProxy, step_bytes
+from antidistill.proxy_worker.core.plan import StepPlan, build_plan
+from antidistill.proxy_worker.core.weights import load_proxy_state, perturbed_copies, stack_copies
+from antidistill.proxy_worker.runtime.cache import ProxyKVCache, RowState
+from antidistill.proxy_worker.runtime.engine import ProxyEngine
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from torch.profiler import ProfilerActivity, profile
 
-from proxy_worker.cache import ProxyKVCache, RowState
-from proxy_worker.config import load_config
-from proxy_worker.delta import finite_difference
-from proxy_worker.engine import ProxyEngine
-from proxy_worker.model import KVStore, StackedProxy, step_bytes
-from proxy_worker.plan import StepPlan, build_plan
-from proxy_worker.weights import load_proxy_state, perturbed_copies, stack_copies
 from tests.tiny_models import save_tiny
 
 EPS = 0.1

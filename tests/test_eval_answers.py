@@ -7,12 +7,11 @@ import re
 from fractions import Fraction
 
 import pytest
+from antidistill.benchmarks.distillation.answers import extract_answer, is_correct, parse_number
+from antidistill.benchmarks.distillation.tasks import chain_solution, make_splits, near_misses
+from antidistill.benchmarks.distillation.trace_stats import chain_trace_stats, style_of
 from hypothesis import given
 from hypothesis import strategies as st
-
-from benchmarks.distillation.answers import extract_answer, is_correct, parse_number
-from benchmarks.distillation.tasks import chain_solution, make_splits, near_misses
-from benchmarks.distillation.trace_stats import chain_trace_stats, style_of
 
 
 @pytest.mark.parametrize(

@@ -11,15 +11,14 @@ import shutil
 
 import pytest
 import torch
-
-from benchmarks.distillation import summary
-from benchmarks.distillation.cli import main as eval_main
-from benchmarks.distillation.config import CONFIG_DIR, MODES, ConfigError, load_eval_config
-from benchmarks.distillation.models import Shape, scratch_model, train_tokenizer
-from benchmarks.distillation.pipeline import Pipeline, read_jsonl, run_name
-from benchmarks.distillation.tasks import GENERATORS
-from benchmarks.distillation.training import TrainSpec, collate, fine_tune
-from proxy_worker.traces import TokenizedTrace
+from antidistill.benchmarks.distillation import summary
+from antidistill.benchmarks.distillation.cli import main as eval_main
+from antidistill.benchmarks.distillation.config import CONFIG_DIR, MODES, ConfigError, load_eval_config
+from antidistill.benchmarks.distillation.models import Shape, scratch_model, train_tokenizer
+from antidistill.benchmarks.distillation.pipeline import Pipeline, read_jsonl, run_name
+from antidistill.benchmarks.distillation.tasks import GENERATORS
+from antidistill.benchmarks.distillation.training import TrainSpec, collate, fine_tune
+from antidistill.proxy_worker.tools.traces import TokenizedTrace
 
 EARLY = ["data", "tokenizer", "teacher", "proxy", "holdout"]
 

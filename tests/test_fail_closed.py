@@ -13,8 +13,8 @@ from functools import cache
 
 import httpx
 import pytest
+from antidistill.server.launch import free_port, running_server
 
-from server.launch import free_port, running_server
 from tests.reference_sampler import ReferenceSampler
 from tests.test_metrics import scrape, total
 from tests.vllm_setup import EPSILONS, antidistill_serve_args, build_models, write_tiers

@@ -8,11 +8,11 @@ import multiprocessing
 
 import pytest
 import torch
+from antidistill.proxy_worker.runtime import capacity
+from antidistill.proxy_worker.runtime.failure_ledger import FailureLedger, Reason, create
+from antidistill.proxy_worker.runtime.protection import Protection
+from antidistill.proxy_worker.runtime.settings import RequestArgs, parse_settings
 
-from proxy_worker import capacity
-from proxy_worker.failure_ledger import FailureLedger, Reason, create
-from proxy_worker.protection import Protection
-from proxy_worker.settings import RequestArgs, parse_settings
 from tests.vllm_setup import build_models
 
 
@@ -194,7 +194,7 @@ class FakeApp:
 def run_guarded(ledger, refuse: bool, chunks: list[bytes], fail_at: int, reason: Reason = Reason.BUDGET) -> list:
     import asyncio
 
-    from server.guard import FailureWatcher, ProtectionGuard
+    from antidistill.server.guard import FailureWatcher, ProtectionGuard
 
     sent: list = []
 

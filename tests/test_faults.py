@@ -9,9 +9,9 @@ import time
 import httpx
 import psutil
 import pytest
+from antidistill.benchmarks.soak import wait_kv_idle
+from antidistill.server.launch import free_port, server_process
 
-from benchmarks.soak import wait_kv_idle
-from server.launch import free_port, server_process
 from tests.test_metrics import scrape, total
 from tests.vllm_setup import antidistill_serve_args, build_models, write_tiers
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from server.config import MAX_BODY_ENV, GatewayConfig, GatewayConfigError
+from antidistill.server.config import MAX_BODY_ENV, GatewayConfig, GatewayConfigError
 
 
 def test_export_and_read_back(tmp_path, monkeypatch):

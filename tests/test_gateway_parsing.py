@@ -10,9 +10,9 @@ import time
 
 import httpx
 import pytest
+from antidistill.server.launch import free_port, server_process
+from antidistill.server.request import max_body_bytes
 
-from server.launch import free_port, server_process
-from server.request import max_body_bytes
 from tests.vllm_setup import antidistill_serve_args, build_models, write_tiers
 
 TIERS = {

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from antidistill.proxy_worker.core.config import load_config
+from antidistill.proxy_worker.core.gradient_file import CONFIG_HASH_KEY, load_gradient, read_metadata
+from antidistill.proxy_worker.core.rope import RotaryTable
+from antidistill.proxy_worker.core.weights import expected_shapes, load_proxy_state, stack_copies
+from antidistill.proxy_worker.tools import gradient
+from antidistill.proxy_worker.tools.traces import TraceError, read_traces, tokenize_trace
 
-from proxy_worker import gradient
-from proxy_worker.config import load_config
-from proxy_worker.gradient_file import CONFIG_HASH_KEY, load_gradient, read_metadata
-from proxy_worker.rope import RotaryTable
-from proxy_worker.traces import TraceError, read_traces, tokenize_trace
-from proxy_worker.weights import expected_shapes, load_proxy_state, stack_copies
 from tests.tiny_models import load_hf
 
 TRACES = [

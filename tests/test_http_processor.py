@@ -8,8 +8,8 @@ import json
 
 import httpx
 import pytest
+from antidistill.server.launch import free_port, running_server
 
-from server.launch import free_port, running_server
 from tests.reference_sampler import ReferenceSampler
 from tests.vllm_setup import EPSILONS, PROCESSOR, build_models, server_flags
 

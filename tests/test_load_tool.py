@@ -7,8 +7,7 @@ import asyncio
 import json
 
 import httpx
-
-from benchmarks.load import LoadConfig, is_loopback, percentiles, run_load, summarize
+from antidistill.benchmarks.load import LoadConfig, is_loopback, percentiles, run_load, summarize
 
 
 def fake_openai(request: httpx.Request) -> httpx.Response:

@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from antidistill.server.launch import free_port, running_server
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.launch import free_port, running_server
 from tests.vllm_setup import antidistill_serve_args, build_models, write_tiers
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

@@ -6,14 +6,14 @@ import random
 
 import pytest
 import torch
+from antidistill.proxy_worker.core.config import load_config
+from antidistill.proxy_worker.core.model import StackedProxy
+from antidistill.proxy_worker.core.plan import PAD_SLACK, build_plan, group_rows
+from antidistill.proxy_worker.core.weights import load_proxy_state, perturbed_copies, stack_copies, stack_perturbed
+from antidistill.proxy_worker.runtime.cache import ProxyKVCache
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy_worker.cache import ProxyKVCache
-from proxy_worker.config import load_config
-from proxy_worker.model import StackedProxy
-from proxy_worker.plan import PAD_SLACK, build_plan, group_rows
-from proxy_worker.weights import load_proxy_state, perturbed_copies, stack_copies, stack_perturbed
 from tests.tiny_models import load_hf
 
 SEQS = [[5, 9, 33, 2, 7, 100, 3, 4, 55, 66, 77, 88, 301, 17], [3, 4, 5], list(range(40, 90))]

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from server.limits import KeyLimiter
-from server.policy import PolicyError, decide, find_smuggled
-from server.tiers import Tier, TiersError, hash_key, load_tiers, new_key
+from antidistill.server.limits import KeyLimiter
+from antidistill.server.policy import PolicyError, decide, find_smuggled
+from antidistill.server.tiers import Tier, TiersError, hash_key, load_tiers, new_key
 
 
 def tier(**kw) -> Tier:

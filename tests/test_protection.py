@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from antidistill.proxy_worker.core.delta import finite_difference
+from antidistill.proxy_worker.core.plan import build_plan
+from antidistill.proxy_worker.runtime.protection import Protection
+from antidistill.proxy_worker.runtime.settings import RequestArgs, SettingsError, parse_request_args, parse_settings
+from antidistill.proxy_worker.runtime.vocabulary import VocabularyMismatch
 from prometheus_client import REGISTRY
 
-from proxy_worker.delta import finite_difference
-from proxy_worker.plan import build_plan
-from proxy_worker.protection import Protection
-from proxy_worker.settings import RequestArgs, SettingsError, parse_request_args, parse_settings
-from proxy_worker.validation import VocabularyMismatch
 from tests.tiny_models import save_tiny, train_tokenizer
 from tests.vllm_setup import build_models
 

@@ -14,11 +14,11 @@ import time
 import httpx
 import pytest
 import torch
+from antidistill.benchmarks.load import sse_lines
+from antidistill.benchmarks.soak import kv_tokens_used, soak, wait_kv_idle
+from antidistill.server.launch import free_port, server_process
+from antidistill.server.middleware import EXPOSED
 
-from benchmarks.load import sse_lines
-from benchmarks.soak import kv_tokens_used, soak, wait_kv_idle
-from server.launch import free_port, server_process
-from server.middleware import EXPOSED
 from tests.reference_sampler import ReferenceSampler
 from tests.vllm_setup import EPSILONS, antidistill_serve_args, build_models, write_tiers
 

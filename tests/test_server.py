@@ -12,9 +12,9 @@ import httpx
 import openai
 import pytest
 import yaml
+from antidistill.server.launch import free_port, running_server
+from antidistill.server.tiers import new_key
 
-from server.launch import free_port, running_server
-from server.tiers import new_key
 from tests.vllm_setup import antidistill_serve_args, build_models
 
 TIERS = {

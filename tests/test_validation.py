@@ -7,13 +7,17 @@ import shutil
 
 import pytest
 import torch
+from antidistill.proxy_worker.core.config import ProxyConfigError, load_config
+from antidistill.proxy_worker.core.gradient_file import CONFIG_HASH_KEY, save_gradient
+from antidistill.proxy_worker.core.weights import WeightsError, load_proxy_state
+from antidistill.proxy_worker.runtime.engine import ProxyEngine
+from antidistill.proxy_worker.runtime.vocabulary import (
+    VocabularyMismatch,
+    check_proxy_matches_teacher,
+    check_vocab_alignment,
+)
 from safetensors.torch import save_file
 
-from proxy_worker.config import ProxyConfigError, load_config
-from proxy_worker.engine import ProxyEngine
-from proxy_worker.gradient_file import CONFIG_HASH_KEY, save_gradient
-from proxy_worker.validation import VocabularyMismatch, check_proxy_matches_teacher, check_vocab_alignment
-from proxy_worker.weights import WeightsError, load_proxy_state
 from tests.tiny_models import CORPUS, train_tokenizer
 
 

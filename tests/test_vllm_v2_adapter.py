@@ -9,15 +9,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from antidistill.proxy_worker.core.config import load_config
+from antidistill.proxy_worker.core.delta import finite_difference
+from antidistill.proxy_worker.core.model import StackedProxy
+from antidistill.proxy_worker.core.plan import build_plan
+from antidistill.proxy_worker.core.weights import perturbed_copies, stack_copies
+from antidistill.proxy_worker.runtime.vllm_v2 import AntidistillationLogitsProcessorV2
 from vllm import SamplingParams
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
 
-from proxy_worker.config import load_config
-from proxy_worker.delta import finite_difference
-from proxy_worker.model import StackedProxy
-from proxy_worker.plan import build_plan
-from proxy_worker.vllm_v2 import AntidistillationLogitsProcessorV2
-from proxy_worker.weights import perturbed_copies, stack_copies
 from tests.vllm_setup import EPSILONS, build_models
 
 MAX_REQS, MAX_LEN = 8, 64

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import torch
 import yaml
+from antidistill.proxy_worker.core.config import load_config
+from antidistill.proxy_worker.core.gradient_file import CONFIG_HASH_KEY, save_gradient
+from antidistill.proxy_worker.core.weights import load_proxy_state
+from antidistill.proxy_worker.tools import gradient
+from antidistill.proxy_worker.tools.traces import tokenize_trace
 
-from proxy_worker import gradient
-from proxy_worker.config import load_config
-from proxy_worker.gradient_file import CONFIG_HASH_KEY, save_gradient
-from proxy_worker.traces import tokenize_trace
-from proxy_worker.weights import load_proxy_state
 from tests.tiny_models import CORPUS, save_tiny, train_tokenizer
 
-PROCESSOR = "proxy_worker.vllm_v1:AntidistillationLogitsProcessor"
+PROCESSOR = "antidistill.proxy_worker.runtime.vllm_v1:AntidistillationLogitsProcessor"
 EPSILONS = {"math": 1e-3, "code": 1e-2}
 
 
@@ -41,7 +41,7 @@ class ADModels:
         return {**base, **overrides}
 
     def theta_and_grad(self, profile: str) -> tuple[dict, dict]:
-        from proxy_worker.gradient_file import load_gradient
+        from antidistill.proxy_worker.core.gradient_file import load_gradient
 
         cfg = load_config(self.proxy)
         return load_proxy_state(self.proxy, cfg), load_gradient(self.gradients[profile], cfg)
@@ -135,11 +135,11 @@ def server_flags(models: ADModels, port: int) -> list[str]:
 def antidistill_serve_args(
     models: ADModels, tiers: Path, audit: Path, port: int, profiles: tuple[str, ...] = ("math",)
 ) -> list[str]:
-    """`python -m server serve ...` for the tiny models (our server, as operators start it)."""
+    """`python -m antidistill.server serve ...` for the tiny models (our server, as operators start it)."""
     gradients = [arg for name in profiles for arg in ("--gradient", f"{name}={models.gradients[name]}")]
     return [
         "-m",
-        "server",
+        "antidistill.server",
         "serve",
         "--proxy",
         str(models.proxy),
@@ -154,7 +154,7 @@ def antidistill_serve_args(
 
 def write_tiers(path: Path, tiers: dict) -> dict[str, str]:
     """A tiers file with one fresh key per tier; returns tier → key (what clients send)."""
-    from server.tiers import new_key
+    from antidistill.server.tiers import new_key
 
     keys, entries = {}, []
     for tier in tiers:

@@ -7,8 +7,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.distillation.config import ConfigError, load_eval_config
-from benchmarks.distillation.pipeline import Pipeline, RunDirBusy
+from antidistill.benchmarks.distillation.config import ConfigError, load_eval_config
+from antidistill.benchmarks.distillation.pipeline import Pipeline, RunDirBusy
 
 DEFAULT_ROOT = Path("runs")
 

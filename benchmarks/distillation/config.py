@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from antidistill.benchmarks.distillation.models import Shape
+from antidistill.benchmarks.distillation.training import TrainSpec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from benchmarks.distillation.models import Shape
-from benchmarks.distillation.training import TrainSpec
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 MODES = ("temperature", "antidistillation", "permutation")

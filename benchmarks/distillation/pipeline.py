@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from antidistill.benchmarks.distillation import models, sampling, scoring, summary
+from antidistill.benchmarks.distillation.config import EvalConfig, ModelSpec, point_name
+from antidistill.benchmarks.distillation.tasks import Problem, make_splits, prompt_of
+from antidistill.benchmarks.distillation.training import fine_tune
+from antidistill.proxy_worker.tools.traces import TokenizedTrace, tokenize_trace
 from pydantic import BaseModel
-
-from benchmarks.distillation import models, sampling, scoring, summary
-from benchmarks.distillation.config import EvalConfig, ModelSpec, point_name
-from benchmarks.distillation.tasks import Problem, make_splits, prompt_of
-from benchmarks.distillation.training import fine_tune
-from proxy_worker.traces import TokenizedTrace, tokenize_trace
 
 log = logging.getLogger("antidistill.eval")
 SPLITS = ("test", "holdout", "distill", "train")  # drawn in this order (see make_splits)
@@ -216,7 +215,7 @@ class Pipeline:
 
     def model_path(self, spec: ModelSpec) -> Path:
         if spec.path == "smollm2":
-            from server.embedded_model import DEFAULT_CACHE, prepare_smollm2
+            from antidistill.server.embedded_model import DEFAULT_CACHE, prepare_smollm2
 
             return prepare_smollm2(DEFAULT_CACHE)
         if spec.path == "teacher":
@@ -283,7 +282,7 @@ class Pipeline:
         return {"traces": len(texts), "accuracy": scoring.accuracy(texts, problems)}
 
     def make_gradient(self) -> dict[str, Any]:
-        from benchmarks.distillation.proxy_gradient import gradient_and_scale
+        from antidistill.benchmarks.distillation.proxy_gradient import gradient_and_scale
 
         info = gradient_and_scale(
             self.path("models", "proxy"),

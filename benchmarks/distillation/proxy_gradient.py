@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from proxy_worker.calibrate import calibrate, delta_scale, exact_reference, recommend
-from proxy_worker.config import load_config
-from proxy_worker.gradient import WEIGHTING, compute_gradient, tokenize_all
-from proxy_worker.gradient_file import CONFIG_HASH_KEY, save_gradient
-from proxy_worker.plan import build_plan
-from proxy_worker.traces import read_traces
-from proxy_worker.weights import load_proxy_state
+from antidistill.proxy_worker.core.config import load_config
+from antidistill.proxy_worker.core.gradient_file import CONFIG_HASH_KEY, save_gradient
+from antidistill.proxy_worker.core.plan import build_plan
+from antidistill.proxy_worker.core.weights import load_proxy_state
+from antidistill.proxy_worker.tools.calibrate import calibrate, delta_scale, exact_reference, recommend
+from antidistill.proxy_worker.tools.gradient import WEIGHTING, compute_gradient, tokenize_all
+from antidistill.proxy_worker.tools.traces import read_traces
 
 CALIBRATION_TRACES = 8
 

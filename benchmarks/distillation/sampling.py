@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy_worker.settings import ENV_VAR
+from antidistill.proxy_worker.runtime.settings import ENV_VAR
 
 log = logging.getLogger("antidistill.eval")
-PROCESSOR = "proxy_worker.vllm_v1:AntidistillationLogitsProcessor"
+PROCESSOR = "antidistill.proxy_worker.runtime.vllm_v1:AntidistillationLogitsProcessor"
 PROFILE = "eval"
 
 
@@ -103,7 +103,7 @@ def processor_environment(settings: dict, kv_cache_gib: int) -> Iterator[None]:
     """The environment the engine needs, restored afterwards: ``validate_params`` runs in this
     (front-end) process, reads the settings from ``ANTIDISTILL_CONFIG`` and caches them, so a
     later engine in the same process (a test session) must not inherit ours."""
-    from proxy_worker.vllm_v1 import admission_settings
+    from antidistill.proxy_worker.runtime.vllm_v1 import admission_settings
 
     wanted = {ENV_VAR: json.dumps({"antidistillation": settings}), "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
     saved = {k: os.environ.get(k) for k in wanted}

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from antidistill.benchmarks.distillation.answers import is_correct
+from antidistill.benchmarks.distillation.tasks import Problem, prompt_of
 from transformers import PreTrainedTokenizerBase
-
-from benchmarks.distillation.answers import is_correct
-from benchmarks.distillation.tasks import Problem, prompt_of
 
 
 def greedy_completions(

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.distillation.config import MODES, EvalConfig, point_name
+from antidistill.benchmarks.distillation.config import MODES, EvalConfig, point_name
 
 TEACHER_LOSS_ALLOWED = 0.02
 TARGET_GAP = 0.10

@@ -1,7 +1,7 @@
 """What a grid point's sampling did to the traces of a ``chain_sum`` run: style mix and slips.
 
 AD can only hurt a student through what it changes in the traces, so the report shows these figures
-next to the accuracies: ``python -m benchmarks.distillation.trace_stats RUN_DIR [--json OUT]``.
+next to the accuracies: ``python -m antidistill.benchmarks.distillation.trace_stats RUN_DIR [--json OUT]``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.distillation.pipeline import read_jsonl
+from antidistill.benchmarks.distillation.pipeline import read_jsonl
 
 SLIP = re.compile(r"(-?\d+), no, (-?\d+)")
 STYLE_NAMES = ("=", "is", "Start at")

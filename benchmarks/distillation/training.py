@@ -15,9 +15,8 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+from antidistill.proxy_worker.tools.traces import TokenizedTrace
 from pydantic import BaseModel, ConfigDict, Field
-
-from proxy_worker.traces import TokenizedTrace
 
 log = logging.getLogger("antidistill.eval")
 

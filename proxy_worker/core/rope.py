@@ -6,8 +6,7 @@ import math
 from typing import Any
 
 import torch
-
-from proxy_worker.config import ProxyConfig, ProxyConfigError
+from antidistill.proxy_worker.core.config import ProxyConfig, ProxyConfigError
 
 
 def _rope_settings(raw: dict[str, Any]) -> tuple[float, dict[str, Any]]:

@@ -12,11 +12,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from antidistill.proxy_worker.core.config import ProxyConfig
 from safetensors import SafetensorError, safe_open
 
-from proxy_worker.config import ProxyConfig
-
 Params = dict[str, torch.Tensor]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """The torch dtype the proxy's copies are stored in, from its settings name."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown proxy dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 class WeightsError(ValueError):

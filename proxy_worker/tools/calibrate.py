@@ -1,6 +1,6 @@
 """ε calibration (the paper's appendix B, on the operator's own proxy and gradient).
 
-    python -m proxy_worker.calibrate --proxy DIR --gradient grad.safetensors --prompts traces.jsonl
+    python -m antidistill.proxy_worker.tools.calibrate --proxy DIR --gradient grad.safetensors --prompts traces.jsonl
 
 For every ε and serving dtype, the finite-difference Δ (θ ± εg built in fp32, cast, run, then
 differenced in fp32) is compared with the exact directional derivative (forward-mode JVP in fp64)
@@ -19,15 +19,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-
-from proxy_worker.config import ProxyConfig, load_config
-from proxy_worker.delta import exact_delta, finite_difference
-from proxy_worker.engine import DTYPES
-from proxy_worker.gradient_file import load_gradient
-from proxy_worker.model import StackedProxy
-from proxy_worker.plan import StepPlan, build_plan
-from proxy_worker.rope import RotaryTable
-from proxy_worker.weights import load_proxy_state, stack_copies, stack_perturbed
+from antidistill.proxy_worker.core.config import ProxyConfig, load_config
+from antidistill.proxy_worker.core.delta import exact_delta, finite_difference
+from antidistill.proxy_worker.core.gradient_file import load_gradient
+from antidistill.proxy_worker.core.model import StackedProxy
+from antidistill.proxy_worker.core.plan import StepPlan, build_plan
+from antidistill.proxy_worker.core.rope import RotaryTable
+from antidistill.proxy_worker.core.weights import DTYPES, load_proxy_state, stack_copies, stack_perturbed
 
 log = logging.getLogger(__name__)
 DEFAULT_EPSILONS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -111,7 +109,7 @@ def recommend(points: Sequence[CalibrationPoint]) -> dict[str, CalibrationPoint]
 
 def sample_token_ids(tokenizer: object, path: Path, count: int, max_tokens: int) -> list[list[int]]:
     """Texts from a traces JSONL (prompt + completion / rendered messages) or plain text lines."""
-    from proxy_worker.traces import tokenize_trace
+    from antidistill.proxy_worker.tools.traces import tokenize_trace
 
     seqs = []
     for line in path.read_text().splitlines():
@@ -144,7 +142,9 @@ def format_table(points: Sequence[CalibrationPoint]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m proxy_worker.calibrate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m antidistill.proxy_worker.tools.calibrate", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--proxy", required=True)
     ap.add_argument("--gradient", required=True)
     ap.add_argument("--prompts", required=True, type=Path, help="traces JSONL or a text file, one sample a line")

@@ -1,6 +1,6 @@
 """Offline tool: holdout teacher traces → g = ∇_θ ℓ(θ_P), written as safetensors.
 
-    python -m proxy_worker.gradient --proxy DIR --traces holdout.jsonl --out grad.safetensors
+    python -m antidistill.proxy_worker.tools.gradient --proxy DIR --traces holdout.jsonl --out grad.safetensors
 
 ℓ is the proxy's completion-only NLL (prompt tokens masked). Traces are weighted EQUALLY, as in the
 official code: ℓ = mean over traces of (mean NLL over that trace's completion tokens), so a long
@@ -19,15 +19,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from antidistill.proxy_worker.core.config import ProxyConfig, load_config
+from antidistill.proxy_worker.core.gradient_file import CONFIG_HASH_KEY, save_gradient
+from antidistill.proxy_worker.core.model import transformer_forward
+from antidistill.proxy_worker.core.plan import build_plan
+from antidistill.proxy_worker.core.rope import RotaryTable
+from antidistill.proxy_worker.core.weights import load_proxy_state, stack_copies
+from antidistill.proxy_worker.tools.traces import TokenizedTrace, read_traces, tokenize_trace
 from tqdm import tqdm
-
-from proxy_worker.config import ProxyConfig, load_config
-from proxy_worker.gradient_file import CONFIG_HASH_KEY, save_gradient
-from proxy_worker.model import transformer_forward
-from proxy_worker.plan import build_plan
-from proxy_worker.rope import RotaryTable
-from proxy_worker.traces import TokenizedTrace, read_traces, tokenize_trace
-from proxy_worker.weights import load_proxy_state, stack_copies
 
 log = logging.getLogger(__name__)
 WEIGHTING = "mean over traces of each trace's mean completion-token NLL"
@@ -104,7 +103,9 @@ def tokenize_all(tokenizer: object, records: Sequence[dict], max_tokens: int) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m proxy_worker.gradient", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m antidistill.proxy_worker.tools.gradient", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--proxy", required=True, help="proxy model directory (config.json + safetensors)")
     ap.add_argument("--traces", required=True, help="holdout traces JSONL")
     ap.add_argument("--out", required=True, help="output .safetensors")

@@ -2,7 +2,8 @@
 vLLM's V2 runner cannot run on CPU, so this path is unit-tested against its interface objects
 only, and has an end-to-end GPU script (``benchmarks/gpu_v2_check.py``) that has not yet been run.
 
-    VLLM_USE_V2_MODEL_RUNNER=1 --logits-processors proxy_worker.vllm_v2:AntidistillationLogitsProcessorV2
+    VLLM_USE_V2_MODEL_RUNNER=1 \
+        --logits-processors antidistill.proxy_worker.runtime.vllm_v2:AntidistillationLogitsProcessorV2
 
 The V2 runner keys requests by persistent *slot*, reorders logits rows every step, keeps token
 history on the device and gives no removal callback. So: arguments are recorded per slot in
@@ -17,10 +18,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from antidistill.proxy_worker.runtime.settings import RequestArgs, parse_request_args
+from antidistill.proxy_worker.runtime.vllm_v1 import admission_settings, build_protection, use_vllm_logging
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
-
-from proxy_worker.settings import RequestArgs, parse_request_args
-from proxy_worker.vllm_v1 import admission_settings, build_protection, use_vllm_logging
 
 if TYPE_CHECKING:
     import torch

@@ -1,6 +1,6 @@
 """vLLM V1-model-runner logits processor (the CPU build; CUDA with ``VLLM_USE_V2_MODEL_RUNNER=0``).
 
-    --logits-processors proxy_worker.vllm_v1:AntidistillationLogitsProcessor
+    --logits-processors antidistill.proxy_worker.runtime.vllm_v1:AntidistillationLogitsProcessor
 
 A thin adapter: it translates BatchUpdate events into ``Protection`` calls. Token values are read
 in ``apply`` (through the live output lists), never in ``update_state``, so async scheduling's
@@ -14,14 +14,13 @@ from functools import cache
 from typing import TYPE_CHECKING
 
 import torch
+from antidistill.proxy_worker.runtime import capacity
+from antidistill.proxy_worker.runtime.failure_ledger import ENV_VAR as FAILURE_LEDGER_ENV
+from antidistill.proxy_worker.runtime.failure_ledger import FailureLedger
+from antidistill.proxy_worker.runtime.protection import Protection
+from antidistill.proxy_worker.runtime.settings import ProcessorSettings, load_settings, parse_request_args
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
-
-from proxy_worker import capacity
-from proxy_worker.failure_ledger import ENV_VAR as FAILURE_LEDGER_ENV
-from proxy_worker.failure_ledger import FailureLedger
-from proxy_worker.protection import Protection
-from proxy_worker.settings import ProcessorSettings, load_settings, parse_request_args
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -32,7 +31,7 @@ log = logging.getLogger(__name__)
 def use_vllm_logging() -> None:
     """Route this package's log records through vLLM's handlers, so operators see them in the
     worker's log (start-up memory per profile, fallbacks) with vLLM's format and level."""
-    ours, theirs = logging.getLogger("proxy_worker"), logging.getLogger("vllm")
+    ours, theirs = logging.getLogger("antidistill.proxy_worker"), logging.getLogger("vllm")
     if not ours.handlers and theirs.handlers:
         for handler in theirs.handlers:
             ours.addHandler(handler)
@@ -78,7 +77,7 @@ def build_protection(vllm_config: VllmConfig, device: torch.device | str) -> Pro
 
 @cache
 def admission_settings() -> ProcessorSettings:
-    """Settings in the API-server process (no engine config there: see proxy_worker.settings)."""
+    """Settings in the API-server process (no engine config there: see antidistill.proxy_worker.runtime.settings)."""
     from vllm.config import get_current_vllm_config_or_none
 
     current = get_current_vllm_config_or_none()

@@ -23,10 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-
-from proxy_worker.config import ProxyConfig
-from proxy_worker.model import KVStore
-from proxy_worker.plan import PagedSlots
+from antidistill.proxy_worker.core.config import ProxyConfig
+from antidistill.proxy_worker.core.model import KVStore
+from antidistill.proxy_worker.core.plan import PagedSlots
 
 ROOT = b"proxy-kv-root"
 

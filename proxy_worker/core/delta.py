@@ -12,12 +12,11 @@ import hashlib
 from collections.abc import Mapping, Sequence
 
 import torch
+from antidistill.proxy_worker.core.config import ProxyConfig
+from antidistill.proxy_worker.core.model import Output, transformer_forward
+from antidistill.proxy_worker.core.plan import StepPlan
+from antidistill.proxy_worker.core.rope import RotaryTable
 from torch.func import jvp
-
-from proxy_worker.config import ProxyConfig
-from proxy_worker.model import Output, transformer_forward
-from proxy_worker.plan import StepPlan
-from proxy_worker.rope import RotaryTable
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -22,17 +22,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-
-from proxy_worker import metrics
-from proxy_worker.config import load_config
-from proxy_worker.delta import PermutationControl, add_scaled
-from proxy_worker.engine import ProxyEngine, parse_dtype
-from proxy_worker.failure_ledger import FailureLedger, Reason
-from proxy_worker.gradient_file import load_gradient
-from proxy_worker.model import StackedProxy
-from proxy_worker.settings import ProcessorSettings, RequestArgs, ticket_of
-from proxy_worker.validation import check_proxy_matches_teacher
-from proxy_worker.weights import load_proxy_state, stack_perturbed
+from antidistill.proxy_worker.core.config import load_config
+from antidistill.proxy_worker.core.delta import PermutationControl, add_scaled
+from antidistill.proxy_worker.core.gradient_file import load_gradient
+from antidistill.proxy_worker.core.model import StackedProxy
+from antidistill.proxy_worker.core.weights import load_proxy_state, parse_dtype, stack_perturbed
+from antidistill.proxy_worker.runtime import metrics
+from antidistill.proxy_worker.runtime.engine import ProxyEngine
+from antidistill.proxy_worker.runtime.failure_ledger import FailureLedger, Reason
+from antidistill.proxy_worker.runtime.settings import ProcessorSettings, RequestArgs, ticket_of
+from antidistill.proxy_worker.runtime.vocabulary import check_proxy_matches_teacher
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from antidistill.proxy_worker.core.config import ProxyConfig
+from antidistill.proxy_worker.core.weights import WeightsError, check_tensors, expected_shapes, read_safetensors
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-from proxy_worker.config import ProxyConfig
-from proxy_worker.weights import WeightsError, check_tensors, expected_shapes, read_safetensors
 
 CONFIG_HASH_KEY = "proxy_config_hash"
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import time
 
+from antidistill.proxy_worker.runtime.engine import StepResult
 from prometheus_client import Counter, Gauge, Histogram
-
-from proxy_worker.engine import StepResult
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)

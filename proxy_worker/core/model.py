@@ -13,10 +13,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-
-from proxy_worker.config import ProxyConfig
-from proxy_worker.plan import PAD_SLACK, AttentionGroup, StepPlan
-from proxy_worker.rope import RotaryTable, apply_rotary
+from antidistill.proxy_worker.core.config import ProxyConfig
+from antidistill.proxy_worker.core.plan import PAD_SLACK, AttentionGroup, StepPlan
+from antidistill.proxy_worker.core.rope import RotaryTable, apply_rotary
 
 Params = Mapping[str, torch.Tensor]
 Output = Literal["last", "all"] | torch.Tensor

@@ -12,22 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from proxy_worker.cache import ProxyBudgetExceeded, ProxyKVCache, RowState
-from proxy_worker.config import ProxyConfig, load_config
-from proxy_worker.delta import finite_difference, zero_non_finite
-from proxy_worker.gradient_file import load_gradient
-from proxy_worker.model import StackedProxy
-from proxy_worker.plan import build_plan
-from proxy_worker.weights import load_proxy_state, stack_perturbed
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"unknown proxy dtype {name!r}; expected one of {sorted(DTYPES)}")
-    return DTYPES[name]
+from antidistill.proxy_worker.core.config import ProxyConfig, load_config
+from antidistill.proxy_worker.core.delta import finite_difference, zero_non_finite
+from antidistill.proxy_worker.core.gradient_file import load_gradient
+from antidistill.proxy_worker.core.model import StackedProxy
+from antidistill.proxy_worker.core.plan import build_plan
+from antidistill.proxy_worker.core.weights import load_proxy_state, parse_dtype, stack_perturbed
+from antidistill.proxy_worker.runtime.cache import ProxyBudgetExceeded, ProxyKVCache, RowState
 
 
 def unknown_token(tokens: Sequence[int], vocab_size: int) -> int | None:

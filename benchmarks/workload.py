@@ -31,17 +31,11 @@ def prompt_token_ids(teacher: Path, count: int) -> list[list[int]]:
 def benchmark_gradient(proxy: Path, traces: int = 16) -> Path:
     """A cached gradient for the proxy from gsm_symbolic worked solutions."""
     import reasoning_gym
-    from antidistill.proxy_worker.core.config import load_config
-    from antidistill.proxy_worker.core.gradient_file import CONFIG_HASH_KEY, save_gradient
-    from antidistill.proxy_worker.core.weights import load_proxy_state
-    from antidistill.proxy_worker.tools.gradient import compute_gradient
-    from antidistill.proxy_worker.tools.traces import tokenize_trace
-    from transformers import AutoTokenizer
+    from antidistill.proxy_worker.tools.gradient import build_gradient_file
 
     out = DEFAULT_CACHE / f"{proxy.name}-bench-grad.safetensors"
     if out.is_file():
         return out
-    tok = AutoTokenizer.from_pretrained(proxy)
     data = reasoning_gym.create_dataset("gsm_symbolic", size=traces, seed=1)
     records = [
         {
@@ -52,7 +46,4 @@ def benchmark_gradient(proxy: Path, traces: int = 16) -> Path:
         }
         for x in data
     ]
-    cfg = load_config(proxy)
-    grad, loss = compute_gradient(cfg, load_proxy_state(proxy, cfg), [tokenize_trace(tok, r) for r in records])
-    save_gradient(out, grad, {CONFIG_HASH_KEY: cfg.digest, "mean_loss": loss, "num_traces": traces})
-    return out
+    return build_gradient_file(proxy, records, out).path

@@ -15,6 +15,7 @@ import argparse
 import gc
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ HOLDOUT_PROBLEMS = 48
 TRACE_TOKENS = 256
 # λ multiplies Δ, whose scale grows with |g|: for this proxy and gradient Δ has a per-token standard
 # deviation of ≈ 400 logits (python -m antidistill.proxy_worker.tools.calibrate prints it), so λ = 0.002 moves logits
-# by ≈ 1 std — output stays coherent up to ≈ 0.002 and degenerates by ≈ 0.004 (README: Choosing λ).
+# by ≈ 1 std — output stays coherent up to ≈ 0.002 and degenerates by ≈ 0.004 (docs/serving.md: Choosing λ).
 DEMO_TIERS = {
     "free": {"lambda": 0.002, "max_lambda": 0.004, "rpm": 60, "max_tokens": 1024},
     "pro": {"lambda": 0.001, "min_lambda": 0.0005, "max_lambda": 0.002, "rpm": 600},
@@ -66,11 +67,9 @@ def generate_holdout(teacher: Path, out: Path) -> Path:
 def compute_default_gradient(proxy: Path, traces: Path, out: Path) -> Path:
     if out.is_file():
         return out
-    from antidistill.proxy_worker.tools import gradient
+    from antidistill.proxy_worker.tools.gradient import build_gradient_file
 
-    if gradient.main(["--proxy", str(proxy), "--traces", str(traces), "--out", str(out)]) != 0:
-        raise RuntimeError("gradient computation failed")
-    return out
+    return build_gradient_file(proxy, traces, out, progress=sys.stderr.isatty()).path
 
 
 def demo_tiers(path: Path) -> Path:

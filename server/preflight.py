@@ -10,6 +10,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from antidistill.proxy_worker.core.config import ProxyConfig
+from antidistill.proxy_worker.core.weights import check_shapes, expected_shapes, proxy_parameters
 from safetensors import safe_open
 
 
@@ -52,22 +54,21 @@ def check_teacher(model: str) -> None:
         check_safetensors_header(shard, "--model")
 
 
-def check_safetensors_header(path: Path, what: str) -> list[str]:
-    """The tensor names in one file; a truncated or garbage file is a CheckpointError naming it."""
+def check_safetensors_header(path: Path, what: str) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes in one file; a truncated or garbage file is a CheckpointError naming it."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"{what} {path}: cannot read safetensors ({exc})") from None
 
 
-def check_proxy_weights(shards: Sequence[Path], expected: Sequence[str]) -> None:
-    """Every proxy parameter must be in some readable shard."""
-    present: set[str] = set()
+def check_proxy_weights(shards: Sequence[Path], cfg: ProxyConfig) -> None:
+    """Every proxy parameter, with its shape, in some readable shard, and nothing else: the check
+    the worker makes when it loads them (``check_shapes``), from the headers only."""
+    found: dict[str, tuple[int, ...]] = {}
     for shard in shards:
         if not shard.is_file():
             raise CheckpointError(f"--proxy {shard}: not found")
-        present.update(check_safetensors_header(shard, "--proxy"))
-    missing = [name for name in expected if name not in present]
-    if missing:
-        raise CheckpointError(f"--proxy {shards[0].parent}: missing tensor {missing[0]!r}")
+        found.update(check_safetensors_header(shard, "--proxy"))
+    check_shapes(proxy_parameters(found, cfg), expected_shapes(cfg), f"--proxy {shards[0].parent}")

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from antidistill.proxy_worker.runtime.engine import ProxyEngine, StepResult
+from antidistill.proxy_worker.runtime.failure_ledger import Reason, RowFailure
 from antidistill.proxy_worker.runtime.vllm_v1 import AntidistillationLogitsProcessor
 
 ENV_VAR = "ANTIDISTILL_TEST_FAULTS"
@@ -39,7 +40,7 @@ def _faulty_step(engine: ProxyEngine, nan_token: int | None, raise_token: int | 
         for pos, (index, first) in enumerate(zip(indices, firsts, strict=True)):
             if nan_token is not None and first == nan_token:
                 result.delta[pos] = 0.0
-                result.failed[index] = "non-finite delta (injected)"
+                result.failed[index] = RowFailure(Reason.NON_FINITE, "non-finite delta (injected)")
         return result
 
     return step

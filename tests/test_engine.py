@@ -21,6 +21,7 @@ from antidistill.proxy_worker.core.plan import StepPlan, build_plan
 from antidistill.proxy_worker.core.weights import load_proxy_state, perturbed_copies, stack_copies
 from antidistill.proxy_worker.runtime.cache import ProxyKVCache, RowState
 from antidistill.proxy_worker.runtime.engine import ProxyEngine
+from antidistill.proxy_worker.runtime.failure_ledger import Reason
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -153,7 +154,7 @@ class EngineMachine(RuleBasedStateMachine):
         for pos, index in enumerate(chosen):
             prompt, output = self.rows[index]
             if index in result.failed:
-                assert "budget" in result.failed[index]
+                assert result.failed[index].reason is Reason.BUDGET and "budget" in result.failed[index].message
                 assert torch.equal(result.delta[pos], torch.zeros(VOCAB))
                 assert len(prompt) + len(output) > 0
                 continue
@@ -192,7 +193,7 @@ def test_budget_exhaustion_fails_only_that_row_and_recovers():
     engine.add(0, small)
     engine.add(1, big)
     result = engine.step([0, 1])
-    assert 1 in result.failed and "budget" in result.failed[1]
+    assert result.failed[1].reason is Reason.BUDGET and "budget exhausted" in result.failed[1].message
     assert 0 not in result.failed
     assert torch.allclose(result.delta[0], fresh_delta(small), atol=5e-4)
     # the failed row holds nothing; removing it and adding a row that fits works
@@ -200,6 +201,20 @@ def test_budget_exhaustion_fails_only_that_row_and_recovers():
     engine.remove(1)
     engine.add(1, big[:20])
     assert not engine.step([0, 1]).failed
+
+
+def test_each_failed_row_carries_its_reason():
+    """The engine says why (the ledger and metric label), not only a message: an unknown row or an
+    empty one is an error, a token the proxy cannot embed a vocabulary failure that stays."""
+    engine = ProxyEngine(two_copy_model(), EPS, token_budget=64, block_size=8)
+    engine.add(1, [])
+    engine.add(2, [1, 2, VOCAB + 5])
+    engine.add(3, [1, 2, 3])
+    result = engine.step([0, 1, 2, 3])
+    assert {i: f.reason for i, f in result.failed.items()} == {0: Reason.ERROR, 1: Reason.ERROR, 2: Reason.VOCABULARY}
+    assert f"token id {VOCAB + 5}" in result.failed[2].message and "never added" in result.failed[0].message
+    assert torch.equal(result.delta[:3], torch.zeros(3, VOCAB))
+    assert engine.step([2]).failed[2].reason is Reason.VOCABULARY
 
 
 def test_chunked_prefill_row_asked_twice_reuses_delta():

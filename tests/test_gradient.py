@@ -87,6 +87,23 @@ def test_cli_writes_named_tensors_and_metadata(model_dir, tmp_path):
     assert meta["dtype"] == "float32" and "mean over traces" in meta["weighting"]
 
 
+def test_built_file_from_records_is_the_computed_gradient(model_dir, tokenizer, tmp_path):
+    """``build_gradient_file`` on in-memory records: exactly compute_gradient's tensors, stamped
+    with the proxy's config hash."""
+    path = model_dir("llama", tie=True)
+    cfg = load_config(path)
+    built = gradient.build_gradient_file(path, TRACES, tmp_path / "g.safetensors", tokenizer=tokenizer)
+    direct, loss = gradient.compute_gradient(
+        cfg, load_proxy_state(path, cfg), [tokenize_trace(tokenizer, r) for r in TRACES]
+    )
+    stored = load_gradient(built.path, cfg)
+    assert set(stored) == set(direct) and all(torch.equal(stored[k], direct[k]) for k in direct)
+    assert built.mean_loss == loss and len(built.traces) == len(TRACES)
+    meta = read_metadata(built.path)
+    assert meta[CONFIG_HASH_KEY] == cfg.digest and int(meta["num_traces"]) == len(TRACES)
+    assert "traces" not in meta, "records have no file name to record"
+
+
 @pytest.mark.parametrize(
     "line,needle",
     [

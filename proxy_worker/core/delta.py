@@ -3,7 +3,7 @@
     Δ(·) = [log p(· | x; θ + εg) − log p(· | x; θ − εg)] / (2ε)       (finite differences)
     Δ(·) = d/dε log p(· | x; θ + εg) at ε = 0                           (exact, forward-mode AD)
 
-λ·Δ is added to the teacher's raw logits, before temperature; see ARCHITECTURE.md §1.
+λ·Δ is added to the teacher's raw logits, before temperature; see docs/architecture.md ("One decode step").
 """
 
 from __future__ import annotations

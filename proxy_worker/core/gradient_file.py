@@ -12,7 +12,13 @@ from pathlib import Path
 
 import torch
 from antidistill.proxy_worker.core.config import ProxyConfig
-from antidistill.proxy_worker.core.weights import WeightsError, check_tensors, expected_shapes, read_safetensors
+from antidistill.proxy_worker.core.weights import (
+    WeightsError,
+    check_shapes,
+    check_tensors,
+    expected_shapes,
+    read_safetensors,
+)
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -44,25 +50,13 @@ def check_gradient_header(path: str | Path, cfg: ProxyConfig) -> None:
         raise WeightsError(f"gradient {path}: cannot read safetensors ({exc})") from None
     if stored_hash is not None and stored_hash != cfg.digest:
         raise WeightsError(f"gradient {path}: computed for proxy config {stored_hash}, but this proxy is {cfg.digest}")
-    expected = expected_shapes(cfg)
-    for name, shape in expected.items():
-        if name not in shapes:
-            raise WeightsError(f"gradient {path}: missing tensor {name!r}")
-        if shapes[name] != tuple(shape):
-            raise WeightsError(f"gradient {path}: tensor {name!r} has shape {shapes[name]}, expected {tuple(shape)}")
-    extra = sorted(set(shapes) - set(expected))
-    if extra:
-        raise WeightsError(f"gradient {path}: unexpected tensor {extra[0]!r} (not a proxy parameter)")
+    check_shapes(shapes, expected_shapes(cfg), f"gradient {path}")
 
 
 def load_gradient(path: str | Path, cfg: ProxyConfig) -> dict[str, torch.Tensor]:
-    """Read g and check it against the proxy config; raises WeightsError naming the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"gradient {path}: file not found")
+    """Read g and check it against the proxy config (the header first, then every value is finite);
+    raises WeightsError naming the problem."""
+    check_gradient_header(path, cfg)
     grad = read_safetensors([path])
-    stored_hash = read_metadata(path).get(CONFIG_HASH_KEY)
-    if stored_hash is not None and stored_hash != cfg.digest:
-        raise WeightsError(f"gradient {path}: computed for proxy config {stored_hash}, but this proxy is {cfg.digest}")
     check_tensors(grad, expected_shapes(cfg), f"gradient {path}")
     return {k: v.to(torch.float32) for k, v in grad.items()}

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from antidistill.proxy_worker.core.config import ProxyConfig
 from safetensors import SafetensorError, safe_open
 
 Params = dict[str, torch.Tensor]
+T = TypeVar("T")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -89,32 +91,42 @@ def expected_shapes(cfg: ProxyConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_tensors(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
-    """Raise WeightsError naming the first missing, extra, misshapen or non-finite tensor."""
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+def check_shapes(found: Shapes, expected: Shapes, what: str) -> None:
+    """Raise WeightsError naming the first missing, misshapen or extra tensor (names and shapes
+    only, so a file's header is enough: start-up pre-flight and loading say the same thing)."""
     for name, shape in expected.items():
-        if name not in tensors:
+        if name not in found:
             raise WeightsError(f"{what}: missing tensor {name!r}")
-        if tuple(tensors[name].shape) != tuple(shape):
-            raise WeightsError(
-                f"{what}: tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(shape)}"
-            )
-    extra = sorted(set(tensors) - set(expected))
+        if tuple(found[name]) != tuple(shape):
+            raise WeightsError(f"{what}: tensor {name!r} has shape {tuple(found[name])}, expected {tuple(shape)}")
+    extra = sorted(set(found) - set(expected))
     if extra:
         raise WeightsError(f"{what}: unexpected tensor {extra[0]!r} (not a proxy parameter)")
+
+
+def check_tensors(tensors: Mapping[str, torch.Tensor], expected: Shapes, what: str) -> None:
+    """``check_shapes``, then the first non-finite tensor."""
+    check_shapes({name: tuple(t.shape) for name, t in tensors.items()}, expected, what)
     for name in expected:
         if not torch.isfinite(tensors[name]).all():
             raise WeightsError(f"{what}: tensor {name!r} contains non-finite values")
 
 
-def load_proxy_state(model_dir: str | Path, cfg: ProxyConfig) -> dict[str, torch.Tensor]:
-    """The proxy's parameters in fp32, checked against its config.
-
-    A checkpoint of a tied model may also carry ``lm_head.weight``; it is dropped (it IS the
-    embedding), so names match what gradients are computed for.
-    """
-    tensors = read_safetensors(safetensors_files(model_dir))
+def proxy_parameters(tensors: dict[str, T], cfg: ProxyConfig) -> dict[str, T]:
+    """A checkpoint's entries (tensors or shapes) that are proxy parameters: a tied model may also
+    carry ``lm_head.weight``, which IS the embedding, so it is dropped and names match what
+    gradients are computed for."""
     if cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
+        return {name: v for name, v in tensors.items() if name != "lm_head.weight"}
+    return tensors
+
+
+def load_proxy_state(model_dir: str | Path, cfg: ProxyConfig) -> dict[str, torch.Tensor]:
+    """The proxy's parameters (``proxy_parameters``) in fp32, checked against its config."""
+    tensors = proxy_parameters(read_safetensors(safetensors_files(model_dir)), cfg)
     check_tensors(tensors, expected_shapes(cfg), f"proxy weights in {model_dir}")
     return {k: v.to(torch.float32) for k, v in tensors.items()}
 

@@ -1,8 +1,9 @@
 """Per-request proxy KV state in a preallocated, bounded block pool with prefix sharing.
 
 Rows are keyed by the teacher batch's row index and follow vLLM's BatchUpdate operations (add,
-remove, one-way move, swap). The pool is allocated once at start-up (its memory is not in vLLM's
-budget) and never grows: a request that does not fit gets ``ProxyBudgetExceeded`` for itself only.
+remove, one-way move, swap: a ``RowMap``). The pool is allocated once at start-up (its memory is
+not in vLLM's budget) and never grows: a request that does not fit gets ``ProxyBudgetExceeded``
+for itself only.
 
 Full blocks are shared the way vLLM's prefix cache shares them: each is named by a chained
 content digest (parent digest + its token ids), registered as soon as a row reserves it, and
@@ -26,6 +27,8 @@ import torch
 from antidistill.proxy_worker.core.config import ProxyConfig
 from antidistill.proxy_worker.core.model import KVStore
 from antidistill.proxy_worker.core.plan import PagedSlots
+from antidistill.proxy_worker.runtime.failure_ledger import RowFailure
+from antidistill.proxy_worker.runtime.rows import RowMap
 
 ROOT = b"proxy-kv-root"
 
@@ -55,7 +58,7 @@ class RowState:
     shared: int = 0
     computed: int = 0
     last_delta: torch.Tensor | None = None
-    error: str | None = None
+    error: RowFailure | None = None
 
     @property
     def length(self) -> int:
@@ -94,7 +97,7 @@ class ProxyKVCache:
         self.written = [False] * self.num_blocks
         self._by_digest: dict[bytes, int] = {}
         self._digest_of: dict[int, bytes] = {}
-        self.rows: dict[int, RowState] = {}
+        self.rows: RowMap[RowState] = RowMap(on_drop=lambda _index, row: self._release(row))
 
     @property
     def capacity_tokens(self) -> int:
@@ -118,27 +121,17 @@ class ProxyKVCache:
 
     def add(self, index: int, prompt: Sequence[int], output: Sequence[int] = ()) -> None:
         """Start a row; an occupied index is replaced (its blocks are released)."""
-        self.remove(index)
-        self.rows[index] = RowState(prompt=prompt, output=output)
+        self.rows.add(index, RowState(prompt=prompt, output=output))
 
     def remove(self, index: int) -> None:
-        row = self.rows.pop(index, None)
-        if row is not None:
-            self._release(row)
+        self.rows.remove(index)
 
     def move(self, src: int, dst: int) -> None:
         """One-way move: the row at ``src`` now lives at ``dst``; whatever was at ``dst`` is dropped."""
-        row = self.rows.pop(src, None)
-        self.remove(dst)
-        if row is not None:
-            self.rows[dst] = row
+        self.rows.move(src, dst)
 
     def swap(self, a: int, b: int) -> None:
-        ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
-        if ra is not None:
-            self.rows[b] = ra
-        if rb is not None:
-            self.rows[a] = rb
+        self.rows.swap(a, b)
 
     def rebuild(self, index: int) -> None:
         """Forget the cached prefix (e.g. after preemption); the next step recomputes it."""

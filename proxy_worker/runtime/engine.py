@@ -19,6 +19,7 @@ from antidistill.proxy_worker.core.model import StackedProxy
 from antidistill.proxy_worker.core.plan import build_plan
 from antidistill.proxy_worker.core.weights import load_proxy_state, parse_dtype, stack_perturbed
 from antidistill.proxy_worker.runtime.cache import ProxyBudgetExceeded, ProxyKVCache, RowState
+from antidistill.proxy_worker.runtime.failure_ledger import Reason, RowFailure
 
 
 def unknown_token(tokens: Sequence[int], vocab_size: int) -> int | None:
@@ -31,7 +32,7 @@ class StepResult:
     """Δ rows in the order asked for (fp32, zero where a row failed) and what the step did."""
 
     delta: torch.Tensor
-    failed: dict[int, str] = field(default_factory=dict)
+    failed: dict[int, RowFailure] = field(default_factory=dict)
     prefill_tokens: int = 0
     decode_tokens: int = 0
 
@@ -99,8 +100,9 @@ class ProxyEngine:
 
         A row whose history shrank is recomputed (from the longest shared prefix still resident);
         a row with nothing new reuses its last Δ (a chunked-prefill row asked again). A row that
-        cannot get KV space is reported in ``failed`` with Δ = 0 and stays failed until removed or
-        rebuilt; so is a non-finite Δ (for that step only). Nothing here raises for a single row's
+        cannot get KV space is reported in ``failed`` (a ``RowFailure``: its ``Reason`` and a message)
+        with Δ = 0 and stays failed until removed or rebuilt; so is a token outside the proxy's
+        vocabulary, and a non-finite Δ (for that step only). Nothing here raises for a single row's
         sake; if a pass raises (e.g. out of memory), the next step first releases the rows that
         hold blocks the interrupted step did not finish writing.
         """
@@ -112,28 +114,28 @@ class ProxyEngine:
         for pos, index in enumerate(indices):
             row = self.cache.rows.get(index)
             if row is None:
-                result.failed[index] = "row was never added"
+                result.failed[index] = RowFailure(Reason.ERROR, "row was never added")
                 continue
             if row.length < row.computed:
                 self.cache.rebuild(index)
             if row.error is not None:
                 result.failed[index] = row.error
             elif row.length == 0:
-                result.failed[index] = "row has no tokens"
+                result.failed[index] = RowFailure(Reason.ERROR, "row has no tokens")
             elif row.length == row.computed and row.last_delta is not None:
                 result.delta[pos] = row.last_delta
             elif (unknown := unknown_token(row.tokens(row.computed, row.length), self.cfg.vocab_size)) is not None:
                 # the teacher's vocabulary may be wider (padded, or added tokens): an id the proxy's
                 # embedding lacks would index out of range (on CUDA a device assert kills the engine)
-                row.error = result.failed[index] = (
-                    f"token id {unknown} is outside the proxy's vocabulary of {self.cfg.vocab_size}"
+                row.error = result.failed[index] = RowFailure(
+                    Reason.VOCABULARY, f"token id {unknown} is outside the proxy's vocabulary of {self.cfg.vocab_size}"
                 )
             else:
                 try:
                     self.cache.reserve(row, row.length)
                 except ProxyBudgetExceeded as exc:
                     self.cache.rebuild(index)
-                    row.error = result.failed[index] = str(exc)
+                    row.error = result.failed[index] = RowFailure(Reason.BUDGET, str(exc))
                     continue
                 work.append((pos, row, row.length))
         self._run(work, indices, result)
@@ -170,5 +172,5 @@ class ProxyEngine:
                 row.last_delta = delta[j]
                 result.delta[pos] = delta[j]
                 if bool(bad[j]):
-                    result.failed[indices[pos]] = "non-finite delta"
+                    result.failed[indices[pos]] = RowFailure(Reason.NON_FINITE, "non-finite delta")
             work = [item for item in work if item[1].computed < item[2]]

@@ -54,6 +54,15 @@ class Reason(enum.IntEnum):
 
 
 @dataclass(frozen=True)
+class RowFailure:
+    """Why one row has no Δ for a step: the reason the ledger and metrics record, and the message
+    the worker's log shows."""
+
+    reason: Reason
+    message: str
+
+
+@dataclass(frozen=True)
 class Record:
     ticket: int
     reason: Reason

@@ -29,23 +29,12 @@ from antidistill.proxy_worker.core.model import StackedProxy
 from antidistill.proxy_worker.core.weights import load_proxy_state, parse_dtype, stack_perturbed
 from antidistill.proxy_worker.runtime import metrics
 from antidistill.proxy_worker.runtime.engine import ProxyEngine
-from antidistill.proxy_worker.runtime.failure_ledger import FailureLedger, Reason
+from antidistill.proxy_worker.runtime.failure_ledger import FailureLedger, Reason, RowFailure
+from antidistill.proxy_worker.runtime.rows import RowMap
 from antidistill.proxy_worker.runtime.settings import ProcessorSettings, RequestArgs, ticket_of
 from antidistill.proxy_worker.runtime.vocabulary import check_proxy_matches_teacher
 
 log = logging.getLogger(__name__)
-
-
-def failure_reason(text: str) -> Reason:
-    """The ledger and metric reason for an engine's per-row failure message."""
-    for needle, reason in (
-        ("non-finite", Reason.NON_FINITE),
-        ("budget", Reason.BUDGET),
-        ("vocabulary", Reason.VOCABULARY),
-    ):
-        if needle in text:
-            return reason
-    return Reason.ERROR
 
 
 def withhold(logits: torch.Tensor, targets: Sequence[int]) -> None:
@@ -82,7 +71,7 @@ class Protection:
         self.engines = engines
         self.control = control
         self.ledger = ledger
-        self.rows: dict[int, _Row] = {}
+        self.rows: RowMap[_Row] = RowMap(on_drop=self._release)
         self.clock = metrics.StepClock()
         for name, engine in engines.items():
             metrics.record_kv(name, engine.cache.used_tokens, engine.cache.capacity_tokens)
@@ -128,45 +117,45 @@ class Protection:
 
     def add(self, index: int, args: RequestArgs, prompt: Sequence[int], output: Sequence[int]) -> None:
         """A request enters row ``index`` (replacing any previous occupant)."""
-        self.remove(index)
-        if args.protected:
-            self.engines[args.profile].add(index, prompt, output)
-            self.rows[index] = _Row(args, prompt_key(prompt) if args.mode == "permutation" else "")
+        if not args.protected:
+            self.rows.remove(index)
+            return
+        self.rows.add(index, _Row(args, prompt_key(prompt) if args.mode == "permutation" else ""))
+        self.engines[args.profile].add(index, prompt, output)
 
     def add_unreadable(self, index: int, extra_args: Mapping | None, error: str) -> None:
         """A request whose arguments this worker cannot read (its settings differ from the API
         server's): it may have asked for protection, so it is refused, never served raw."""
-        self.remove(index)
         try:
             ticket = ticket_of(extra_args)
         except ValueError:
             ticket = None
-        row = self.rows[index] = _Row(RequestArgs(ticket=ticket), "")
-        self._fail(index, row, Reason.BAD_ARGUMENTS, error)
+        row = _Row(RequestArgs(ticket=ticket), "")
+        self.rows.add(index, row)
+        self._fail(index, row, RowFailure(Reason.BAD_ARGUMENTS, error))
 
     def remove(self, index: int) -> None:
-        row = self.rows.pop(index, None)
+        self.rows.remove(index)
+
+    def move(self, src: int, dst: int) -> None:
+        """One-way move (the row at ``dst`` is dropped); the proxy KV moves with the row."""
+        row = self.rows.get(src)
+        self.rows.move(src, dst)
         if row is not None and row.args.protected:
+            self.engines[row.args.profile].move(src, dst)
+
+    def swap(self, a: int, b: int) -> None:
+        profiles = {r.args.profile for r in (self.rows.get(a), self.rows.get(b)) if r is not None and r.args.protected}
+        self.rows.swap(a, b)
+        for profile in profiles:
+            self.engines[profile].swap(a, b)
+
+    def _release(self, index: int, row: _Row) -> None:
+        """A row left the table: its proxy KV is freed."""
+        if row.args.protected:
             engine = self.engines[row.args.profile]
             engine.remove(index)
             metrics.record_kv(row.args.profile, engine.cache.used_tokens, engine.cache.capacity_tokens)
-
-    def move(self, src: int, dst: int) -> None:
-        self.remove(dst)
-        row = self.rows.pop(src, None)
-        if row is not None:
-            if row.args.protected:
-                self.engines[row.args.profile].move(src, dst)
-            self.rows[dst] = row
-
-    def swap(self, a: int, b: int) -> None:
-        ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
-        for profile in {r.args.profile for r in (ra, rb) if r is not None and r.args.protected}:
-            self.engines[profile].swap(a, b)
-        if ra is not None:
-            self.rows[b] = ra
-        if rb is not None:
-            self.rows[a] = rb
 
     def apply(self, logits: torch.Tensor, logits_rows: Mapping[int, int] | None = None) -> torch.Tensor:
         """Add λ·Δ to every protected row in place; withhold the rows that cannot have it.
@@ -191,8 +180,8 @@ class Protection:
             except Exception:  # raising here would kill the engine: find the rows that fail instead
                 log.exception("antidistillation step failed for profile %r; retrying its rows one by one", profile)
                 failed = self._isolate(logits, self.engines[profile], indices, logits_rows)
-            for index, (reason, detail) in failed.items():
-                self._fail(index, self.rows[index], reason, detail)
+            for index, failure in failed.items():
+                self._fail(index, self.rows[index], failure)
         refused = [logits_rows[i] for i, row in self.rows.items() if row.refused is not None and i in logits_rows]
         if refused:
             withhold(logits, refused)
@@ -201,7 +190,7 @@ class Protection:
 
     def _apply_profile(
         self, logits: torch.Tensor, engine: ProxyEngine, indices: list[int], logits_rows: Mapping[int, int]
-    ) -> dict[int, tuple[Reason, str]]:
+    ) -> dict[int, RowFailure]:
         """λ·Δ for one profile's rows; returns the rows whose Δ is unavailable this step."""
         profile = self.rows[indices[0]].args.profile
         start = time.perf_counter()
@@ -217,34 +206,34 @@ class Protection:
         metrics.record_profile_step(profile, result, len(indices), time.perf_counter() - start)
         metrics.record_kv(profile, engine.cache.used_tokens, engine.cache.capacity_tokens)
         add_scaled(logits, target, lambdas.to(logits.device), delta.to(logits.device))  # last: a retry adds once
-        return {index: (failure_reason(text), text) for index, text in result.failed.items()}
+        return result.failed
 
     def _isolate(
         self, logits: torch.Tensor, engine: ProxyEngine, indices: list[int], logits_rows: Mapping[int, int]
-    ) -> dict[int, tuple[Reason, str]]:
+    ) -> dict[int, RowFailure]:
         """After a failed batched step: one row per pass (less memory, and one bad row fails alone)."""
-        failed: dict[int, tuple[Reason, str]] = {}
+        failed: dict[int, RowFailure] = {}
         for index in indices:
             try:
                 failed |= self._apply_profile(logits, engine, [index], logits_rows)
             except Exception as exc:
-                failed[index] = (Reason.ERROR, f"{type(exc).__name__}: {exc}")
+                failed[index] = RowFailure(Reason.ERROR, f"{type(exc).__name__}: {exc}")
         return failed
 
-    def _fail(self, index: int, row: _Row, reason: Reason, detail: str) -> None:
+    def _fail(self, index: int, row: _Row, failure: RowFailure) -> None:
         """Count, log and record a row that has no Δ this step; a refuse-mode row is withheld from now on."""
-        metrics.record_fallback(row.args.profile or "*", reason.label)
+        metrics.record_fallback(row.args.profile or "*", failure.reason.label)
         if row.args.on_failure == "refuse":
             if row.refused is not None:
                 return
-            row.refused = reason
+            row.refused = failure.reason
         else:
             row.degraded_steps += 1
         if row.refused is not None or row.degraded_steps == 1:
             verdict = "refused" if row.refused is not None else "served with Δ = 0 (degrade)"
-            log.warning("antidistillation row %d (ticket %s) %s: %s", index, row.args.ticket, verdict, detail)
+            log.warning("antidistillation row %d (ticket %s) %s: %s", index, row.args.ticket, verdict, failure.message)
         if self.ledger is not None and row.args.ticket is not None:
             try:
-                self.ledger.append(row.args.ticket, reason)
+                self.ledger.append(row.args.ticket, failure.reason)
             except OSError:  # the row is withheld all the same: no teacher text can come of it
                 log.exception("could not record ticket %s in the failure ledger", row.args.ticket)

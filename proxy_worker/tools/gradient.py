@@ -6,6 +6,9 @@
 official code: ℓ = mean over traces of (mean NLL over that trace's completion tokens), so a long
 trace does not outweigh a short one. Accumulation is in fp32; memory is bounded by
 ``--batch-tokens`` (traces are packed into passes of at most that many tokens).
+
+``build_gradient_file`` is the one way a gradient file is made (this CLI, ``make serve``'s default
+setup, the benchmarks and the tests all call it), so every g carries the same metadata.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import logging
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +107,59 @@ def tokenize_all(tokenizer: object, records: Sequence[dict], max_tokens: int) ->
     return out
 
 
+@dataclass(frozen=True)
+class BuiltGradient:
+    """What ``build_gradient_file`` wrote, and what it computed it from (calibration reuses θ and
+    the traces)."""
+
+    path: Path
+    grad: dict[str, torch.Tensor]
+    theta: dict[str, torch.Tensor]
+    traces: list[TokenizedTrace]
+    mean_loss: float
+    metadata: dict[str, object]
+
+    @property
+    def norm(self) -> float:
+        return float(torch.sqrt(sum((g.double() ** 2).sum() for g in self.grad.values())))
+
+
+def build_gradient_file(
+    proxy_dir: str | Path,
+    traces: str | Path | Sequence[dict[str, Any]],
+    out: str | Path,
+    *,
+    tokenizer: Any = None,
+    batch_tokens: int = 2048,
+    max_trace_tokens: int = 4096,
+    progress: bool = False,
+) -> BuiltGradient:
+    """The one way a gradient file is made: load θ, tokenize the traces (a JSONL file or its
+    records), compute g, and save it with the proxy's config hash, so the server can tell whose g
+    it is. ``tokenizer``: a tokenizer or a directory (default: the proxy directory)."""
+    cfg = load_config(proxy_dir)
+    theta = load_proxy_state(proxy_dir, cfg)
+    if tokenizer is None or isinstance(tokenizer, str | Path):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer or proxy_dir)
+    records = read_traces(traces) if isinstance(traces, str | Path) else list(traces)
+    tokenized = tokenize_all(tokenizer, records, max_trace_tokens)
+    grad, loss = compute_gradient(cfg, theta, tokenized, batch_tokens, progress=progress)
+    meta: dict[str, object] = {
+        CONFIG_HASH_KEY: cfg.digest,
+        "num_traces": len(tokenized),
+        "num_tokens": sum(t.completion_tokens for t in tokenized),
+        "mean_loss": f"{loss:.6f}",
+        "dtype": "float32",
+        "weighting": WEIGHTING,
+    }
+    if isinstance(traces, str | Path):
+        meta["traces"] = Path(traces).name
+    save_gradient(out, grad, meta)
+    return BuiltGradient(Path(out), grad, theta, tokenized, loss, meta)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m antidistill.proxy_worker.tools.gradient", description=__doc__.split("\n\n")[0]
@@ -115,32 +173,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
-    from transformers import AutoTokenizer
-
     start = time.time()
-    cfg = load_config(args.proxy)
-    theta = load_proxy_state(args.proxy, cfg)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.proxy)
-    traces = tokenize_all(tokenizer, read_traces(args.traces), args.max_trace_tokens)
-    grad, loss = compute_gradient(cfg, theta, traces, args.batch_tokens, progress=sys.stderr.isatty())
-    meta = {
-        CONFIG_HASH_KEY: cfg.digest,
-        "num_traces": len(traces),
-        "num_tokens": sum(t.completion_tokens for t in traces),
-        "mean_loss": f"{loss:.6f}",
-        "dtype": "float32",
-        "weighting": WEIGHTING,
-        "traces": Path(args.traces).name,
-    }
-    save_gradient(args.out, grad, meta)
-    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grad.values()))
+    built = build_gradient_file(
+        args.proxy,
+        args.traces,
+        args.out,
+        tokenizer=args.tokenizer,
+        batch_tokens=args.batch_tokens,
+        max_trace_tokens=args.max_trace_tokens,
+        progress=sys.stderr.isatty(),
+    )
     log.info(
         "wrote %s: %d traces, %d completion tokens, mean loss %.4f, |g| %.4g, %.0f s",
-        args.out,
-        meta["num_traces"],
-        meta["num_tokens"],
-        loss,
-        float(norm),
+        built.path,
+        built.metadata["num_traces"],
+        built.metadata["num_tokens"],
+        built.mean_loss,
+        built.norm,
         time.time() - start,
     )
     return 0

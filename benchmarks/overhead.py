@@ -27,8 +27,6 @@ from antidistill.server.embedded_model import prepare_half_proxy, prepare_smollm
 from antidistill.server.launch import free_port, running_server
 from antidistill.server.tiers import new_key
 
-PROCESSOR = "antidistill.proxy_worker.runtime.vllm_v1:AntidistillationLogitsProcessor"
-
 
 def parameter_count(model_dir: Path) -> int:
     from safetensors import safe_open

@@ -19,9 +19,8 @@ from pathlib import Path
 
 from antidistill.benchmarks.report import write_json
 from antidistill.benchmarks.workload import benchmark_gradient, prompt_token_ids
+from antidistill.proxy_worker.runtime.settings import PROCESSOR_PATH
 from antidistill.server.embedded_model import prepare_half_proxy, prepare_smollm2
-
-PROCESSOR = "antidistill.proxy_worker.runtime.vllm_v1:AntidistillationLogitsProcessor"
 
 
 def tokens_per_second(llm, batch: list[list[int]], lam: float | None, max_tokens: int) -> float:
@@ -53,7 +52,7 @@ def main() -> None:
     from vllm import LLM
 
     common = dict(model=str(teacher), dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=32, seed=0)
-    engines = {"vanilla": LLM(**common), "processor": LLM(**common, logits_processors=[PROCESSOR])}
+    engines = {"vanilla": LLM(**common), "processor": LLM(**common, logits_processors=[PROCESSOR_PATH])}
     variants = [("vanilla", "vanilla", None), ("lambda_0", "processor", 0.0), ("lambda_pos", "processor", args.lam)]
     all_prompts = prompt_token_ids(teacher, max(args.concurrency))
     for llm in engines.values():  # warm-up

@@ -89,8 +89,8 @@ step "promtool: deploy/prometheus/prometheus.yml (with rules.yml) and rules.yml"
 promtool check config deploy/prometheus/prometheus.yml
 promtool check rules deploy/prometheus/rules.yml
 
-step "Compose Specification schema (check-jsonschema vendor.compose-spec): compose.yaml, compose.gpu.yaml"
-check-jsonschema --builtin-schema vendor.compose-spec deploy/compose.yaml deploy/compose.gpu.yaml
+step "Compose Specification schema (check-jsonschema vendor.compose-spec): compose.yaml, compose.gpu.yaml, compose.litellm.yaml"
+check-jsonschema --builtin-schema vendor.compose-spec deploy/compose.yaml deploy/compose.gpu.yaml deploy/compose.litellm.yaml
 
 step "consistency (deploy/check_consistency.py): args vs vLLM's parser, tiers, selectors, ports, GPUs, images, rules"
 # (stderr holds vLLM's import-time log lines: shown only if the check fails)

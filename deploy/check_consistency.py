@@ -8,6 +8,9 @@ RENDERED_DIR holds one ``<overlay>.yaml`` per rendered Kustomize overlay. Checke
   in the Kubernetes overlays, compose.yaml, compose.gpu.yaml and Dockerfile.cpu's CMD;
 * ``--embedded-default`` sees the flags it fills in (``--host`` etc. as separate items, not ``--host=``);
 * the tiers Secret parses with the server's own loader, within ``--max-lambda`` and the loaded profiles;
+* ``--state`` is passed everywhere and its URL (from the Secret, or compose's default) names the Redis
+  Service/service shipped beside it, which only the server pods may reach (NetworkPolicy);
+* ``--trust-gateway`` never carries the secret itself: it comes from a Secret / the environment;
 * selectors and names line up: Deployment/Service/PDB/ServiceMonitor labels and ports, the probes on
   /health at the served port, the ScaledObject's target and queue-depth query, mounts and volumes;
 * GPUs requested = ``--tensor-parallel-size``; image tags = the project version (``-cpu`` on CPU);
@@ -27,6 +30,7 @@ import shlex
 import sys
 import tempfile
 import tomllib
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,12 +41,15 @@ DEPLOY = Path(__file__).resolve().parent
 ROOT = DEPLOY.parent
 sys.path.insert(0, str(ROOT))
 
-from antidistill.server.cli import serve_parser  # noqa: E402  (after the path tweak: runnable without install)
+from antidistill.server.config import check_state_url  # noqa: E402
+from antidistill.server.serve import serve_parser  # noqa: E402
 from antidistill.server.tiers import TiersError, load_tiers  # noqa: E402
+from antidistill.server.trusted_gateway import SECRET_ENV  # noqa: E402
 
 IMAGE_REPO = "ghcr.io/example/antidistill"
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
 QUEUE_METRIC = "vllm:num_requests_waiting"
+STATE_LABEL = "antidistill-redis"  # app.kubernetes.io/name of the shipped Redis (k8s/redis)
 # what antidistill.server.default_setup.embedded_default adds for each flag that is absent (it looks for the bare flag)
 EMBEDDED_DEFAULTS = {
     "--model": "/var/lib/antidistill/cache/SmolLM2-135M-Instruct",
@@ -131,8 +138,82 @@ def check_tiers_text(c: Checks, where: str, text: str, ours: argparse.Namespace)
         c.expect(tier.profile in (None, *profiles), where, f"tier {name}: profile {tier.profile} not loaded")
 
 
+def is_state_object(doc: dict[str, Any]) -> bool:
+    """Part of the shared limit state (k8s/redis): the Redis objects and the Secret with its URL."""
+    labels = doc["metadata"].get("labels") or {}
+    secret = doc["kind"] == "Secret" and doc["metadata"]["name"].startswith("antidistill-state")
+    return secret or labels.get("app.kubernetes.io/name") == STATE_LABEL
+
+
+def env_secret_value(container: dict[str, Any], value: str, secrets: dict[str, dict]) -> tuple[str | None, str]:
+    """``$(VAR)`` in args → (the value from the container's env and the rendered Secret it names, or
+    None if the Secret is not rendered here, i.e. created by the operator; where it came from)."""
+    match = re.fullmatch(r"\$\((\w+)\)", value)
+    if not match:
+        return value, "literal"
+    env = {e["name"]: e for e in container.get("env", [])}
+    ref = env.get(match.group(1), {}).get("valueFrom", {}).get("secretKeyRef")
+    if ref is None:
+        return None, f"no env {match.group(1)} from a Secret"
+    secret = secrets.get(ref["name"])
+    if secret is None:
+        return None, f"Secret {ref['name']} (not rendered)"
+    return base64.b64decode(secret["data"][ref["key"]]).decode(), f"Secret {ref['name']}"
+
+
+def check_state(c: Checks, where: str, container: dict, pod_labels: dict, ours: argparse.Namespace, docs: list[dict]):
+    """--state is passed and reaches the Redis shipped beside it; only the server pods reach that Redis."""
+    c.expect(ours.state is not None, where, "--state not passed (limits would be per replica)")
+    if ours.state is None:
+        return
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    url, source = env_secret_value(container, ours.state, secrets)
+    c.expect(source != "literal" or "@" not in ours.state, where, "a Redis password written in the args")
+    c.expect(url is not None or not secrets, where, f"--state {ours.state}: {source}")
+    if url is None:
+        return
+    try:
+        check_state_url(url)
+    except ValueError as exc:
+        c.expect(False, where, f"--state from {source}: {exc}")
+        return
+    split = urllib.parse.urlsplit(url)
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    svc = services.get(split.hostname or "")
+    c.expect(svc is not None, where, f"--state host {split.hostname} is not the shipped Redis Service")
+    redis_pods = [d for d in docs if d["kind"] == "Deployment"]
+    if svc is None or len(redis_pods) != 1:
+        c.expect(svc is None or len(redis_pods) == 1, where, "expected one Redis Deployment")
+        return
+    pod = redis_pods[0]["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    c.expect(any(p["port"] == (split.port or 6379) for p in svc["spec"]["ports"]), where, "--state port != Service")
+    c.expect(subset(svc["spec"]["selector"], labels), where, "Redis Service selector ⊄ Redis pod labels")
+    (redis,) = pod["spec"]["containers"]
+    c.expect(redis["securityContext"].get("readOnlyRootFilesystem") is True, where, "Redis readOnlyRootFilesystem")
+    c.expect(pod["spec"]["securityContext"].get("runAsNonRoot") is True, where, "Redis runAsNonRoot")
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    c.expect(len(policies) == 1, where, "the Redis needs a NetworkPolicy (it has no password)")
+    for policy in policies:
+        spec = policy["spec"]
+        c.expect(subset(spec["podSelector"]["matchLabels"], labels), where, "NetworkPolicy does not select Redis")
+        sources = [f["podSelector"]["matchLabels"] for rule in spec["ingress"] for f in rule["from"]]
+        c.expect(all(subset(src, pod_labels) for src in sources), where, "NetworkPolicy admits more than the server")
+
+
+def check_gateway_secret(c: Checks, where: str, env: dict[str, dict], ours: argparse.Namespace) -> None:
+    """Trusted-gateway mode reads its secret from a Secret, never from the args (the process list)."""
+    if ours.trust_gateway is None:
+        c.expect(SECRET_ENV not in env, where, f"{SECRET_ENV} set without --trust-gateway: the server refuses")
+        return
+    c.expect(ours.trust_gateway == "", where, "--trust-gateway SECRET in the args: use the Secret")
+    c.expect("secretKeyRef" in env.get(SECRET_ENV, {}).get("valueFrom", {}), where, f"{SECRET_ENV} not from a Secret")
+
+
 def check_overlay(c: Checks, name: str, docs: list[dict[str, Any]], vllm: argparse.ArgumentParser, version: str):
     where = f"overlay {name}"
+    state_docs = [d for d in docs if is_state_object(d)]
+    docs = [d for d in docs if not is_state_object(d)]
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for d in docs:
         by_kind.setdefault(d["kind"], []).append(d)
@@ -201,6 +282,8 @@ def check_overlay(c: Checks, name: str, docs: list[dict[str, Any]], vllm: argpar
     c.expect(tiers_mount is not None and ours.tiers == f"{tiers_mount}/tiers.yaml", where, "--tiers not the Secret")
     c.expect("subPath" not in mounts.get(tiers_mount or "", {}), where, "tiers mounted with subPath: no updates")
     check_tiers_text(c, where, base64.b64decode(secret["data"]["tiers.yaml"]).decode(), ours)
+    check_state(c, where, container, pod_labels, ours, state_docs)
+    check_gateway_secret(c, where, {e["name"]: e for e in container.get("env", [])}, ours)
 
     for sm in by_kind.get("ServiceMonitor", []):
         c.expect(subset(sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"]), where, "ServiceMonitor sel")
@@ -234,12 +317,37 @@ def expand_default(value: str) -> str:
     return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
 
 
+def check_compose_gateway(c: Checks, services: dict[str, Any], server: dict, ours: argparse.Namespace, port: int):
+    """compose.litellm.yaml: the secret reaches both sides from the operator's environment, LiteLLM
+    forwards to the server's port and loads the signing callback beside its config."""
+    where = "compose.litellm.yaml"
+    env = server.get("environment", {})
+    c.expect(ours.trust_gateway == "", where, "--trust-gateway SECRET in the command: use the environment")
+    c.expect(str(env.get(SECRET_ENV, "")).startswith("${"), where, f"{SECRET_ENV} must come from the environment")
+    litellm = services.get("litellm", {})
+    lenv = litellm.get("environment", {})
+    c.expect(lenv.get(SECRET_ENV) == env.get(SECRET_ENV), where, "LiteLLM and the server read different secrets")
+    c.expect(lenv.get("ANTIDISTILL_API_BASE") == f"http://antidistill:{port}/v1", where, "LiteLLM api_base")
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in litellm.get("volumes", [])}
+    args = litellm.get("command", [])
+    config = args[args.index("--config") + 1] if "--config" in args else ""
+    folder = mounts.get(str(Path(config).parent))
+    c.expect(folder is not None and (DEPLOY / folder / Path(config).name).is_file(), where, "LiteLLM config mount")
+    if folder is not None and (DEPLOY / folder / Path(config).name).is_file():
+        settings = yaml.safe_load((DEPLOY / folder / Path(config).name).read_text())
+        callback = settings["litellm_settings"]["callbacks"]
+        module = callback.rpartition(".")[0].replace(".", "/") + ".py"
+        c.expect((DEPLOY / folder / module).is_file(), where, f"callback {callback}: {module} not beside the config")
+        bases = [m["litellm_params"]["api_base"] for m in settings["model_list"]]
+        c.expect(all(b == "os.environ/ANTIDISTILL_API_BASE" for b in bases), where, "config api_base from env")
+
+
 def check_compose(c: Checks, vllm: argparse.ArgumentParser, version: str) -> None:
     base, gpu = DEPLOY / "compose.yaml", DEPLOY / "compose.gpu.yaml"
     services = compose_services(base)
     prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = [t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
-    for path in (base, gpu):
+    for path in (base, gpu, DEPLOY / "compose.litellm.yaml"):
         where = path.name
         for name, svc in compose_services(path).items():
             for vol in svc.get("volumes", []):
@@ -247,15 +355,25 @@ def check_compose(c: Checks, vllm: argparse.ArgumentParser, version: str) -> Non
                 if source.startswith((".", "/")):
                     c.expect((DEPLOY / source).exists(), where, f"{name}: bind-mount source {source} missing")
         server = compose_services(path)["antidistill"]
-        want = f"{IMAGE_REPO}:{version}" + ("-cpu" if path == base else "")
-        c.expect(server["image"] == want, where, f"image {server['image']} != {want}")
+        want = f"{IMAGE_REPO}:{version}" + ("-cpu" if path != gpu else "")
+        image = server.get("image", services["antidistill"]["image"])  # an override may keep compose.yaml's
+        c.expect(image == want, where, f"image {image} != {want}")
         try:
-            ours, theirs = parse_serve_args([str(a) for a in server["command"]], vllm)
+            ours, theirs = parse_serve_args([expand_default(str(a)) for a in server["command"]], vllm)
         except ArgsError as exc:
             c.expect(False, where, f"command: {exc}")
             continue
         c.expect(theirs.host == "0.0.0.0", where, "the server must listen on 0.0.0.0 inside the container")
         c.expect(f"antidistill:{theirs.port}" in targets, where, "prometheus.yml does not scrape antidistill")
+        try:
+            state = urllib.parse.urlsplit(check_state_url(ours.state or ""))
+            c.expect(state.hostname in services, where, f"--state host {state.hostname} is no compose service")
+        except ValueError as exc:
+            c.expect(False, where, f"--state: {exc}")
+        if path.name == "compose.litellm.yaml":
+            check_compose_gateway(c, compose_services(path), server, ours, theirs.port)
+        else:
+            check_gateway_secret(c, where, server.get("environment", {}), ours)
         if ours.tiers:
             targets_in = [expand_default(v).split(":")[1] for v in server["volumes"]]
             c.expect(under(ours.tiers, targets_in), where, "--tiers not on a mounted volume")

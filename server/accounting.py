@@ -79,6 +79,7 @@ class Accounting:
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "key_id": ex.caller.key_id,
             "tier": ex.caller.tier_name or None,
+            "account": ex.caller.account,  # a key's account, or the one a trusted gateway signed
             "lambda": ex.lam,
             "profile": ex.profile,
             "escalated": ex.escalated,

@@ -5,13 +5,34 @@ travels in environment variables; this module is the only place that names them.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from antidistill.proxy_worker.runtime.failure_ledger import ENV_VAR as LEDGER_ENV
+from antidistill.server.trusted_gateway import DEFAULT_MAX_SKEW, SECRET_ENV, check_skew, resolve_secret
 
 TIERS_ENV, AUDIT_ENV, AUDIT_TEXT_ENV = "ANTIDISTILL_TIERS", "ANTIDISTILL_AUDIT_LOG", "ANTIDISTILL_AUDIT_TEXT"
 DRAIN_ENV, MAX_BODY_ENV = "ANTIDISTILL_DRAIN_TIMEOUT", "ANTIDISTILL_MAX_BODY_BYTES"
+STATE_ENV, LEASE_ENV = "ANTIDISTILL_STATE", "ANTIDISTILL_STATE_LEASE_SECONDS"
+GATEWAY_SKEW_ENV = "ANTIDISTILL_GATEWAY_MAX_SKEW"  # the secret travels in trusted_gateway.SECRET_ENV
+
+
+STATE_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_state_url(url: str) -> str:
+    """``url`` if it names a Redis server (``--state``), else ValueError; the message never echoes the
+    URL (it may hold a password)."""
+    from redis.connection import parse_url
+
+    if not url.startswith(STATE_SCHEMES):
+        scheme = url.split("://", 1)[0] if "://" in url else url[:20]
+        raise ValueError(f"--state: expected a redis://host:port/db URL (or rediss://, unix://), got {scheme!r}")
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        raise ValueError(f"--state: {exc}") from None
+    return url
 
 
 class GatewayConfigError(ValueError):
@@ -21,11 +42,15 @@ class GatewayConfigError(ValueError):
 @dataclass(frozen=True)
 class GatewayConfig:
     tiers: Path
-    ledger: Path  # the worker's failure reports (proxy_worker/failure_ledger.py)
-    audit_log: str = "audit.jsonl"  # "-": stderr
+    ledger: Path  # the worker's failure reports (proxy_worker/runtime/failure_ledger.py)
+    audit_log: str = "-"  # a file path, or "-": stderr (the default, so serving writes nothing where it runs)
     audit_text: bool = False
     drain_timeout: float = 120.0
     max_body_bytes: int | None = None  # None: derived from the served model's max_model_len
+    gateway_secret: str | None = field(default=None, repr=False)  # set: trusted-gateway mode (trusted_gateway.py)
+    gateway_max_skew: float = DEFAULT_MAX_SKEW
+    state: str | None = field(default=None, repr=False)  # redis://… shared limits (shared_limits.py); None: memory
+    state_lease_seconds: float = 30.0  # in-flight leases of a dead replica expire after this
 
     def export(self) -> None:
         """Hand the configuration to the middleware vLLM will build in this process."""
@@ -38,6 +63,16 @@ class GatewayConfig:
             os.environ.pop(MAX_BODY_ENV, None)
         else:
             os.environ[MAX_BODY_ENV] = str(self.max_body_bytes)
+        if self.gateway_secret is None:
+            os.environ.pop(SECRET_ENV, None)
+        else:
+            os.environ[SECRET_ENV] = self.gateway_secret
+        os.environ[GATEWAY_SKEW_ENV] = str(self.gateway_max_skew)
+        if self.state is None:
+            os.environ.pop(STATE_ENV, None)
+        else:
+            os.environ[STATE_ENV] = self.state
+        os.environ[LEASE_ENV] = str(self.state_lease_seconds)
 
     @classmethod
     def from_env(cls) -> GatewayConfig:
@@ -52,13 +87,19 @@ class GatewayConfig:
             config = cls(
                 tiers=Path(os.environ[TIERS_ENV]),
                 ledger=Path(os.environ[LEDGER_ENV]),
-                audit_log=os.environ.get(AUDIT_ENV, "audit.jsonl"),
+                audit_log=os.environ.get(AUDIT_ENV, cls.audit_log),
                 audit_text=os.environ.get(AUDIT_TEXT_ENV) == "1",
                 drain_timeout=float(os.environ.get(DRAIN_ENV, "120")),
                 max_body_bytes=int(body) if body else None,
+                gateway_secret=resolve_secret(os.environ[SECRET_ENV], {}) if os.environ.get(SECRET_ENV) else None,
+                gateway_max_skew=check_skew(float(os.environ.get(GATEWAY_SKEW_ENV, DEFAULT_MAX_SKEW))),
+                state=check_state_url(os.environ[STATE_ENV]) if os.environ.get(STATE_ENV) else None,
+                state_lease_seconds=float(os.environ.get(LEASE_ENV, "30")),
             )
         except ValueError as exc:
             raise GatewayConfigError(f"gateway configuration: {exc}") from None
+        if not config.state_lease_seconds >= 1:
+            raise GatewayConfigError(f"{LEASE_ENV} must be at least 1 (seconds), got {config.state_lease_seconds}")
         if config.max_body_bytes is not None and config.max_body_bytes <= 0:
             raise GatewayConfigError(f"{MAX_BODY_ENV} must be positive, got {config.max_body_bytes}")
         return config

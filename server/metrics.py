@@ -7,7 +7,7 @@ Exported on vLLM's own ``/metrics`` (the same registry vLLM collects; multiproce
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 LAMBDA_BUCKETS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
@@ -30,6 +30,24 @@ UNPROTECTED_TOKENS = Counter(
     "Tokens emitted with Δ = 0 on protected requests (degrade tiers only; refused requests emit none).",
     ["tier"],
 )
+STATE_FALLBACKS = Counter(
+    "antidistill_state_fallbacks",
+    "Requests admitted by this process's own limits because the shared state (--state) did not answer.",
+    ["reason"],
+)
+STATE_MODE = Gauge(
+    "antidistill_state_mode",
+    "API-server processes whose limits are in memory, shared (redis), or on local fallback (local).",
+    ["mode"],
+    multiprocess_mode="livesum",
+)
+STATE_MODES = ("memory", "redis", "local")
+
+
+def set_state_mode(mode: str) -> None:
+    """This process's limit state is now ``mode`` (one of ``STATE_MODES``)."""
+    for name in STATE_MODES:
+        STATE_MODE.labels(name).set(1 if name == mode else 0)
 
 
 def record_protection_failure(tier: str, reason: str, refused: bool, unprotected_tokens: int) -> None:

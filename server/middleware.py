@@ -28,10 +28,12 @@ from antidistill.server.credentials import bearer
 from antidistill.server.errors import error_body, respond
 from antidistill.server.guard import FailureWatcher, ProtectionGuard
 from antidistill.server.lifecycle import Lifecycle
-from antidistill.server.limits import KeyLimiter
+from antidistill.server.limits import Lease, scopes_for
 from antidistill.server.policy import LAMBDA_HEADER, PolicyError
 from antidistill.server.request import canonical, parse
+from antidistill.server.shared_limits import open_state
 from antidistill.server.tiers import Caller, TiersError, hash_key, load_tiers
+from antidistill.server.trusted_gateway import GatewayVerifier
 
 log = logging.getLogger("antidistill.server.gateway")
 Scope = MutableMapping[str, Any]
@@ -55,7 +57,9 @@ class AntidistillationMiddleware:
         self.app = app
         self.config = config or GatewayConfig.from_env()
         self.tiers = load_tiers(self.config.tiers)
-        self.limiter = KeyLimiter()
+        self.limits = open_state(self.config.state, self.config.state_lease_seconds)  # --state
+        secret = self.config.gateway_secret
+        self.gateway = GatewayVerifier(secret, self.config.gateway_max_skew) if secret else None
         self.watcher = FailureWatcher(FailureLedger(self.config.ledger))
         self.accounting = Accounting(self.config.audit_log, self.config.audit_text)
         self.lifecycle = Lifecycle(self.config.drain_timeout, self.reload)
@@ -101,9 +105,12 @@ class AntidistillationMiddleware:
 
     async def _authenticate(self, scope: Scope, send: Send) -> Caller | None:
         """The caller of the request's one credential; None once a refusal (400: more than one
-        credential, 401: none valid) has been sent and audited."""
+        credential, 401: none valid) has been sent and audited. In trusted-gateway mode the one
+        credential is the gateway's signature; Authorization (the gateway's own key) is not read."""
         key, status = None, 401
         try:
+            if self.gateway is not None:
+                return self.gateway.identify(scope, self.tiers)
             key = bearer(scope)
             caller = self.tiers.identify(key)
             if caller is not None:
@@ -119,7 +126,7 @@ class AntidistillationMiddleware:
     async def _generate(self, scope: Scope, receive: Receive, send: Send, caller: Caller) -> None:
         ex = Exchange(caller, scope["path"], time.monotonic())
         try:
-            body = self._admit(ex, await read_body(receive, scope, self.config.max_body_bytes), scope)
+            body, lease = await self._admit(ex, await read_body(receive, scope, self.config.max_body_bytes), scope)
         except PolicyError as err:
             ex.status = err.status
             extra = [(b"retry-after", str(err.retry_after).encode())] if err.retry_after else []
@@ -143,24 +150,37 @@ class AntidistillationMiddleware:
         finally:
             if ex.watch is not None:
                 self.watcher.close(ex.watch)
-            self.limiter.release(caller.key_id, ex.completion_tokens)
             self.accounting.finish(ex)
+            await self.limits.release(lease, ex.completion_tokens)
 
-    def _admit(self, ex: Exchange, raw: bytes, scope: Scope) -> dict:
-        """Parse the body once with vLLM's model for the route, decide on it, and return the JSON
-        object vLLM is sent (its canonical serialisation); raises PolicyError (400/403/429)."""
+    async def _admit(self, ex: Exchange, raw: bytes, scope: Scope) -> tuple[dict, Lease]:
+        """Parse the body once with vLLM's model for the route, decide on it, count it against the
+        key's and account's limits, and return the JSON object vLLM is sent (its canonical
+        serialisation) with the request's lease; raises PolicyError (400/403/429)."""
         parsed = parse(ex.path, raw)
         if parsed.request.seed is not None and self.seed_unsafe:
             raise PolicyError(400, SEED_UNSUPPORTED, "seed")
-        tier = ex.caller.tier
-        escalated = self.limiter.escalated_lambda(ex.caller.key_id, tier)
-        decided = admit(parsed, ex.caller.tier_name, tier, _lambda_header(scope), escalated)
+        tier, header = ex.caller.tier, _lambda_header(scope)
+        scopes = scopes_for(ex.caller, self.tiers.account(ex.caller.account))
+        known = self.limits.known_escalation(scopes)
+        decided = admit(parsed, ex.caller.tier_name, tier, header, known)
+        grant = await self.limits.admit(scopes, decided.budget)  # one round trip: windows, leases, escalation
+        escalated = _higher(known, grant.escalated)  # never lower than what this process knew
+        if escalated != known:  # the shared state knew of an escalation this process did not
+            try:
+                decided = admit(parsed, ex.caller.tier_name, tier, header, escalated)
+            except PolicyError:
+                await self.limits.release(grant.lease, 0, refund=True)
+                raise
         ex.lam, ex.profile, ex.escalated = decided.lam, decided.profile, escalated is not None
         ex.stream, ex.hide_usage = decided.stream, decided.hide_usage
         body = canonical(decided.request)
         ex.prompt_text = (body.get("messages") or body.get("prompt")) if self.accounting.audit_text else None
-        self.limiter.admit(ex.caller.key_id, tier, decided.budget)
-        return body
+        return body, grant.lease
+
+
+def _higher(known: float | None, shared: float | None) -> float | None:
+    return shared if known is None else known if shared is None else max(known, shared)
 
 
 def _lambda_header(scope: Scope) -> str | None:

@@ -12,6 +12,9 @@ profile, and optional limits. It is validated with pydantic; errors name the fie
     keys:
       - {sha256: 9f86d0..., tier: pro, name: acme}
       - {sha256: 2c26b4..., tier: free, revoked: true}
+      - {sha256: 5e8848..., tier: pro, account: acme}   # keys of one account share its limits
+    accounts:                                           # optional: limits across all of an account's keys
+      acme: {rpm: 600, max_concurrent: 32, escalation: {tokens_per_hour: 200000, lambda: 4.0}}
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from antidistill.proxy_worker.runtime.settings import one_line
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ANONYMOUS = "anonymous"
@@ -79,12 +83,24 @@ class Tier(BaseModel):
         return self
 
 
+class Account(BaseModel):
+    """Limits and escalation over all keys that name this account (a customer with many keys)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rpm: int | None = Field(None, gt=0, description="requests per minute, all of the account's keys together")
+    tpm: int | None = Field(None, gt=0, description="tokens (prompt + max_tokens) per minute, all keys together")
+    max_concurrent: int | None = Field(None, gt=0, description="in-flight requests, all keys together")
+    escalation: Escalation | None = None
+
+
 class KeyEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the API key")
     tier: str
     name: str | None = None
+    account: str | None = Field(None, min_length=1, description="the account whose limits this key shares")
     revoked: bool = False
 
 
@@ -93,12 +109,16 @@ class TiersFile(BaseModel):
 
     tiers: dict[str, Tier] = Field(min_length=1)
     keys: list[KeyEntry] = Field(default_factory=list)
+    accounts: dict[str, Account] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _known_tiers(self) -> TiersFile:
         for i, key in enumerate(self.keys):
             if key.tier not in self.tiers:
                 raise ValueError(f"keys.{i}.tier: unknown tier {key.tier!r} (defined: {', '.join(self.tiers)})")
+            if key.account is not None and key.account not in self.accounts:
+                defined = ", ".join(self.accounts) or "none"
+                raise ValueError(f"keys.{i}.account: unknown account {key.account!r} (defined: {defined})")
         return self
 
 
@@ -119,6 +139,7 @@ class Caller:
     key_id: str  # first 12 hex digits of the key's hash (safe to log), or "anonymous"
     tier_name: str
     tier: Tier | None  # None only for rejected (401) callers, which are audited too
+    account: str | None = None  # the account whose limits and escalation the key shares
 
 
 class TierTable:
@@ -140,7 +161,11 @@ class TierTable:
         entry = self._by_hash.get(hash_key(key))
         if entry is None or entry.revoked:
             return None
-        return Caller(entry.sha256[:12], entry.tier, self.spec.tiers[entry.tier])
+        return Caller(entry.sha256[:12], entry.tier, self.spec.tiers[entry.tier], entry.account)
+
+    def account(self, name: str | None) -> Account | None:
+        """The limits of account ``name`` (None: no account, or one the tiers file does not define)."""
+        return None if name is None else self.spec.accounts.get(name)
 
 
 def load_tiers(path: str | Path) -> TierTable:
@@ -154,6 +179,4 @@ def load_tiers(path: str | Path) -> TierTable:
     try:
         return TierTable(TiersFile.model_validate(raw), str(path))
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise TiersError(f"{path}: {field}: {first['msg']}") from None
+        raise TiersError(f"{path}: {one_line(exc)}") from None

@@ -1,13 +1,23 @@
-"""`antidistill serve` stops before vLLM starts, with one line naming the problem."""
+"""The `antidistill` command: every sub-command is listed and reached, each loads only what it needs,
+and `antidistill serve` stops before vLLM starts, with one line naming the problem."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
-from antidistill.server.cli import main
+from antidistill.proxy_worker.core.config import load_config
+from antidistill.proxy_worker.core.gradient_file import check_gradient_header, load_gradient
+from antidistill.proxy_worker.runtime.settings import PROCESSOR_PATH, PROCESSOR_PATH_V2
+from antidistill.server.cli import COMMANDS, main
+from antidistill.server.config import GatewayConfig
+from antidistill.server.serve import serve_parser, with_our_processor
 
+from tests.tiny_models import CORPUS
 from tests.vllm_setup import build_models
 
 
@@ -19,6 +29,91 @@ def models(tmp_path_factory):
 def run(capsys, *args: str) -> tuple[int, str]:
     code = main(["serve", *args])
     return code, capsys.readouterr().err.strip()
+
+
+def test_help_lists_every_command_on_one_line(capsys):
+    assert main(["--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name, command in COMMANDS.items():
+        assert sum(line.split()[:1] == [name] and command.summary in line for line in lines) == 1, (name, lines)
+    assert main(["nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("antidistill: unknown command 'nonsense'") and all(name in err for name in COMMANDS)
+
+
+def test_keygen_loads_neither_vllm_nor_torch_nor_the_evaluation():
+    """Commands are imported when they run: the gateway's CLI has no import-time edge to benchmarks."""
+    probe = (
+        "import sys; from antidistill.server.cli import main; main(['keygen', '--tier', 'pro']); "
+        "print(sorted({m.split('.')[0] if not m.startswith('antidistill.') else '.'.join(m.split('.')[:2]) "
+        "for m in sys.modules}))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    key_line, entry_line, loaded = out.splitlines()
+    assert key_line.startswith("key (give to the client, shown once): ad-")
+    assert json.loads(entry_line.split("- ", 1)[1])["tier"] == "pro"
+    for heavy in ("vllm", "torch", "transformers", "antidistill.benchmarks", "peft", "matplotlib"):
+        assert repr(heavy) not in loaded, heavy
+
+
+def test_eval_without_its_extra_says_how_to_install_it(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "antidistill.benchmarks.distillation.cli", raising=False)
+    assert main(["eval", "toy"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "antidistill eval: peft not installed: pip install 'antidistill[eval]'"
+    assert "antidistill.benchmarks.distillation.cli" not in sys.modules
+
+
+def test_embedded_default_without_reasoning_gym_says_how_to_install_it(capsys, monkeypatch, tmp_path):
+    """The demo's holdout traces are the one thing in `serve` that needs the `demo` extra."""
+    from antidistill.server import default_setup
+
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # as if not installed
+
+    def traces_not_yet_written(ours, rest):
+        return default_setup.generate_holdout(tmp_path, tmp_path / "holdout.jsonl")
+
+    monkeypatch.setattr(default_setup, "embedded_default", traces_not_yet_written)
+    code, err = run(capsys, "--embedded-default")
+    assert code == 1 and err.endswith("pip install 'antidistill[demo]'") and err.count("\n") == 0, err
+
+
+def test_gradient_and_calibrate_run_the_offline_tools(models, tmp_path, capsys):
+    """`antidistill gradient` writes what the library builds from the same traces; `antidistill
+    calibrate` reads it back and recommends an ε."""
+    traces = tmp_path / "traces.jsonl"
+    records = [{"prompt": s[:20], "completion": s[20:]} for s in CORPUS[0::4][:8]]  # the fixture's "math" traces
+    traces.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "g.safetensors"
+    assert main(["gradient", "--proxy", str(models.proxy), "--traces", str(traces), "--out", str(out)]) == 0
+    cfg = load_config(models.proxy)
+    check_gradient_header(out, cfg)
+    ours, library = load_gradient(out, cfg), load_gradient(models.gradients["math"], cfg)
+    assert ours.keys() == library.keys() and all(ours[k].equal(library[k]) for k in ours)
+    report = tmp_path / "calibration.json"
+    argv = ["calibrate", "--proxy", str(models.proxy), "--gradient", str(out), "--prompts", str(traces)]
+    assert main([*argv, "--num", "2", "--max-tokens", "8", "--dtypes", "float32", "--json", str(report)]) == 0
+    assert "recommended epsilon for float32" in capsys.readouterr().out
+    assert set(json.loads(report.read_text())["recommended"]) == {"float32"}
+
+
+def test_processor_paths_name_the_adapters():
+    """The import-path strings vLLM is given resolve (as vLLM resolves them) to the adapter classes."""
+    from antidistill.proxy_worker.runtime.vllm_v1 import AntidistillationLogitsProcessor
+    from antidistill.proxy_worker.runtime.vllm_v2 import AntidistillationLogitsProcessorV2
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    assert resolve_obj_by_qualname(PROCESSOR_PATH.replace(":", ".")) is AntidistillationLogitsProcessor
+    assert resolve_obj_by_qualname(PROCESSOR_PATH_V2.replace(":", ".")) is AntidistillationLogitsProcessorV2
+    assert with_our_processor([]) == [PROCESSOR_PATH]
+    assert with_our_processor([PROCESSOR_PATH]) == [PROCESSOR_PATH]
+
+
+def test_audit_log_defaults_to_stderr_in_one_place():
+    """Serving writes no audit file where it runs unless told to: the flag's default is the config's."""
+    assert GatewayConfig.audit_log == "-"
+    assert serve_parser().parse_args([]).audit_log == GatewayConfig.audit_log
 
 
 def test_startup_errors_are_one_line(models, tmp_path, capsys):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from antidistill.server.config import MAX_BODY_ENV, GatewayConfig, GatewayConfigError
+from antidistill.server.config import AUDIT_ENV, MAX_BODY_ENV, GatewayConfig, GatewayConfigError
 
 
 def test_export_and_read_back(tmp_path, monkeypatch):
@@ -28,3 +28,14 @@ def test_missing_or_bad_settings_stop_the_gateway(tmp_path, monkeypatch):
     monkeypatch.setenv(MAX_BODY_ENV, "0")
     with pytest.raises(GatewayConfigError, match="must be positive"):
         GatewayConfig.from_env()
+
+
+def test_audit_log_is_stderr_unless_a_path_is_given(tmp_path, monkeypatch):
+    """A gateway started without an audit path writes no file where it runs."""
+    monkeypatch.setenv("ANTIDISTILL_TIERS", str(tmp_path / "t.yaml"))
+    monkeypatch.setenv("ANTIDISTILL_FAILURE_LEDGER", str(tmp_path / "l.bin"))
+    for name in (AUDIT_ENV, MAX_BODY_ENV):
+        monkeypatch.delenv(name, raising=False)
+    assert GatewayConfig.from_env().audit_log == "-"
+    monkeypatch.setenv(AUDIT_ENV, str(tmp_path / "a.jsonl"))
+    assert GatewayConfig.from_env().audit_log == str(tmp_path / "a.jsonl")

@@ -1,9 +1,8 @@
-"""Tiers file validation, the λ policy and the limiter (pure units; the server test covers HTTP)."""
+"""Tiers file validation and the λ policy (pure units; the server test covers HTTP; limits: test_shared_limits)."""
 
 from __future__ import annotations
 
 import pytest
-from antidistill.server.limits import KeyLimiter
 from antidistill.server.policy import PolicyError, decide, find_smuggled
 from antidistill.server.tiers import Tier, TiersError, hash_key, load_tiers, new_key
 
@@ -90,33 +89,3 @@ def test_smuggling_anywhere_but_vllm_xargs():
     assert find_smuggled({"ad_lambda": 0}) == "ad_lambda"
     assert find_smuggled({"metadata": {"AD_LAMBDA": 0}}) == "metadata.AD_LAMBDA"
     assert find_smuggled({"messages": [{"role": "user", "content": "x", "ad_mode": "x"}]}) == "messages[0].ad_mode"
-
-
-def test_limiter_windows_and_escalation():
-    now = [0.0]
-    lim = KeyLimiter(clock=lambda: now[0])
-    t = tier(rpm=2, tpm=100, max_concurrent=5)
-    lim.admit("k", t, 10)
-    lim.admit("k", t, 10)
-    with pytest.raises(PolicyError) as err:
-        lim.admit("k", t, 10)
-    assert err.value.status == 429 and err.value.retry_after == 60
-    now[0] = 30.0
-    lim.release("k", 0)
-    lim.release("k", 0)
-    with pytest.raises(PolicyError, match="requests per minute"):
-        lim.admit("k", t, 10)
-    now[0] = 61.0
-    with pytest.raises(PolicyError, match="tokens per minute"):
-        lim.admit("k", t, 101)
-    lim.admit("k", t, 50)
-    watched = Tier.model_validate(
-        {"lambda": 0.5, "escalation": {"tokens_per_hour": 100, "lambda": 4, "decay_minutes": 10}}
-    )
-    assert lim.escalated_lambda("w", watched) is None
-    lim.release("w", 150)
-    assert lim.escalated_lambda("w", watched) == 4
-    now[0] += 300  # within the decay period
-    assert lim.escalated_lambda("w", watched) == 4
-    now[0] += 3600  # the volume left the hour window and the decay (10 min) has passed
-    assert lim.escalated_lambda("w", watched) is None

@@ -10,14 +10,12 @@ from pathlib import Path
 import torch
 import yaml
 from antidistill.proxy_worker.core.config import load_config
-from antidistill.proxy_worker.core.gradient_file import CONFIG_HASH_KEY, save_gradient
 from antidistill.proxy_worker.core.weights import load_proxy_state
-from antidistill.proxy_worker.tools import gradient
-from antidistill.proxy_worker.tools.traces import tokenize_trace
+from antidistill.proxy_worker.runtime.settings import PROCESSOR_PATH as PROCESSOR
+from antidistill.proxy_worker.tools.gradient import build_gradient_file
 
 from tests.tiny_models import CORPUS, save_tiny, train_tokenizer
 
-PROCESSOR = "antidistill.proxy_worker.runtime.vllm_v1:AntidistillationLogitsProcessor"
 EPSILONS = {"math": 1e-3, "code": 1e-2}
 
 
@@ -77,15 +75,10 @@ def build_models(root: Path) -> ADModels:
         seed=12,
         tokenizer=tok,
     )
-    cfg = load_config(proxy)
-    theta = load_proxy_state(proxy, cfg)
     grads = {}
     for i, name in enumerate(("math", "code")):
         records = [{"prompt": s[:20], "completion": s[20:]} for s in CORPUS[i::4][:8]]
-        traces = [tokenize_trace(tok, r) for r in records]
-        g, loss = gradient.compute_gradient(cfg, theta, traces)
-        grads[name] = root / f"{name}.safetensors"
-        save_gradient(grads[name], g, {CONFIG_HASH_KEY: cfg.digest, "mean_loss": loss})
+        grads[name] = build_gradient_file(proxy, records, root / f"{name}.safetensors", tokenizer=tok).path
     return ADModels(teacher, proxy, grads, tok)
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from antidistill.benchmarks.distillation.models import Shape
 from antidistill.benchmarks.distillation.training import TrainSpec
+from antidistill.proxy_worker.runtime.settings import one_line
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -141,6 +142,4 @@ def load_eval_config(name_or_path: str) -> EvalConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML ({exc})") from None
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ConfigError(f"{path}: {field}: {first['msg']}") from None
+        raise ConfigError(f"{path}: {one_line(exc)}") from None

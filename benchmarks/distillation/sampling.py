@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from antidistill.proxy_worker.runtime.settings import ENV_VAR
+from antidistill.proxy_worker.runtime.settings import ENV_VAR, PROCESSOR_PATH
 
 log = logging.getLogger("antidistill.eval")
-PROCESSOR = "antidistill.proxy_worker.runtime.vllm_v1:AntidistillationLogitsProcessor"
 PROFILE = "eval"
 
 
@@ -69,7 +68,7 @@ def generate(
         llm = LLM(
             model=str(teacher),
             seed=seed,
-            logits_processors=[PROCESSOR],
+            logits_processors=[PROCESSOR_PATH],
             additional_config={"antidistillation": settings},
             **engine_args,
         )

@@ -21,6 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 ENV_VAR = "ANTIDISTILL_CONFIG"
 CONFIG_KEY = "antidistillation"
+# What vLLM's ``--logits-processors`` takes; strings, so naming the adapters imports no vLLM.
+PROCESSOR_PATH = "antidistill.proxy_worker.runtime.vllm_v1:AntidistillationLogitsProcessor"
+PROCESSOR_PATH_V2 = "antidistill.proxy_worker.runtime.vllm_v2:AntidistillationLogitsProcessorV2"
 Mode = Literal["ad", "permutation"]
 OnFailure = Literal["refuse", "degrade"]
 REQUEST_KEYS = ("ad_lambda", "ad_profile", "ad_mode", "ad_ticket", "ad_on_failure")
@@ -41,7 +44,7 @@ class ProfileSpec(BaseModel):
 
 
 class ProcessorSettings(BaseModel):
-    """Keys of the ``antidistillation`` config object (see README: "Processor settings")."""
+    """Keys of the ``antidistillation`` config object (see docs/serving.md: "Plain vLLM")."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -81,13 +84,18 @@ class ProcessorSettings(BaseModel):
         return self
 
 
+def one_line(exc: ValidationError) -> str:
+    """The first pydantic error as ``field.path: message``: start-up errors are one line each."""
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    return f"{field}: {first['msg']}"
+
+
 def parse_settings(raw: Any, source: str) -> ProcessorSettings:
     try:
         return ProcessorSettings.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise SettingsError(f"{source}: {field}: {first['msg']}") from None
+        raise SettingsError(f"{source}: {one_line(exc)}") from None
 
 
 def _from_env() -> Any | None:

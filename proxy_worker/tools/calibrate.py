@@ -1,6 +1,6 @@
 """ε calibration (the paper's appendix B, on the operator's own proxy and gradient).
 
-    python -m antidistill.proxy_worker.tools.calibrate --proxy DIR --gradient grad.safetensors --prompts traces.jsonl
+    antidistill calibrate --proxy DIR --gradient grad.safetensors --prompts traces.jsonl
 
 For every ε and serving dtype, the finite-difference Δ (θ ± εg built in fp32, cast, run, then
 differenced in fp32) is compared with the exact directional derivative (forward-mode JVP in fp64)
@@ -142,9 +142,7 @@ def format_table(points: Sequence[CalibrationPoint]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m antidistill.proxy_worker.tools.calibrate", description=__doc__.split("\n\n")[0]
-    )
+    ap = argparse.ArgumentParser(prog="antidistill calibrate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--proxy", required=True)
     ap.add_argument("--gradient", required=True)
     ap.add_argument("--prompts", required=True, type=Path, help="traces JSONL or a text file, one sample a line")

@@ -1,6 +1,6 @@
 """Offline tool: holdout teacher traces → g = ∇_θ ℓ(θ_P), written as safetensors.
 
-    python -m antidistill.proxy_worker.tools.gradient --proxy DIR --traces holdout.jsonl --out grad.safetensors
+    antidistill gradient --proxy DIR --traces holdout.jsonl --out grad.safetensors
 
 ℓ is the proxy's completion-only NLL (prompt tokens masked). Traces are weighted EQUALLY, as in the
 official code: ℓ = mean over traces of (mean NLL over that trace's completion tokens), so a long
@@ -161,9 +161,7 @@ def build_gradient_file(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m antidistill.proxy_worker.tools.gradient", description=__doc__.split("\n\n")[0]
-    )
+    ap = argparse.ArgumentParser(prog="antidistill gradient", description=__doc__.split("\n\n")[0])
     ap.add_argument("--proxy", required=True, help="proxy model directory (config.json + safetensors)")
     ap.add_argument("--traces", required=True, help="holdout traces JSONL")
     ap.add_argument("--out", required=True, help="output .safetensors")

@@ -1,0 +1,357 @@
+"""``antidistill serve``: vLLM's OpenAI-compatible server in this process, with the antidistillation
+logits processor and the tier middleware.
+
+    antidistill serve --model TEACHER --proxy PROXY --gradient math=g.safetensors --tiers tiers.yaml [vLLM flags]
+    antidistill serve --embedded-default        # SmolLM2 teacher + proxy + gradient + demo tiers (make serve)
+
+Every flag it does not know goes to vLLM untouched. Everything that can be checked before vLLM starts
+(checkpoints, gradients, tiers, capacities, secrets) is, and a failure is one line and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from antidistill.proxy_worker.runtime.settings import (
+    CONFIG_KEY,
+    ENV_VAR,
+    PROCESSOR_PATH,
+    ProcessorSettings,
+    SettingsError,
+    parse_settings,
+)
+from antidistill.server.config import DRAIN_ENV, GatewayConfig, check_state_url
+from antidistill.server.tiers import TiersError, TierTable, load_tiers
+from antidistill.server.trusted_gateway import (
+    DEFAULT_MAX_SKEW,
+    SECRET_ENV,
+    GatewaySecretError,
+    check_skew,
+    resolve_secret,
+    startup_line,
+)
+
+MIDDLEWARE = "antidistill.server.middleware.AntidistillationMiddleware"
+
+
+DEFAULT_PROXY_TOKENS = ProcessorSettings.model_fields["token_budget"].default
+
+
+class StartupError(RuntimeError):
+    """A configuration problem found before vLLM starts; printed as one line."""
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="antidistill serve", add_help=False)
+    ap.add_argument("--proxy", help="proxy model directory (shares the teacher's tokenizer)")
+    ap.add_argument(
+        "--gradient",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="gradient profile (repeatable); the first is the default profile",
+    )
+    ap.add_argument(
+        "--epsilon", type=float, default=1e-3, help="finite-difference ε (`antidistill calibrate` measures it)"
+    )
+    ap.add_argument("--tiers", help="tiers YAML (API keys → λ)")
+    ap.add_argument("--proxy-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument(
+        "--proxy-token-budget",
+        type=int,
+        help=f"proxy KV tokens per profile (default {DEFAULT_PROXY_TOKENS}); the teacher's KV is capped to fit it, "
+        "or, given --num-gpu-blocks-override alone, the pool is sized from that",
+    )
+    ap.add_argument("--max-lambda", type=float, default=50.0, help="largest λ the engine accepts")
+    ap.add_argument(
+        "--audit-log",
+        default=GatewayConfig.audit_log,
+        metavar="PATH",
+        help="append one JSON line per request to this file; '-' is stderr (default: %(default)s)",
+    )
+    ap.add_argument("--audit-text", action="store_true", help="include prompt text in audit lines")
+    ap.add_argument(
+        "--max-body-bytes",
+        type=int,
+        help="largest generation request body in bytes, larger ones get 413 (default: 64 × max-model-len + 1 MiB)",
+    )
+    ap.add_argument(
+        "--trust-gateway",
+        nargs="?",
+        const="",
+        metavar="SECRET",
+        help="trusted-gateway mode: an upstream gateway names tier and account in HMAC-signed headers "
+        f"(docs/trusted-gateway.md); without SECRET it is read from {SECRET_ENV}",
+    )
+    ap.add_argument(
+        "--gateway-max-skew",
+        type=float,
+        default=DEFAULT_MAX_SKEW,
+        metavar="SECONDS",
+        help=f"trusted-gateway signatures older or newer than this are refused (default {DEFAULT_MAX_SKEW:g})",
+    )
+    ap.add_argument(
+        "--state",
+        metavar="URL",
+        help="share rate limits, in-flight leases and escalation with every replica through Redis "
+        "(redis://host:port/db); without it each API-server process counts alone (deploy/README.md: Scaling)",
+    )
+    ap.add_argument(
+        "--state-lease-seconds",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="with --state: a dead replica's in-flight slots are freed after this (default 30; renewed while running)",
+    )
+    ap.add_argument(
+        "--embedded-default",
+        action="store_true",
+        help="prepare and serve the embedded SmolLM2 default (teacher, proxy, gradient, demo tiers)",
+    )
+    return ap
+
+
+def processor_settings(ours: argparse.Namespace) -> ProcessorSettings:
+    if not ours.proxy or not ours.gradient:
+        raise StartupError("--proxy and at least one --gradient NAME=PATH are required")
+    profiles = {}
+    for item in ours.gradient:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise StartupError(f"--gradient {item!r}: expected NAME=PATH")
+        if not Path(path).is_file():
+            raise StartupError(f"--gradient {name}: {path}: file not found")
+        profiles[name] = path
+    preflight(ours.proxy, profiles)
+    raw = {
+        "proxy": ours.proxy,
+        "profiles": profiles,
+        "epsilon": ours.epsilon,
+        "proxy_dtype": ours.proxy_dtype,
+        "token_budget": ours.proxy_token_budget or DEFAULT_PROXY_TOKENS,
+        "max_lambda": ours.max_lambda,
+    }
+    try:
+        return parse_settings(raw, "antidistill serve")
+    except SettingsError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def preflight(proxy: str, gradients: dict[str, str]) -> None:
+    """Proxy config and weights index, and each gradient's names and shapes, before vLLM starts."""
+    from antidistill.proxy_worker.core.config import ProxyConfigError, load_config
+    from antidistill.proxy_worker.core.gradient_file import check_gradient_header
+    from antidistill.proxy_worker.core.weights import WeightsError, safetensors_files
+    from antidistill.server.preflight import CheckpointError, check_proxy_weights
+
+    try:
+        cfg = load_config(proxy)
+        check_proxy_weights(safetensors_files(proxy), cfg)
+        for path in gradients.values():
+            check_gradient_header(path, cfg)
+    except (ProxyConfigError, WeightsError, CheckpointError) as exc:
+        raise StartupError(str(exc)) from None
+
+
+def check_tiers(tiers: TierTable, settings: ProcessorSettings) -> None:
+    """Every tier must be servable: its profile loaded, its λ range within the engine's maximum."""
+    for name, tier in tiers.spec.tiers.items():
+        if tier.profile and tier.profile not in settings.profiles:
+            raise StartupError(
+                f"{tiers.source}: tiers.{name}.profile: {tier.profile!r} is not a loaded --gradient "
+                f"profile ({', '.join(settings.profiles)})"
+            )
+        if tier.max_lambda > settings.max_lambda:
+            raise StartupError(
+                f"{tiers.source}: tiers.{name}.max_lambda {tier.max_lambda:g} exceeds "
+                f"--max-lambda {settings.max_lambda:g}"
+            )
+
+
+def fresh_metrics_dir() -> None:
+    """Worker-side metrics reach /metrics through prometheus_client's multiprocess mode: a fresh,
+    empty directory per start (set before vLLM or prometheus_client is imported), removed on exit."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    path = tempfile.mkdtemp(prefix="antidistill-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
+def couple_capacity(
+    args: argparse.Namespace, ours: argparse.Namespace, settings: ProcessorSettings
+) -> ProcessorSettings:
+    """Cap the teacher's KV to the proxy pool, or size the pool from the teacher's cap (kv_plan)."""
+    from antidistill.proxy_worker.core.config import load_config
+    from antidistill.proxy_worker.runtime.capacity import CapacityError
+    from antidistill.server.kv_plan import describe_plan, plan_capacity
+
+    try:
+        plan = plan_capacity(args, ours.proxy_token_budget, DEFAULT_PROXY_TOKENS)
+    except CapacityError as exc:
+        raise StartupError(str(exc)) from None
+    args.num_gpu_blocks_override = plan.teacher_blocks
+    print(
+        "antidistill: " + describe_plan(plan, args, load_config(ours.proxy), ours.proxy_dtype, len(settings.profiles)),
+        file=sys.stderr,
+        flush=True,
+    )
+    return settings.model_copy(update={"token_budget": plan.proxy_tokens})
+
+
+def with_our_processor(processors: list) -> list:
+    """vLLM's processor list plus ours — unless a subclass of ours is already there (it replaces ours)."""
+    from antidistill.proxy_worker.runtime.vllm_v1 import AntidistillationLogitsProcessor
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    def ours(entry: object) -> bool:
+        cls = resolve_obj_by_qualname(entry.replace(":", ".")) if isinstance(entry, str) else entry
+        return isinstance(cls, type) and issubclass(cls, AntidistillationLogitsProcessor)
+
+    return processors if any(ours(p) for p in processors) else [*processors, PROCESSOR_PATH]
+
+
+def fresh_failure_ledger() -> Path:
+    """The file through which the worker tells the gateway which protected requests lost Δ: a new
+    one per start (an operator's ``ANTIDISTILL_FAILURE_LEDGER`` path is created afresh), removed on exit."""
+    from antidistill.proxy_worker.runtime.failure_ledger import ENV_VAR, create
+
+    given = os.environ.get(ENV_VAR)
+    if given:
+        return create(given)
+    root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    folder = tempfile.mkdtemp(prefix="antidistill-ledger-", dir=root)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return create(Path(folder) / "failures.bin")
+
+
+def prepared_default(ours: argparse.Namespace, rest: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The embedded SmolLM2 default, prepared (or found in its cache); its holdout traces need the
+    ``demo`` extra the first time."""
+    from antidistill.server.default_setup import embedded_default
+
+    try:
+        return embedded_default(ours, rest)
+    except ModuleNotFoundError as exc:
+        if exc.name != "reasoning_gym":
+            raise
+        raise StartupError(
+            "--embedded-default writes its holdout traces from reasoning-gym problems, which is not installed: "
+            "pip install 'antidistill[demo]'"
+        ) from None
+
+
+def main(argv: Sequence[str]) -> int:
+    """Exit status 1 with one line for a problem found before vLLM starts (or an engine that died)."""
+    try:
+        serve(argv)
+    except StartupError as exc:
+        print(f"antidistill: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def serve(argv: Sequence[str]) -> None:
+    if "-h" in argv or "--help" in argv:
+        serve_parser().print_help()
+        print("\nEvery other flag goes to vLLM (see: python -m vllm.entrypoints.openai.api_server --help).")
+        return
+    ours, rest = serve_parser().parse_known_args(argv)
+    if ours.embedded_default:
+        ours, rest = prepared_default(ours, rest)
+    settings = processor_settings(ours)
+    if ours.max_body_bytes is not None and ours.max_body_bytes < 1024:
+        raise StartupError(f"--max-body-bytes {ours.max_body_bytes}: must be at least 1024")
+    if not ours.tiers:
+        raise StartupError("--tiers FILE is required (see `antidistill keygen` and docs/serving.md: Tiers)")
+    try:
+        tiers = load_tiers(ours.tiers)
+    except TiersError as exc:
+        raise StartupError(str(exc)) from None
+    check_tiers(tiers, settings)
+    check_teacher_args(rest)
+    try:
+        gateway_secret = resolve_secret(ours.trust_gateway, os.environ)
+        check_skew(ours.gateway_max_skew)
+    except GatewaySecretError as exc:
+        raise StartupError(str(exc)) from None
+    if gateway_secret:
+        print("antidistill: " + startup_line(ours.gateway_max_skew, len(tiers.spec.keys)), file=sys.stderr, flush=True)
+
+    if ours.state is not None:
+        try:
+            check_state_url(ours.state)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+    if ours.state_lease_seconds < 1:
+        raise StartupError(f"--state-lease-seconds {ours.state_lease_seconds:g}: must be at least 1")
+
+    fresh_metrics_dir()
+    import uvloop
+    from vllm.entrypoints.launchers.api_server.entry import run_server
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    args = make_arg_parser(FlexibleArgumentParser(prog="antidistill serve")).parse_args(rest)
+    if not any(a.startswith(("--logprobs-mode", "--logprobs_mode")) for a in rest):
+        args.logprobs_mode = "processed_logprobs"  # logprobs describe the protected distribution
+    check_logprobs_mode(str(args.logprobs_mode), tiers)
+    settings = couple_capacity(args, ours, settings)
+    config = settings.model_dump()
+    os.environ[ENV_VAR] = json.dumps({CONFIG_KEY: config})
+    GatewayConfig(
+        tiers=Path(ours.tiers),
+        ledger=fresh_failure_ledger(),
+        audit_log=ours.audit_log,
+        audit_text=ours.audit_text,
+        drain_timeout=float(os.environ.get(DRAIN_ENV, "120")),
+        max_body_bytes=ours.max_body_bytes,
+        gateway_secret=gateway_secret,
+        gateway_max_skew=ours.gateway_max_skew,
+        state=ours.state,
+        state_lease_seconds=ours.state_lease_seconds,
+    ).export()
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # the V1 path is the tested one (docs/serving.md)
+    args.additional_config = {**(args.additional_config or {}), CONFIG_KEY: config}
+    args.logits_processors = with_our_processor(args.logits_processors or [])
+    args.middleware = [*(args.middleware or []), MIDDLEWARE]
+    validate_parsed_serve_args(args)
+    uvloop.run(run_server(args))
+    from antidistill.server.lifecycle import stopped_without_signal
+
+    if stopped_without_signal():  # vLLM exits 0 then; an orchestrator must see a failure and restart us
+        raise StartupError("the vLLM engine process died, so the server stopped (see the log above); exit status 1")
+
+
+def check_logprobs_mode(mode: str, tiers: TierTable) -> None:
+    """Raw logprobs are the unprotected teacher's distribution: no protected tier may return them."""
+    if not mode.startswith("raw"):
+        return
+    for name, tier in tiers.spec.tiers.items():
+        if (tier.max_lambda > 0 or tier.escalation is not None) and tier.max_logprobs:
+            raise StartupError(
+                f"--logprobs-mode {mode} would hand protected tier {name!r} the raw teacher's logprobs "
+                f"(max_logprobs {tier.max_logprobs}); use processed_logprobs or set its max_logprobs to 0"
+            )
+
+
+def check_teacher_args(vllm_args: Sequence[str]) -> None:
+    """A local --model directory must be readable before vLLM's workers are spawned."""
+    from antidistill.server.preflight import CheckpointError, check_teacher, looks_local, model_argument
+
+    model = model_argument(vllm_args)
+    if model is not None and looks_local(model):
+        try:
+            check_teacher(model)
+        except CheckpointError as exc:
+            raise StartupError(str(exc)) from None

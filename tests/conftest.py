@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny random models written once per session."""
+"""Shared fixtures (tiny random models written once per session) and the test markers.
+
+Every test gets one of two markers: ``engine`` if it starts a real vLLM engine or server (it uses a
+fixture made with ``tests.helpers.engine_fixture``, or is marked ``engine`` itself), else ``unit``.
+``pytest -m unit`` is the quick loop; ``pytest`` runs everything; ``-m "not slow"`` skips the few
+tests that take minutes on their own."""
 
 from __future__ import annotations
 
@@ -10,6 +15,23 @@ import torch
 from tests.tiny_models import save_tiny, train_tokenizer
 
 torch.set_num_threads(2)
+
+
+def fixture_functions(item: pytest.Item) -> list[object]:
+    """The functions of every fixture the test depends on, directly or through other fixtures."""
+    info = getattr(item, "_fixtureinfo", None)  # the closure pytest resolved for this test
+    return [defs[-1].func for defs in info.name2fixturedefs.values() if defs] if info else []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = fixture_functions(item)
+        if any(getattr(f, "slow", False) for f in fixtures) and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("engine") is not None:
+            continue
+        engine = any(getattr(f, "starts_engine", False) for f in fixtures)
+        item.add_marker(pytest.mark.engine if engine else pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")

@@ -8,50 +8,99 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from antidistill.benchmarks.distillation import summary
 from antidistill.benchmarks.distillation.cli import main as eval_main
-from antidistill.benchmarks.distillation.config import CONFIG_DIR, MODES, ConfigError, load_eval_config
+from antidistill.benchmarks.distillation.config import CONFIG_DIR, MODES, ConfigError, EvalConfig, load_eval_config
 from antidistill.benchmarks.distillation.models import Shape, scratch_model, train_tokenizer
 from antidistill.benchmarks.distillation.pipeline import Pipeline, read_jsonl, run_name
 from antidistill.benchmarks.distillation.tasks import GENERATORS
 from antidistill.benchmarks.distillation.training import TrainSpec, collate, fine_tune
 from antidistill.proxy_worker.tools.traces import TokenizedTrace
 
+from tests.helpers import engine_fixture
+
 EARLY = ["data", "tokenizer", "teacher", "proxy", "holdout"]
 
 
-def test_micro_pipeline_end_to_end_resumes_only_the_killed_stage(tmp_path, monkeypatch):
-    cfg = load_eval_config("micro")
-    root = tmp_path / "run"
+@dataclasses.dataclass(frozen=True)
+class KilledRun:
+    """The ``micro`` run killed inside its gradient stage, and its directory as the kill left it."""
+
+    cfg: EvalConfig
+    root: Path
+    executed: list[str]
+    gradient_on_disk: bool
+    gradient_sentinel_on_disk: bool
+    model_mtimes: dict[Path, int]  # every file under models/, when the run died
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumedRun:
+    """The killed run run again to its end in the same directory."""
+
+    killed: KilledRun
+    executed: list[str]
+    model_mtimes: dict[Path, int]  # the same files, after the resumed run
+    report: Path
+    registry: list[dict]  # the report's registry.jsonl
+    runs: list[str]  # the grid's run names, in grid order
+
+
+def model_mtimes(root: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in (root / "models").rglob("*") if p.is_file()}
+
+
+def run_killed_in_the_gradient_stage(cfg: EvalConfig, root: Path) -> KilledRun:
     real_gradient = Pipeline.make_gradient
 
     def killed(self: Pipeline) -> dict:
         real_gradient(self)  # the stage's outputs are on disk…
         raise KeyboardInterrupt  # …but the process dies before its sentinel
 
-    monkeypatch.setattr(Pipeline, "make_gradient", killed)
     first = Pipeline(cfg, root)
-    with pytest.raises(KeyboardInterrupt):
-        first.run()
-    assert first.executed == EARLY
-    assert (root / "gradient.safetensors").is_file() and not first.sentinel("gradient").exists()
-    models_before = {p: p.stat().st_mtime_ns for p in (root / "models").rglob("*") if p.is_file()}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Pipeline, "make_gradient", killed)
+        with pytest.raises(KeyboardInterrupt):
+            first.run()
+    on_disk = (root / "gradient.safetensors").is_file()
+    return KilledRun(cfg, root, first.executed, on_disk, first.sentinel("gradient").exists(), model_mtimes(root))
 
-    monkeypatch.undo()
-    second = Pipeline(cfg, root)
+
+@engine_fixture(scope="module", slow=True)
+def resumed_run(tmp_path_factory) -> ResumedRun:
+    """The ``micro`` pipeline killed in its gradient stage, then run again to its end (the traces stage
+    samples through the vLLM engine with our processor)."""
+    killed = run_killed_in_the_gradient_stage(load_eval_config("micro"), tmp_path_factory.mktemp("micro") / "run")
+    second = Pipeline(killed.cfg, killed.root)
     report = second.run()
-    runs = [run_name(*p) for p in cfg.grid.points()]
-    assert second.executed == ["gradient", "traces", "student_base", *[f"student/{r}" for r in runs], "report"]
-    assert {p: p.stat().st_mtime_ns for p in models_before} == models_before  # teacher, proxy not retrained
+    runs = [run_name(*p) for p in killed.cfg.grid.points()]
+    registry = read_jsonl(report / "registry.jsonl")
+    return ResumedRun(killed, second.executed, model_mtimes(killed.root), report, registry, runs)
 
+
+def test_a_killed_stage_leaves_its_outputs_but_no_sentinel(resumed_run):
+    killed = resumed_run.killed
+    assert killed.executed == EARLY
+    assert killed.gradient_on_disk and not killed.gradient_sentinel_on_disk
+
+
+def test_a_rerun_resumes_at_the_killed_stage_without_retraining_the_models(resumed_run):
+    runs = resumed_run.runs
+    assert resumed_run.executed == ["gradient", "traces", "student_base", *[f"student/{r}" for r in runs], "report"]
+    before = resumed_run.killed.model_mtimes
+    assert {p: resumed_run.model_mtimes[p] for p in before} == before  # teacher, proxy not retrained
+
+
+def test_the_resumed_run_reports_every_grid_run(resumed_run):
+    cfg, root, report, runs = resumed_run.killed.cfg, resumed_run.killed.root, resumed_run.report, resumed_run.runs
     grad = json.loads((root / "gradient.json").read_text())
     assert grad["scale"] > 0 and grad["epsilon"] in cfg.sampling.epsilons
-    registry = read_jsonl(report / "registry.jsonl")
-    assert [run_name(r["mode"], r["value"], r["seed"]) for r in registry] == runs
-    for row in registry:
+    assert [run_name(r["mode"], r["value"], r["seed"]) for r in resumed_run.registry] == runs
+    for row in resumed_run.registry:
         assert 0 <= row["student_accuracy"] <= 1 and 0 <= row["teacher_accuracy"] <= 1
         assert row["n_traces"] == cfg.task.distill and row["n_test"] == cfg.task.test
         if row["mode"] == "temperature":
@@ -66,20 +115,29 @@ def test_micro_pipeline_end_to_end_resumes_only_the_killed_stage(tmp_path, monke
     assert "verdict" in json.loads((report / "summary.json").read_text())
     assert "Target met" in (report / "summary.md").read_text()
 
-    third = Pipeline(cfg, root)
+
+def test_a_finished_run_reruns_nothing(resumed_run):
+    third = Pipeline(resumed_run.killed.cfg, resumed_run.killed.root)
     third.run()
     assert third.executed == []
 
-    # the same students, two at a time in worker processes: the same stages run, with the same results
+
+def test_students_in_worker_processes_rerun_the_same_stages_with_the_same_results(resumed_run, tmp_path):
+    """The same students, two at a time in worker processes."""
+    cfg, root, runs = resumed_run.killed.cfg, resumed_run.killed.root, resumed_run.runs
     parallel = tmp_path / "parallel"
     students_and_report = shutil.ignore_patterns("results", "report", "student_*#*.done", "report.done")
     shutil.copytree(root, parallel, ignore=students_and_report)
     fourth = Pipeline(cfg.model_copy(update={"workers": 2}), parallel)
     fourth.run()
     assert sorted(fourth.executed) == sorted([*(f"student/{r}" for r in runs), "report"])
-    assert read_jsonl(parallel / "report" / "registry.jsonl") == registry
+    assert read_jsonl(parallel / "report" / "registry.jsonl") == resumed_run.registry
 
-    # a new grid point samples and distils only itself: the other runs' traces and students are kept
+
+def test_a_new_grid_point_samples_and_distils_only_itself(resumed_run, tmp_path):
+    """The other runs' traces and students are kept (on a copy of the finished run's directory)."""
+    cfg, runs = resumed_run.killed.cfg, resumed_run.runs
+    root = shutil.copytree(resumed_run.killed.root, tmp_path / "run")
     traces_before = {p: p.read_bytes() for p in (root / "traces").glob("*.jsonl")}
     grown = cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"permutation": [2, 4]})})
     fifth = Pipeline(grown, root)

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator, Sequence
 from functools import cache
 
 import httpx
 import pytest
-from antidistill.server.launch import free_port, running_server
 
+from tests.helpers import Server, engine_fixture, scrape, tiny_server, total
 from tests.reference_sampler import ReferenceSampler
-from tests.test_metrics import scrape, total
-from tests.vllm_setup import EPSILONS, antidistill_serve_args, build_models, write_tiers
+from tests.vllm_setup import EPSILONS
 
 TIERS = {
     "guarded": {"lambda": 3.0, "min_lambda": 3.0},
@@ -29,24 +29,12 @@ LAMBDA, MAX_TOKENS = 3.0, 64
 FAULTS = {"pool_tokens": POOL_TOKENS, "nan_token": NAN_TOKEN, "raise_token": RAISE_TOKEN}
 
 
-def serve(tmp_path_factory, name: str, extra: list[str], env: dict):
-    root = tmp_path_factory.mktemp(name)
-    models = build_models(root)
-    keys = write_tiers(root / "tiers.yaml", TIERS)
-    port = free_port()
-    args = antidistill_serve_args(models, root / "tiers.yaml", root / "audit.jsonl", port) + extra
-    log = root / "server.log"
-    return models, keys, root, running_server(args, {"VLLM_CPU_KVCACHE_SPACE": "1", **env}, log, port)
-
-
-@pytest.fixture(scope="module")
-def faulty(tmp_path_factory):
+@engine_fixture(scope="module")
+def faulty(tmp_path_factory) -> Iterator[Server]:
     extra = ["--logits-processors", "tests.fault_injection:FaultyProcessor"]
-    models, keys, root, server = serve(
-        tmp_path_factory, "fail-closed", extra, {"ANTIDISTILL_TEST_FAULTS": json.dumps(FAULTS)}
-    )
-    with server as base:
-        yield {"base": base, "keys": keys, "models": models, "audit": root / "audit.jsonl", "log": root / "server.log"}
+    env = {"ANTIDISTILL_TEST_FAULTS": json.dumps(FAULTS)}
+    with tiny_server(tmp_path_factory.mktemp("fail-closed"), TIERS, extra_args=extra, env=env) as server:
+        yield server
 
 
 _samplers: dict[str, ReferenceSampler] = {}
@@ -70,9 +58,9 @@ def prompts(models, count: int) -> list[tuple[int, ...]]:
     return [tuple(models.tokenizer(t)["input_ids"]) for t in texts]
 
 
-def body(srv, prompt, stream: bool, max_tokens: int = MAX_TOKENS) -> dict:
+def body(srv: Server, prompt: Sequence[int], stream: bool, max_tokens: int = MAX_TOKENS) -> dict:
     return {
-        "model": str(srv["models"].teacher),
+        "model": srv.model,
         "prompt": list(prompt),
         "max_tokens": max_tokens,
         "temperature": 0,
@@ -82,9 +70,11 @@ def body(srv, prompt, stream: bool, max_tokens: int = MAX_TOKENS) -> dict:
     }
 
 
-async def complete(client: httpx.AsyncClient, srv, tier: str, payload: dict) -> tuple[int, list[int], dict | None]:
+async def complete(
+    client: httpx.AsyncClient, srv: Server, tier: str, payload: dict
+) -> tuple[int, list[int], dict | None]:
     """(status, token ids received, the error object if refused) — streamed or not."""
-    headers = {"Authorization": f"Bearer {srv['keys'][tier]}"}
+    headers = srv.auth(tier)
     if not payload["stream"]:
         res = await client.post("/v1/completions", json=payload, headers=headers)
         data = res.json()
@@ -107,20 +97,20 @@ async def complete(client: httpx.AsyncClient, srv, tier: str, payload: dict) -> 
     return 200, ids, error
 
 
-def audit_lines(srv) -> list[dict]:
-    return [json.loads(line) for line in srv["audit"].read_text().splitlines() if line.strip()]
+def audit_lines(srv: Server) -> list[dict]:
+    return [json.loads(line) for line in srv.audit.read_text().splitlines() if line.strip()]
 
 
-async def _concurrent(srv, tier: str, payloads: list[dict]) -> list[tuple[int, list[int], dict | None]]:
-    async with httpx.AsyncClient(base_url=srv["base"], timeout=300) as client:
+async def _concurrent(srv: Server, tier: str, payloads: list[dict]) -> list[tuple[int, list[int], dict | None]]:
+    async with httpx.AsyncClient(base_url=srv.base, timeout=300) as client:
         return await asyncio.gather(*(complete(client, srv, tier, p) for p in payloads))
 
 
 def test_overflowing_proxy_pool_refuses_and_never_serves_raw(faulty):
-    models = faulty["models"]
+    models = faulty.models
     cases = prompts(models, 8)
     payloads = [body(faulty, p, stream=i % 2 == 1) for i, p in enumerate(cases)]
-    before = total(scrape(faulty["base"]), "antidistill_protection_failures_total", reason="budget")
+    before = total(scrape(faulty.base), "antidistill_protection_failures_total", reason="budget")
     results = asyncio.run(_concurrent(faulty, "guarded", payloads))
     refused = 0
     for prompt, (status, ids, error), payload in zip(cases, results, payloads, strict=True):
@@ -138,7 +128,7 @@ def test_overflowing_proxy_pool_refuses_and_never_serves_raw(faulty):
         else:
             assert status == 503 and ids == [], "refused before its first token: a plain 503"
     assert refused >= 1, "the pool cannot hold 8 requests of ~80 tokens: some must be refused"
-    after = total(scrape(faulty["base"]), "antidistill_protection_failures_total", reason="budget")
+    after = total(scrape(faulty.base), "antidistill_protection_failures_total", reason="budget")
     assert after - before == refused
     lines = [line for line in audit_lines(faulty) if line["tier"] == "guarded"][-8:]
     assert sum(line["protection_failure"] == "budget" for line in lines) == refused
@@ -152,29 +142,29 @@ def test_overflowing_proxy_pool_refuses_and_never_serves_raw(faulty):
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize("token,reason", [(NAN_TOKEN, "non_finite"), (RAISE_TOKEN, "error")], ids=["nan", "raise"])
 def test_injected_faults_are_refused_counted_and_audited(faulty, token, reason, stream):
-    models = faulty["models"]
+    models = faulty.models
     prompt = (token, *prompts(models, 1)[0])
     good = prompts(models, 2)[1]
-    before = total(scrape(faulty["base"]), "antidistill_protection_failures_total", reason=reason, action="refused")
+    before = total(scrape(faulty.base), "antidistill_protection_failures_total", reason=reason, action="refused")
     payloads = [body(faulty, prompt, stream, 16), body(faulty, good, stream, 16)]
     (status, ids, error), (good_status, good_ids, good_error) = asyncio.run(_concurrent(faulty, "guarded", payloads))
     assert error is not None and error["code"] == 503 and ids == [], "refused before any token"
     assert status == 503, "a refusal found before the first token is a plain 503, streamed or not"
     assert good_status == 200 and good_error is None, "the other request in the batch is unaffected"
     assert good_ids == reference(models, LAMBDA, good, 16)
-    after = total(scrape(faulty["base"]), "antidistill_protection_failures_total", reason=reason, action="refused")
+    after = total(scrape(faulty.base), "antidistill_protection_failures_total", reason=reason, action="refused")
     assert after == before + 1
     line = next(line for line in reversed(audit_lines(faulty)) if line["status"] == 503)
     assert line["protected"] is False and line["protection_failure"] == reason and line["unprotected_tokens"] == 0
 
 
 def test_degrade_tier_serves_delta_zero_and_flags_it(faulty):
-    models = faulty["models"]
+    models = faulty.models
     prompt = (NAN_TOKEN, *prompts(models, 1)[0])
-    before = total(scrape(faulty["base"]), "antidistill_unprotected_tokens_total", tier="lenient")
-    headers = {"Authorization": f"Bearer {faulty['keys']['lenient']}"}
+    before = total(scrape(faulty.base), "antidistill_unprotected_tokens_total", tier="lenient")
+    headers = faulty.auth("lenient")
     res = httpx.post(
-        f"{faulty['base']}/v1/completions", json=body(faulty, prompt, False, 16), headers=headers, timeout=120
+        f"{faulty.base}/v1/completions", json=body(faulty, prompt, False, 16), headers=headers, timeout=120
     )
     assert res.status_code == 200 and res.headers["x-antidistillation-protection"] == "degraded"
     assert res.json()["choices"][0]["token_ids"] == reference(models, 0.0, prompt, 16), "Δ = 0 at every step"
@@ -182,23 +172,22 @@ def test_degrade_tier_serves_delta_zero_and_flags_it(faulty):
     assert (
         line["protected"] is False and line["protection_failure"] == "non_finite" and line["unprotected_tokens"] == 16
     )
-    after = total(scrape(faulty["base"]), "antidistill_unprotected_tokens_total", tier="lenient")
+    after = total(scrape(faulty.base), "antidistill_unprotected_tokens_total", tier="lenient")
     assert after == before + 16
 
 
-@pytest.fixture(scope="module")
-def coupled(tmp_path_factory):
+@engine_fixture(scope="module")
+def coupled(tmp_path_factory) -> Iterator[Server]:
     """The same pool size that overflowed above, now with the teacher capped to follow it."""
     extra = ["--proxy-token-budget", "640", "--block-size", "32"]
-    models, keys, root, server = serve(tmp_path_factory, "coupled", extra, {})
-    with server as base:
-        yield {"base": base, "keys": keys, "models": models, "audit": root / "audit.jsonl", "log": root / "server.log"}
+    with tiny_server(tmp_path_factory.mktemp("coupled"), TIERS, extra_args=extra) as server:
+        yield server
 
 
 def test_coupled_capacity_serves_the_overflowing_load_fully_protected(coupled):
-    log = coupled["log"].read_text()
+    log = coupled.log.read_text()
     assert "KV capacity: teacher 384 tokens (12 blocks × 32" in log and "proxy 640 tokens per profile" in log
-    models = coupled["models"]
+    models = coupled.models
     cases = prompts(models, 8)  # 8 × ~80 tokens: more than the teacher's 384, so it queues and preempts
     results = asyncio.run(
         _concurrent(coupled, "guarded", [body(coupled, p, stream=i % 2 == 1) for i, p in enumerate(cases)])
@@ -206,7 +195,7 @@ def test_coupled_capacity_serves_the_overflowing_load_fully_protected(coupled):
     for prompt, (status, ids, error) in zip(cases, results, strict=True):
         assert status == 200 and error is None, error
         assert ids == reference(models, LAMBDA, prompt)
-    metrics = scrape(coupled["base"])
+    metrics = scrape(coupled.base)
     assert total(metrics, "antidistill_delta_fallbacks_total") == 0
     assert total(metrics, "antidistill_protection_failures_total") == 0
 
@@ -214,7 +203,7 @@ def test_coupled_capacity_serves_the_overflowing_load_fully_protected(coupled):
 def test_shared_prefix_is_held_once_and_stays_exact(coupled):
     """8 requests sharing a 160-token prefix: the teacher (prefix caching) holds it once, and so must
     the proxy — 8 private copies (8 × 160+) would not fit the 640-token pool."""
-    models = coupled["models"]
+    models = coupled.models
     prefix = list(models.tokenizer(" ".join(f"step {i} adds {i + 1}." for i in range(40)))["input_ids"])[:160]
     assert len(prefix) == 160
     cases = [tuple(prefix + list(p[:8])) for p in prompts(models, 8)]
@@ -223,7 +212,7 @@ def test_shared_prefix_is_held_once_and_stays_exact(coupled):
     async def load() -> list:
         nonlocal peak
         task = asyncio.ensure_future(_concurrent(coupled, "guarded", [body(coupled, p, False, 24) for p in cases]))
-        async with httpx.AsyncClient(base_url=coupled["base"], timeout=30) as client:
+        async with httpx.AsyncClient(base_url=coupled.base, timeout=30) as client:
             while not task.done():
                 text = (await client.get("/metrics")).text
                 for line in text.splitlines():

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 
 import httpx
 import psutil
 import pytest
 from antidistill.benchmarks.soak import wait_kv_idle
-from antidistill.server.launch import free_port, server_process
 
-from tests.test_metrics import scrape, total
-from tests.vllm_setup import antidistill_serve_args, build_models, write_tiers
+from tests.helpers import Server, engine_fixture, scrape, tiny_server, total
 
 # logprobs allowed so that a divergence can be checked against the reference's top-2 margin
 TIERS = {
@@ -30,23 +29,17 @@ PROMPTS = [f"Question {i}: what is {i} plus {2 * i}?" for i in range(8)]
 Greedy = tuple[list[int], list[dict]]  # token ids, and per step the top-2 logprobs keyed by token id
 
 
-@pytest.fixture(scope="module")
-def pressured(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    models = build_models(root)
-    keys = write_tiers(root / "tiers.yaml", TIERS)
-    port = free_port()
-    args = antidistill_serve_args(models, root / "tiers.yaml", root / "audit.jsonl", port, ("math", "code"))
-    args += ["--block-size", str(BLOCK), "--num-gpu-blocks-override", str(KV_BLOCKS)]
-    log = root / "server.log"
-    with server_process(args, {"VLLM_CPU_KVCACHE_SPACE": "1"}, log, port) as (base, proc):
-        yield {"base": base, "keys": keys, "model": str(models.teacher), "log": log, "proc": proc}
+@engine_fixture(scope="module")
+def pressured(tmp_path_factory) -> Iterator[Server]:
+    kv = ["--block-size", str(BLOCK), "--num-gpu-blocks-override", str(KV_BLOCKS)]
+    with tiny_server(tmp_path_factory.mktemp("faults"), TIERS, profiles=("math", "code"), extra_args=kv) as srv:
+        yield srv
 
 
-async def greedy(client: httpx.AsyncClient, srv: dict, tier: str, prompt: str) -> Greedy:
+async def greedy(client: httpx.AsyncClient, srv: Server, tier: str, prompt: str) -> Greedy:
     """Greedy token ids and, per step, the top-2 (processed) logprobs keyed by token id."""
     body = {
-        "model": srv["model"],
+        "model": srv.model,
         "prompt": prompt,
         "max_tokens": 72,
         "temperature": 0,
@@ -55,7 +48,7 @@ async def greedy(client: httpx.AsyncClient, srv: dict, tier: str, prompt: str) -
         "logprobs": 2,
         "return_tokens_as_token_ids": True,
     }
-    res = await client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {srv['keys'][tier]}"})
+    res = await client.post("/v1/completions", json=body, headers=srv.auth(tier))
     assert res.status_code == 200, res.text
     choice = res.json()["choices"][0]
     return choice["token_ids"], choice["logprobs"]["top_logprobs"]
@@ -82,18 +75,18 @@ def test_preemption_keeps_greedy_outputs(pressured):
     jobs = [(("free", "pro", "internal")[i % 3], p) for i, p in enumerate(PROMPTS)]
 
     async def alone() -> list[Greedy]:
-        async with httpx.AsyncClient(base_url=srv["base"], timeout=300) as client:
+        async with httpx.AsyncClient(base_url=srv.base, timeout=300) as client:
             return [await greedy(client, srv, tier, prompt) for tier, prompt in jobs]
 
     async def together() -> list[Greedy]:
-        async with httpx.AsyncClient(base_url=srv["base"], timeout=300) as client:
+        async with httpx.AsyncClient(base_url=srv.base, timeout=300) as client:
             return await asyncio.gather(*(greedy(client, srv, tier, prompt) for tier, prompt in jobs))
 
     reference = asyncio.run(alone())
-    before = total(scrape(srv["base"]), "vllm:num_preemptions_total")
+    before = total(scrape(srv.base), "vllm:num_preemptions_total")
     assert before == 0, "one request at a time fits"
     pressured_out = asyncio.run(together())
-    preemptions = total(scrape(srv["base"]), "vllm:num_preemptions_total")
+    preemptions = total(scrape(srv.base), "vllm:num_preemptions_total")
     print(f"preemptions: {preemptions:g}")
     assert preemptions > 0, "the KV cache was small enough to force preemption"
     for i, (ref, got) in enumerate(zip(reference, pressured_out, strict=True)):
@@ -102,25 +95,25 @@ def test_preemption_keeps_greedy_outputs(pressured):
         assert noise <= NOISE, f"request {i}: logprobs moved by {noise:.3g} under preemption (proxy state lost?)"
         assert step is None or margin < 2 * NOISE, f"request {i} diverged at a clear winner (margin {margin:.3g})"
     assert sum(ref[0] == got[0] for ref, got in zip(reference, pressured_out, strict=True)) >= len(jobs) - 2
-    used, _ = wait_kv_idle(srv["base"])
+    used, _ = wait_kv_idle(srv.base)
     assert used == 0, "preempted and finished rows released their proxy KV"
 
 
 def test_engine_death_exits_nonzero(pressured):
     """SIGKILL the EngineCore child: the server stops by itself with status 1 and says why."""
     srv = pressured
-    server = psutil.Process(srv["proc"].pid)
+    server = psutil.Process(srv.process.pid)
     engines = [p for p in server.children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) + p.name()]
     assert engines, [(p.pid, p.name(), p.cmdline()) for p in server.children(recursive=True)]
     engines[0].kill()
     start = time.monotonic()
     try:
-        code = srv["proc"].wait(timeout=90)
+        code = srv.process.wait(timeout=90)
     except Exception:
         pytest.fail("the server kept running after its engine died")
     waited = time.monotonic() - start
     print(f"server exited {code} {waited:.1f} s after the engine was killed")
     assert code == 1
-    assert "antidistill: the vLLM engine process died, so the server stopped" in srv["log"].read_text()
+    assert "antidistill: the vLLM engine process died, so the server stopped" in srv.log.read_text()
     with pytest.raises(httpx.ConnectError):
-        httpx.get(srv["base"] + "/health", timeout=5)
+        httpx.get(srv.base + "/health", timeout=5)

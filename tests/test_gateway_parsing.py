@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
-from antidistill.server.launch import free_port, server_process
 from antidistill.server.request import max_body_bytes
 
-from tests.vllm_setup import antidistill_serve_args, build_models, write_tiers
+from tests.helpers import Server, chat, completion, engine_fixture, tiny_server
 
 TIERS = {
     "free": {"lambda": 3.0, "max_lambda": 6.0, "max_tokens": 64},
@@ -24,40 +24,25 @@ MAX_MODEL_LEN = 256  # tests.vllm_setup.server_flags
 LOGPROB_KEYS = ("logprobs", "top_logprobs", "prompt_logprobs")
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gateway")
-    models = build_models(root)
-    keys = write_tiers(root / "tiers.yaml", TIERS)
-    audit = root / "audit.jsonl"
-    port = free_port()
-    args = antidistill_serve_args(models, root / "tiers.yaml", audit, port)
-    with server_process(args, {"VLLM_CPU_KVCACHE_SPACE": "1"}, root / "server.log", port) as (base, _):
-        yield {"base": base, "port": port, "keys": keys, "model": str(models.teacher), "audit": audit}
-
-
-def completion(srv, **kw) -> dict:
-    return {"model": srv["model"], "prompt": "The sum of 12", "max_tokens": 4, "temperature": 0, **kw}
-
-
-def chat(srv, **kw) -> dict:
-    messages = [{"role": "user", "content": "Alice has 3 apples"}]
-    return {"model": srv["model"], "messages": messages, "max_tokens": 4, "temperature": 0, **kw}
+@engine_fixture(scope="module")
+def srv(tmp_path_factory) -> Iterator[Server]:
+    with tiny_server(tmp_path_factory.mktemp("gateway"), TIERS) as server:
+        yield server
 
 
 def route(body: dict) -> str:
     return "/v1/chat/completions" if body.get("messages") else "/v1/completions"
 
 
-def call(srv, tier: str | None, path: str, body: dict | bytes, headers: list | None = None, **kw) -> tuple:
+def call(srv: Server, tier: str | None, path: str, body: dict | bytes, headers: list | None = None, **kw) -> tuple:
     """One request and the audit line it wrote (requests here run one at a time)."""
-    before = len(srv["audit"].read_text().splitlines()) if srv["audit"].exists() else 0
-    auth = [("Authorization", f"Bearer {srv['keys'][tier]}")] if tier else []
+    before = len(srv.audit.read_text().splitlines()) if srv.audit.exists() else 0
+    auth = list(srv.auth(tier).items())
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     hdrs = [("content-type", "application/json"), *auth, *(headers or [])]
-    res = httpx.post(srv["base"] + path, content=content, headers=hdrs, timeout=120, **kw)
+    res = httpx.post(srv.base + path, content=content, headers=hdrs, timeout=120, **kw)
     for _ in range(100):  # the line is written once the response has been sent
-        lines = srv["audit"].read_text().splitlines()
+        lines = srv.audit.read_text().splitlines()
         if len(lines) > before:
             return res, json.loads(lines[before])
         time.sleep(0.05)
@@ -158,7 +143,7 @@ def test_invalid_bodies_get_vllms_400_before_policy(srv):
         (completion(srv, max_tokens="lots"), "max_tokens"),
         (completion(srv, logprobs="2"), "logprobs"),
         (chat(srv, stream_options={"include_usage": True}), "stream_options"),
-        ({"model": srv["model"], "prompt": "x"}, "messages"),  # a completions body on the chat route
+        ({"model": srv.model, "prompt": "x"}, "messages"),  # a completions body on the chat route
     ]
     for body, param in cases:
         path = "/v1/chat/completions" if param in ("stream_options", "messages") else "/v1/completions"
@@ -171,7 +156,7 @@ def test_invalid_bodies_get_vllms_400_before_policy(srv):
 
 
 def test_exactly_one_credential(srv):
-    keys = srv["keys"]
+    keys = srv.keys
     body = completion(srv)
     cases = [
         ([("Authorization", "Bearer ad-revoked"), ("Authorization", f"Bearer {keys['internal']}")], None, 400),
@@ -195,10 +180,10 @@ def test_exactly_one_credential(srv):
 # --- bounded bodies ----------------------------------------------------------------------------
 
 
-def raw_post(srv, head: str, first: bytes) -> tuple[bytes, float]:
+def raw_post(srv: Server, head: str, first: bytes) -> tuple[bytes, float]:
     """Send the head and the first bytes of a body, then only read: the answer must not need the rest."""
     start = time.monotonic()
-    with socket.create_connection(("127.0.0.1", srv["port"]), timeout=30) as sock:
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
         sock.sendall(head.encode() + first)
         received = b""
         while b"\r\n\r\n" not in received or len(received) < 200:
@@ -211,7 +196,7 @@ def raw_post(srv, head: str, first: bytes) -> tuple[bytes, float]:
 
 def test_oversized_bodies_are_413_without_reading_them(srv):
     limit = max_body_bytes(MAX_MODEL_LEN)
-    key = srv["keys"]["internal"]
+    key = srv.keys["internal"]
     head = (
         f"POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\nauthorization: Bearer {key}\r\n"
     )
@@ -223,7 +208,7 @@ def test_oversized_bodies_are_413_without_reading_them(srv):
     streamed, _ = raw_post(srv, head + "transfer-encoding: chunked\r\n\r\n", chunked)
     assert streamed.startswith(b"HTTP/1.1 413"), streamed[:300]
     for _ in range(100):  # the audit line follows the response
-        lines = [json.loads(x) for x in srv["audit"].read_text().splitlines()][-2:]
+        lines = [json.loads(x) for x in srv.audit.read_text().splitlines()][-2:]
         if [x["status"] for x in lines] == [413, 413]:
             break
         time.sleep(0.05)

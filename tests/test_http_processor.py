@@ -10,6 +10,7 @@ import httpx
 import pytest
 from antidistill.server.launch import free_port, running_server
 
+from tests.helpers import engine_fixture
 from tests.reference_sampler import ReferenceSampler
 from tests.vllm_setup import EPSILONS, PROCESSOR, build_models, server_flags
 
@@ -31,7 +32,7 @@ def models(tmp_path_factory):
     return build_models(tmp_path_factory.mktemp("http-models"))
 
 
-@pytest.fixture(scope="module")
+@engine_fixture(scope="module")
 def server(models, tmp_path_factory):
     port = free_port()
     settings = models.settings(allowed_modes=["ad"])

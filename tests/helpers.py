@@ -1,0 +1,105 @@
+"""What the end-to-end tests share: a real `antidistill serve` on the tiny models, the request
+bodies they send it, and reading its /metrics. Test modules import from here, never from each other."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from antidistill.server.launch import free_port, server_process
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.vllm_setup import ADModels, antidistill_serve_args, build_models, write_tiers
+
+F = TypeVar("F", bound=Callable[..., Any])
+Samples = dict[tuple[str, frozenset], float]
+
+
+def engine_fixture(*, scope: str = "module", slow: bool = False) -> Callable[[F], F]:
+    """``pytest.fixture`` for a fixture that starts a real vLLM engine or server. conftest marks every
+    test that uses one (directly or through another fixture) ``engine``, and ``slow`` too if the
+    fixture itself takes minutes; tests that use none are ``unit``."""
+
+    def decorate(fn: F) -> F:
+        fn.starts_engine = True  # type: ignore[attr-defined]
+        fn.slow = slow  # type: ignore[attr-defined]
+        return pytest.fixture(scope=scope)(fn)
+
+    return decorate
+
+
+@dataclass(frozen=True)
+class Server:
+    """A running `antidistill serve`: where it listens, one API key per tier, and its files."""
+
+    base: str  # http://127.0.0.1:<port>
+    port: int
+    keys: Mapping[str, str]  # tier → API key
+    models: ADModels
+    tiers: Path  # the tiers file (SIGHUP re-reads it)
+    audit: Path
+    log: Path  # the server's stdout and stderr
+    process: subprocess.Popen
+
+    @property
+    def model(self) -> str:
+        """The served model's name (vLLM names it by its path)."""
+        return str(self.models.teacher)
+
+    def auth(self, tier: str | None) -> dict[str, str]:
+        """The Authorization header of that tier's key; no header for ``None``."""
+        return {"Authorization": f"Bearer {self.keys[tier]}"} if tier else {}
+
+
+@contextmanager
+def tiny_server(
+    root: Path,
+    tiers: Mapping[str, Mapping[str, Any]],
+    *,
+    profiles: Sequence[str] = ("math",),
+    extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    write: Callable[[Path, Mapping[str, Any]], dict[str, str]] = write_tiers,
+) -> Iterator[Server]:
+    """Build the tiny models under ``root``, write the tiers file with ``write`` (one fresh key per
+    tier by default), start `antidistill serve` with ``extra_args`` and stop it on exit."""
+    models = build_models(root)
+    tiers_file = root / "tiers.yaml"
+    keys = write(tiers_file, tiers)
+    audit, log = root / "audit.jsonl", root / "server.log"
+    port = free_port()
+    args = [*antidistill_serve_args(models, tiers_file, audit, port, tuple(profiles)), *extra_args]
+    with server_process(args, {"VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}, log, port) as (base, process):
+        yield Server(base, port, keys, models, tiers_file, audit, log, process)
+
+
+def completion(srv: Server, **fields: Any) -> dict[str, Any]:
+    """A short greedy completions body; ``fields`` override or add to it."""
+    return {"model": srv.model, "prompt": "The sum of 12", "max_tokens": 4, "temperature": 0, **fields}
+
+
+def chat(srv: Server, **fields: Any) -> dict[str, Any]:
+    """A short greedy chat body; ``fields`` override or add to it."""
+    messages = [{"role": "user", "content": "Alice has 3 apples"}]
+    return {"model": srv.model, "messages": messages, "max_tokens": 4, "temperature": 0, **fields}
+
+
+def scrape(base: str) -> Samples:
+    """Every sample on ``base``/metrics, keyed by (name, labels)."""
+    samples = {}
+    for family in text_string_to_metric_families(httpx.get(base + "/metrics").text):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return samples
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of ``name`` over the samples whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, lab), v in samples.items() if n == name and want <= lab)

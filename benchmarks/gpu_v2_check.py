@@ -26,7 +26,8 @@ def main() -> int:
         print("gpu_v2_check: no CUDA device", file=sys.stderr)
         return 2
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
-    from antidistill.benchmarks.tiny_setup import EPSILONS, ReferenceSampler, additional_config_json, build_models
+    from antidistill.benchmarks.tiny.reference import ReferenceSampler
+    from antidistill.benchmarks.tiny.serving import EPSILONS, additional_config_json, build_models
     from vllm import LLM, SamplingParams
 
     models = build_models(Path(tempfile.mkdtemp()))

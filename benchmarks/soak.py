@@ -173,9 +173,8 @@ def soak(
 
 
 def main() -> None:
+    from antidistill.benchmarks.tiny.serving import antidistill_serve_args, build_models, write_tiers
     from antidistill.server.launch import free_port, server_process
-
-    from tests.vllm_setup import antidistill_serve_args, build_models, write_tiers
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=30)

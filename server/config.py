@@ -5,6 +5,7 @@ travels in environment variables; this module is the only place that names them.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,49 +53,48 @@ class GatewayConfig:
     state: str | None = field(default=None, repr=False)  # redis://… shared limits (shared_limits.py); None: memory
     state_lease_seconds: float = 30.0  # in-flight leases of a dead replica expire after this
 
-    def export(self) -> None:
-        """Hand the configuration to the middleware vLLM will build in this process."""
-        os.environ[TIERS_ENV] = str(Path(self.tiers).resolve())
-        os.environ[LEDGER_ENV] = str(self.ledger)
-        os.environ[AUDIT_ENV] = self.audit_log
-        os.environ[AUDIT_TEXT_ENV] = "1" if self.audit_text else "0"
-        os.environ[DRAIN_ENV] = str(self.drain_timeout)
-        if self.max_body_bytes is None:
-            os.environ.pop(MAX_BODY_ENV, None)
-        else:
-            os.environ[MAX_BODY_ENV] = str(self.max_body_bytes)
-        if self.gateway_secret is None:
-            os.environ.pop(SECRET_ENV, None)
-        else:
-            os.environ[SECRET_ENV] = self.gateway_secret
-        os.environ[GATEWAY_SKEW_ENV] = str(self.gateway_max_skew)
-        if self.state is None:
-            os.environ.pop(STATE_ENV, None)
-        else:
-            os.environ[STATE_ENV] = self.state
-        os.environ[LEASE_ENV] = str(self.state_lease_seconds)
+    def export(self, env: MutableMapping[str, str] = os.environ) -> None:
+        """Hand the configuration to the middleware vLLM will build in this process (tests pass
+        their own mapping, so nothing leaks into the environment of later tests)."""
+        values = {
+            TIERS_ENV: str(Path(self.tiers).resolve()),
+            LEDGER_ENV: str(self.ledger),
+            AUDIT_ENV: self.audit_log,
+            AUDIT_TEXT_ENV: "1" if self.audit_text else "0",
+            DRAIN_ENV: str(self.drain_timeout),
+            MAX_BODY_ENV: None if self.max_body_bytes is None else str(self.max_body_bytes),
+            SECRET_ENV: self.gateway_secret,
+            GATEWAY_SKEW_ENV: str(self.gateway_max_skew),
+            STATE_ENV: self.state,
+            LEASE_ENV: str(self.state_lease_seconds),
+        }
+        for name, value in values.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
 
     @classmethod
-    def from_env(cls) -> GatewayConfig:
-        missing = [name for name in (TIERS_ENV, LEDGER_ENV) if not os.environ.get(name)]
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> GatewayConfig:
+        missing = [name for name in (TIERS_ENV, LEDGER_ENV) if not env.get(name)]
         if missing:
             raise GatewayConfigError(
                 f"{', '.join(missing)} not set: the gateway is configured by `antidistill serve` (it needs the "
                 "tiers file and the failure ledger, without which protection failures could not be refused)"
             )
         try:
-            body = os.environ.get(MAX_BODY_ENV)
+            body = env.get(MAX_BODY_ENV)
             config = cls(
-                tiers=Path(os.environ[TIERS_ENV]),
-                ledger=Path(os.environ[LEDGER_ENV]),
-                audit_log=os.environ.get(AUDIT_ENV, cls.audit_log),
-                audit_text=os.environ.get(AUDIT_TEXT_ENV) == "1",
-                drain_timeout=float(os.environ.get(DRAIN_ENV, "120")),
+                tiers=Path(env[TIERS_ENV]),
+                ledger=Path(env[LEDGER_ENV]),
+                audit_log=env.get(AUDIT_ENV, cls.audit_log),
+                audit_text=env.get(AUDIT_TEXT_ENV) == "1",
+                drain_timeout=float(env.get(DRAIN_ENV, cls.drain_timeout)),
                 max_body_bytes=int(body) if body else None,
-                gateway_secret=resolve_secret(os.environ[SECRET_ENV], {}) if os.environ.get(SECRET_ENV) else None,
-                gateway_max_skew=check_skew(float(os.environ.get(GATEWAY_SKEW_ENV, DEFAULT_MAX_SKEW))),
-                state=check_state_url(os.environ[STATE_ENV]) if os.environ.get(STATE_ENV) else None,
-                state_lease_seconds=float(os.environ.get(LEASE_ENV, "30")),
+                gateway_secret=resolve_secret(env[SECRET_ENV], {}) if env.get(SECRET_ENV) else None,
+                gateway_max_skew=check_skew(float(env.get(GATEWAY_SKEW_ENV, cls.gateway_max_skew))),
+                state=check_state_url(env[STATE_ENV]) if env.get(STATE_ENV) else None,
+                state_lease_seconds=float(env.get(LEASE_ENV, cls.state_lease_seconds)),
             )
         except ValueError as exc:
             raise GatewayConfigError(f"gateway configuration: {exc}") from None

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tests.tiny_models import save_tiny, train_tokenizer
+from antidistill.benchmarks.tiny.models import save_tiny, train_tokenizer
 
 torch.set_num_threads(2)
 

@@ -12,10 +12,9 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from antidistill.benchmarks.tiny.serving import ADModels, antidistill_serve_args, build_models, write_tiers
 from antidistill.server.launch import free_port, server_process
 from prometheus_client.parser import text_string_to_metric_families
-
-from tests.vllm_setup import ADModels, antidistill_serve_args, build_models, write_tiers
 
 F = TypeVar("F", bound=Callable[..., Any])
 Samples = dict[tuple[str, frozenset], float]

@@ -10,15 +10,14 @@ import sys
 
 import pytest
 import yaml
+from antidistill.benchmarks.tiny.models import CORPUS
+from antidistill.benchmarks.tiny.serving import build_models
 from antidistill.proxy_worker.core.config import load_config
 from antidistill.proxy_worker.core.gradient_file import check_gradient_header, load_gradient
 from antidistill.proxy_worker.runtime.settings import PROCESSOR_PATH, PROCESSOR_PATH_V2
 from antidistill.server.cli import COMMANDS, main
 from antidistill.server.config import GatewayConfig
 from antidistill.server.serve import serve_parser, with_our_processor
-
-from tests.tiny_models import CORPUS
-from tests.vllm_setup import build_models
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ through the HF model; the permutation control; padding and non-finite handling."
 from __future__ import annotations
 
 import torch
+from antidistill.benchmarks.tiny.models import load_hf
 from antidistill.proxy_worker.core.config import load_config
 from antidistill.proxy_worker.core.delta import (
     PermutationControl,
@@ -17,8 +18,6 @@ from antidistill.proxy_worker.core.model import StackedProxy
 from antidistill.proxy_worker.core.plan import build_plan
 from antidistill.proxy_worker.core.rope import RotaryTable
 from antidistill.proxy_worker.core.weights import load_proxy_state, perturbed_copies, stack_copies
-
-from tests.tiny_models import load_hf
 
 IDS = [4, 80, 17, 250, 9, 33, 61, 2, 7, 140, 11]
 

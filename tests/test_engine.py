@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from antidistill.benchmarks.tiny.models import save_tiny
 from antidistill.proxy_worker.core.config import load_config
 from antidistill.proxy_worker.core.delta import finite_difference
 from antidistill.proxy_worker.core.model import KVStore, StackedProxy, step_bytes
@@ -26,8 +27,6 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from torch.profiler import ProfilerActivity, profile
-
-from tests.tiny_models import save_tiny
 
 EPS = 0.1
 VOCAB = 300

@@ -14,10 +14,10 @@ from functools import cache
 
 import httpx
 import pytest
+from antidistill.benchmarks.tiny.reference import ReferenceSampler
+from antidistill.benchmarks.tiny.serving import EPSILONS
 
 from tests.helpers import Server, engine_fixture, scrape, tiny_server, total
-from tests.reference_sampler import ReferenceSampler
-from tests.vllm_setup import EPSILONS
 
 TIERS = {
     "guarded": {"lambda": 3.0, "min_lambda": 3.0},

@@ -8,12 +8,11 @@ import multiprocessing
 
 import pytest
 import torch
+from antidistill.benchmarks.tiny.serving import build_models
 from antidistill.proxy_worker.runtime import capacity
 from antidistill.proxy_worker.runtime.failure_ledger import FailureLedger, Reason, create
 from antidistill.proxy_worker.runtime.protection import Protection
 from antidistill.proxy_worker.runtime.settings import RequestArgs, parse_settings
-
-from tests.vllm_setup import build_models
 
 
 @pytest.fixture(scope="module")

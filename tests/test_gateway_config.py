@@ -9,12 +9,11 @@ import pytest
 from antidistill.server.config import AUDIT_ENV, MAX_BODY_ENV, GatewayConfig, GatewayConfigError
 
 
-def test_export_and_read_back(tmp_path, monkeypatch):
-    for name in ("ANTIDISTILL_TIERS", "ANTIDISTILL_FAILURE_LEDGER", MAX_BODY_ENV):
-        monkeypatch.delenv(name, raising=False)
+def test_export_and_read_back(tmp_path):
+    env: dict[str, str] = {}
     config = GatewayConfig(tiers=tmp_path / "t.yaml", ledger=tmp_path / "l.bin", audit_text=True, max_body_bytes=4096)
-    config.export()
-    assert GatewayConfig.from_env() == GatewayConfig(
+    config.export(env)
+    assert GatewayConfig.from_env(env) == GatewayConfig(
         tiers=Path(tmp_path / "t.yaml").resolve(), ledger=tmp_path / "l.bin", audit_text=True, max_body_bytes=4096
     )
 

@@ -20,7 +20,7 @@ TIERS = {
     "watched": {"lambda": 0.5, "max_lambda": 1.0, "escalation": {"tokens_per_hour": 20, "lambda": 4.0}},
     "internal": {"lambda": 0.0},
 }
-MAX_MODEL_LEN = 256  # tests.vllm_setup.server_flags
+MAX_MODEL_LEN = 256  # antidistill.benchmarks.tiny.serving.server_flags
 LOGPROB_KEYS = ("logprobs", "top_logprobs", "prompt_logprobs")
 
 

@@ -7,14 +7,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from antidistill.benchmarks.tiny.models import load_hf
 from antidistill.proxy_worker.core.config import load_config
 from antidistill.proxy_worker.core.gradient_file import CONFIG_HASH_KEY, load_gradient, read_metadata
 from antidistill.proxy_worker.core.rope import RotaryTable
 from antidistill.proxy_worker.core.weights import expected_shapes, load_proxy_state, stack_copies
 from antidistill.proxy_worker.tools import gradient
 from antidistill.proxy_worker.tools.traces import TraceError, read_traces, tokenize_trace
-
-from tests.tiny_models import load_hf
 
 TRACES = [
     {"prompt": "What is 12 plus 30?", "completion": "12 + 30 = 42. #### 42"},

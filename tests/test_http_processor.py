@@ -8,11 +8,11 @@ import json
 
 import httpx
 import pytest
+from antidistill.benchmarks.tiny.reference import ReferenceSampler
+from antidistill.benchmarks.tiny.serving import EPSILONS, PROCESSOR, build_models, server_flags
 from antidistill.server.launch import free_port, running_server
 
 from tests.helpers import engine_fixture
-from tests.reference_sampler import ReferenceSampler
-from tests.vllm_setup import EPSILONS, PROCESSOR, build_models, server_flags
 
 BAD_XARGS = [
     ({"ad_lambda": "strong"}, "ad_lambda"),

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from antidistill.benchmarks.tiny.models import load_hf
 from antidistill.proxy_worker.core.config import load_config
 from antidistill.proxy_worker.core.model import StackedProxy
 from antidistill.proxy_worker.core.plan import PAD_SLACK, build_plan, group_rows
@@ -13,8 +14,6 @@ from antidistill.proxy_worker.core.weights import load_proxy_state, perturbed_co
 from antidistill.proxy_worker.runtime.cache import ProxyKVCache
 from hypothesis import given
 from hypothesis import strategies as st
-
-from tests.tiny_models import load_hf
 
 SEQS = [[5, 9, 33, 2, 7, 100, 3, 4, 55, 66, 77, 88, 301, 17], [3, 4, 5], list(range(40, 90))]
 

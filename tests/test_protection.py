@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from antidistill.benchmarks.tiny.models import save_tiny, train_tokenizer
+from antidistill.benchmarks.tiny.serving import build_models
 from antidistill.proxy_worker.core.delta import finite_difference
 from antidistill.proxy_worker.core.plan import build_plan
 from antidistill.proxy_worker.runtime.protection import Protection
 from antidistill.proxy_worker.runtime.settings import RequestArgs, SettingsError, parse_request_args, parse_settings
 from antidistill.proxy_worker.runtime.vocabulary import VocabularyMismatch
 from prometheus_client import REGISTRY
-
-from tests.tiny_models import save_tiny, train_tokenizer
-from tests.vllm_setup import build_models
 
 
 @pytest.fixture(scope="module")

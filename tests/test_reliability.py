@@ -17,11 +17,11 @@ import pytest
 import torch
 from antidistill.benchmarks.load import sse_lines
 from antidistill.benchmarks.soak import kv_tokens_used, soak, wait_kv_idle
+from antidistill.benchmarks.tiny.reference import ReferenceSampler
+from antidistill.benchmarks.tiny.serving import EPSILONS
 from antidistill.server.middleware import EXPOSED
 
 from tests.helpers import Server, chat, completion, engine_fixture, tiny_server
-from tests.reference_sampler import ReferenceSampler
-from tests.vllm_setup import EPSILONS
 
 TIERS = {
     "free": {"lambda": 3.0, "max_lambda": 6.0, "max_tokens": 16},

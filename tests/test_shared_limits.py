@@ -9,11 +9,8 @@ import logging
 import time
 
 import pytest
-from antidistill.proxy_worker.runtime.failure_ledger import ENV_VAR as LEDGER_ENV
 from antidistill.server.config import (
     LEASE_ENV,
-    STATE_ENV,
-    TIERS_ENV,
     GatewayConfig,
     GatewayConfigError,
     check_state_url,
@@ -248,18 +245,17 @@ def test_memory_state_windows_and_escalation():
     run(body())
 
 
-def test_config_carries_the_state_url(tmp_path, monkeypatch):
-    for name in (TIERS_ENV, LEDGER_ENV, STATE_ENV, LEASE_ENV):
-        monkeypatch.setenv(name, "placeholder")  # restored after the test: export() sets them for real
+def test_config_carries_the_state_url(tmp_path):
+    env: dict[str, str] = {}
     url = "redis://:s3cret@127.0.0.1:6390/2"
-    GatewayConfig(tiers=tmp_path / "t.yaml", ledger=tmp_path / "l.bin", state=url, state_lease_seconds=5).export()
-    back = GatewayConfig.from_env()
+    GatewayConfig(tiers=tmp_path / "t.yaml", ledger=tmp_path / "l.bin", state=url, state_lease_seconds=5).export(env)
+    back = GatewayConfig.from_env(env)
     assert back.state == url and back.state_lease_seconds == 5 and "s3cret" not in repr(back)
-    GatewayConfig(tiers=tmp_path / "t.yaml", ledger=tmp_path / "l.bin").export()
-    assert GatewayConfig.from_env().state is None, "in memory unless serve was given --state"
+    GatewayConfig(tiers=tmp_path / "t.yaml", ledger=tmp_path / "l.bin").export(env)
+    assert GatewayConfig.from_env(env).state is None, "in memory unless serve was given --state"
     with pytest.raises(ValueError, match="expected a redis://") as err:
         check_state_url("http://user:s3cret@host/")
     assert "s3cret" not in str(err.value), "the URL may hold a password: never echoed"
-    monkeypatch.setenv(LEASE_ENV, "0.5")
+    env[LEASE_ENV] = "0.5"
     with pytest.raises(GatewayConfigError, match="at least 1"):
-        GatewayConfig.from_env()
+        GatewayConfig.from_env(env)

@@ -20,13 +20,13 @@ import httpx
 import psutil
 import pytest
 import yaml
+from antidistill.benchmarks.tiny.reference import ReferenceSampler
+from antidistill.benchmarks.tiny.serving import EPSILONS, antidistill_serve_args, build_models
 from antidistill.server.launch import free_port, server_process
 from antidistill.server.tiers import new_key
 
 from tests.helpers import Server, engine_fixture, scrape, total
 from tests.redis_server import RedisServer
-from tests.reference_sampler import ReferenceSampler
-from tests.vllm_setup import EPSILONS, antidistill_serve_args, build_models
 
 ESCALATION = {"tokens_per_hour": 20, "lambda": 4.0}
 TIERS = {

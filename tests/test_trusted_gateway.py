@@ -8,6 +8,7 @@ import hmac
 
 import pytest
 import yaml
+from antidistill.benchmarks.tiny.serving import build_models
 from antidistill.server.cli import main
 from antidistill.server.config import GATEWAY_SKEW_ENV, GatewayConfig, GatewayConfigError
 from antidistill.server.policy import PolicyError
@@ -22,8 +23,6 @@ from antidistill.server.trusted_gateway import (
     sign,
     signed_headers,
 )
-
-from tests.vllm_setup import build_models
 
 SECRET = "s3cret-" + "x" * 40
 PATH = "/v1/chat/completions"
@@ -164,19 +163,18 @@ def test_skew_is_bounded():
             check_skew(bad)
 
 
-def test_config_carries_the_secret_to_the_middleware(tmp_path, monkeypatch):
-    monkeypatch.setenv(SECRET_ENV, "placeholder")  # restored after the test: export() sets it for real
-    monkeypatch.setenv(GATEWAY_SKEW_ENV, "1")
+def test_config_carries_the_secret_to_the_middleware(tmp_path):
+    env = {GATEWAY_SKEW_ENV: "1"}
     config = GatewayConfig(tiers=tmp_path / "t.yaml", ledger=tmp_path / "l.bin", gateway_secret=SECRET)
-    config.export()
-    back = GatewayConfig.from_env()
+    config.export(env)
+    back = GatewayConfig.from_env(env)
     assert back.gateway_secret == SECRET and back.gateway_max_skew == 300.0
     assert SECRET not in repr(back), "the secret is not printed with the configuration"
-    GatewayConfig(tiers=tmp_path / "t.yaml", ledger=tmp_path / "l.bin").export()
-    assert GatewayConfig.from_env().gateway_secret is None, "off unless serve turned it on"
-    monkeypatch.setenv(SECRET_ENV, "short")
+    GatewayConfig(tiers=tmp_path / "t.yaml", ledger=tmp_path / "l.bin").export(env)
+    assert GatewayConfig.from_env(env).gateway_secret is None, "off unless serve turned it on"
+    env[SECRET_ENV] = "short"
     with pytest.raises(GatewayConfigError, match="at least 32 characters"):
-        GatewayConfig.from_env()
+        GatewayConfig.from_env(env)
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,11 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from antidistill.benchmarks.tiny.reference import ReferenceSampler
+from antidistill.benchmarks.tiny.serving import EPSILONS, write_tiers
 from antidistill.server.trusted_gateway import SECRET_ENV, SignedCaller, signed_headers
 
 from tests.helpers import Server, chat, completion, engine_fixture, tiny_server
-from tests.reference_sampler import ReferenceSampler
-from tests.vllm_setup import EPSILONS, write_tiers
 
 SECRET = "trusted-gateway-test-secret-" + "0123456789abcdef" * 2
 SKEW = 5  # seconds: short, so that a replay can be shown stale without a long wait

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from antidistill.benchmarks.tiny.models import CORPUS, train_tokenizer
 from antidistill.proxy_worker.core.config import ProxyConfigError, load_config
 from antidistill.proxy_worker.core.gradient_file import CONFIG_HASH_KEY, save_gradient
 from antidistill.proxy_worker.core.weights import WeightsError, load_proxy_state
@@ -17,8 +18,6 @@ from antidistill.proxy_worker.runtime.vocabulary import (
     check_vocab_alignment,
 )
 from safetensors.torch import save_file
-
-from tests.tiny_models import CORPUS, train_tokenizer
 
 
 @pytest.fixture()

@@ -9,10 +9,10 @@ from __future__ import annotations
 import gc
 
 import pytest
+from antidistill.benchmarks.tiny.reference import ReferenceSampler
+from antidistill.benchmarks.tiny.serving import EPSILONS, build_models, engine_env, llm_kwargs
 
 from tests.helpers import engine_fixture
-from tests.reference_sampler import ReferenceSampler
-from tests.vllm_setup import EPSILONS, build_models, engine_env, llm_kwargs
 
 MAX_TOKENS = 64
 PROMPTS = [

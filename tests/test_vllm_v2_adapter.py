@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from antidistill.benchmarks.tiny.serving import EPSILONS, build_models
 from antidistill.proxy_worker.core.config import load_config
 from antidistill.proxy_worker.core.delta import finite_difference
 from antidistill.proxy_worker.core.model import StackedProxy
@@ -18,8 +19,6 @@ from antidistill.proxy_worker.core.weights import perturbed_copies, stack_copies
 from antidistill.proxy_worker.runtime.vllm_v2 import AntidistillationLogitsProcessorV2
 from vllm import SamplingParams
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
-
-from tests.vllm_setup import EPSILONS, build_models
 
 MAX_REQS, MAX_LEN = 8, 64
 

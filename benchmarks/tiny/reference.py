@@ -12,9 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from antidistill.benchmarks.tiny.models import load_hf
 from antidistill.proxy_worker.core.weights import perturbed_copies
-
-from tests.tiny_models import load_hf
 
 
 class ReferenceSampler:

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import torch
 import yaml
+from antidistill.benchmarks.tiny.models import CORPUS, save_tiny, train_tokenizer
 from antidistill.proxy_worker.core.config import load_config
 from antidistill.proxy_worker.core.weights import load_proxy_state
 from antidistill.proxy_worker.runtime.settings import PROCESSOR_PATH as PROCESSOR
 from antidistill.proxy_worker.tools.gradient import build_gradient_file
-
-from tests.tiny_models import CORPUS, save_tiny, train_tokenizer
 
 EPSILONS = {"math": 1e-3, "code": 1e-2}
 

@@ -1,7 +1,9 @@
-"""Checks of the teacher and proxy checkpoints before vLLM starts.
+"""Start-up checks: everything ``antidistill serve`` can verify before vLLM starts.
 
 vLLM reports a missing or corrupt local model as a long traceback from a spawned worker (or tries a
 model hub); an operator should see one line naming the file instead. Only headers are read (cheap).
+The same holds for tiers the engine could not serve and for a logprobs mode that would leak the raw
+teacher: each problem is a ``StartupError`` whose message is the one line printed.
 """
 
 from __future__ import annotations
@@ -10,8 +12,17 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from antidistill.proxy_worker.core.config import ProxyConfig
-from antidistill.proxy_worker.core.weights import check_shapes, expected_shapes, proxy_parameters
+from antidistill.proxy_worker.core.config import ProxyConfig, ProxyConfigError, load_config
+from antidistill.proxy_worker.core.gradient_file import check_gradient_header
+from antidistill.proxy_worker.core.weights import (
+    WeightsError,
+    check_shapes,
+    expected_shapes,
+    proxy_parameters,
+    safetensors_files,
+)
+from antidistill.proxy_worker.runtime.settings import ProcessorSettings
+from antidistill.server.tiers import TierTable
 from safetensors import safe_open
 
 
@@ -72,3 +83,55 @@ def check_proxy_weights(shards: Sequence[Path], cfg: ProxyConfig) -> None:
             raise CheckpointError(f"--proxy {shard}: not found")
         found.update(check_safetensors_header(shard, "--proxy"))
     check_shapes(proxy_parameters(found, cfg), expected_shapes(cfg), f"--proxy {shards[0].parent}")
+
+
+class StartupError(RuntimeError):
+    """A configuration problem found before vLLM starts; printed as one line."""
+
+
+def check_checkpoints(proxy: str, gradients: dict[str, str]) -> None:
+    """Proxy config and weights index, and each gradient's names and shapes, before vLLM starts."""
+    try:
+        cfg = load_config(proxy)
+        check_proxy_weights(safetensors_files(proxy), cfg)
+        for path in gradients.values():
+            check_gradient_header(path, cfg)
+    except (ProxyConfigError, WeightsError, CheckpointError) as exc:
+        raise StartupError(str(exc)) from None
+
+
+def check_tiers(tiers: TierTable, settings: ProcessorSettings) -> None:
+    """Every tier must be servable: its profile loaded, its λ range within the engine's maximum."""
+    for name, tier in tiers.spec.tiers.items():
+        if tier.profile and tier.profile not in settings.profiles:
+            raise StartupError(
+                f"{tiers.source}: tiers.{name}.profile: {tier.profile!r} is not a loaded --gradient "
+                f"profile ({', '.join(settings.profiles)})"
+            )
+        if tier.max_lambda > settings.max_lambda:
+            raise StartupError(
+                f"{tiers.source}: tiers.{name}.max_lambda {tier.max_lambda:g} exceeds "
+                f"--max-lambda {settings.max_lambda:g}"
+            )
+
+
+def check_logprobs_mode(mode: str, tiers: TierTable) -> None:
+    """Raw logprobs are the unprotected teacher's distribution: no protected tier may return them."""
+    if not mode.startswith("raw"):
+        return
+    for name, tier in tiers.spec.tiers.items():
+        if (tier.max_lambda > 0 or tier.escalation is not None) and tier.max_logprobs:
+            raise StartupError(
+                f"--logprobs-mode {mode} would hand protected tier {name!r} the raw teacher's logprobs "
+                f"(max_logprobs {tier.max_logprobs}); use processed_logprobs or set its max_logprobs to 0"
+            )
+
+
+def check_teacher_args(vllm_args: Sequence[str]) -> None:
+    """A local --model directory must be readable before vLLM's workers are spawned."""
+    model = model_argument(vllm_args)
+    if model is not None and looks_local(model):
+        try:
+            check_teacher(model)
+        except CheckpointError as exc:
+            raise StartupError(str(exc)) from None

@@ -29,7 +29,14 @@ from antidistill.proxy_worker.runtime.settings import (
     parse_settings,
 )
 from antidistill.server.config import DRAIN_ENV, GatewayConfig, check_state_url
-from antidistill.server.tiers import TiersError, TierTable, load_tiers
+from antidistill.server.preflight import (
+    StartupError,
+    check_checkpoints,
+    check_logprobs_mode,
+    check_teacher_args,
+    check_tiers,
+)
+from antidistill.server.tiers import TiersError, load_tiers
 from antidistill.server.trusted_gateway import (
     DEFAULT_MAX_SKEW,
     SECRET_ENV,
@@ -43,10 +50,6 @@ MIDDLEWARE = "antidistill.server.middleware.AntidistillationMiddleware"
 
 
 DEFAULT_PROXY_TOKENS = ProcessorSettings.model_fields["token_budget"].default
-
-
-class StartupError(RuntimeError):
-    """A configuration problem found before vLLM starts; printed as one line."""
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -130,7 +133,7 @@ def processor_settings(ours: argparse.Namespace) -> ProcessorSettings:
         if not Path(path).is_file():
             raise StartupError(f"--gradient {name}: {path}: file not found")
         profiles[name] = path
-    preflight(ours.proxy, profiles)
+    check_checkpoints(ours.proxy, profiles)
     raw = {
         "proxy": ours.proxy,
         "profiles": profiles,
@@ -143,37 +146,6 @@ def processor_settings(ours: argparse.Namespace) -> ProcessorSettings:
         return parse_settings(raw, "antidistill serve")
     except SettingsError as exc:
         raise StartupError(str(exc)) from None
-
-
-def preflight(proxy: str, gradients: dict[str, str]) -> None:
-    """Proxy config and weights index, and each gradient's names and shapes, before vLLM starts."""
-    from antidistill.proxy_worker.core.config import ProxyConfigError, load_config
-    from antidistill.proxy_worker.core.gradient_file import check_gradient_header
-    from antidistill.proxy_worker.core.weights import WeightsError, safetensors_files
-    from antidistill.server.preflight import CheckpointError, check_proxy_weights
-
-    try:
-        cfg = load_config(proxy)
-        check_proxy_weights(safetensors_files(proxy), cfg)
-        for path in gradients.values():
-            check_gradient_header(path, cfg)
-    except (ProxyConfigError, WeightsError, CheckpointError) as exc:
-        raise StartupError(str(exc)) from None
-
-
-def check_tiers(tiers: TierTable, settings: ProcessorSettings) -> None:
-    """Every tier must be servable: its profile loaded, its λ range within the engine's maximum."""
-    for name, tier in tiers.spec.tiers.items():
-        if tier.profile and tier.profile not in settings.profiles:
-            raise StartupError(
-                f"{tiers.source}: tiers.{name}.profile: {tier.profile!r} is not a loaded --gradient "
-                f"profile ({', '.join(settings.profiles)})"
-            )
-        if tier.max_lambda > settings.max_lambda:
-            raise StartupError(
-                f"{tiers.source}: tiers.{name}.max_lambda {tier.max_lambda:g} exceeds "
-                f"--max-lambda {settings.max_lambda:g}"
-            )
 
 
 def fresh_metrics_dir() -> None:
@@ -331,27 +303,3 @@ def serve(argv: Sequence[str]) -> None:
 
     if stopped_without_signal():  # vLLM exits 0 then; an orchestrator must see a failure and restart us
         raise StartupError("the vLLM engine process died, so the server stopped (see the log above); exit status 1")
-
-
-def check_logprobs_mode(mode: str, tiers: TierTable) -> None:
-    """Raw logprobs are the unprotected teacher's distribution: no protected tier may return them."""
-    if not mode.startswith("raw"):
-        return
-    for name, tier in tiers.spec.tiers.items():
-        if (tier.max_lambda > 0 or tier.escalation is not None) and tier.max_logprobs:
-            raise StartupError(
-                f"--logprobs-mode {mode} would hand protected tier {name!r} the raw teacher's logprobs "
-                f"(max_logprobs {tier.max_logprobs}); use processed_logprobs or set its max_logprobs to 0"
-            )
-
-
-def check_teacher_args(vllm_args: Sequence[str]) -> None:
-    """A local --model directory must be readable before vLLM's workers are spawned."""
-    from antidistill.server.preflight import CheckpointError, check_teacher, looks_local, model_argument
-
-    model = model_argument(vllm_args)
-    if model is not None and looks_local(model):
-        try:
-            check_teacher(model)
-        except CheckpointError as exc:
-            raise StartupError(str(exc)) from None

@@ -15,10 +15,18 @@ from antidistill.server.trusted_gateway import DEFAULT_MAX_SKEW, SECRET_ENV, che
 TIERS_ENV, AUDIT_ENV, AUDIT_TEXT_ENV = "ANTIDISTILL_TIERS", "ANTIDISTILL_AUDIT_LOG", "ANTIDISTILL_AUDIT_TEXT"
 DRAIN_ENV, MAX_BODY_ENV = "ANTIDISTILL_DRAIN_TIMEOUT", "ANTIDISTILL_MAX_BODY_BYTES"
 STATE_ENV, LEASE_ENV = "ANTIDISTILL_STATE", "ANTIDISTILL_STATE_LEASE_SECONDS"
+STATE_TIMEOUT_ENV = "ANTIDISTILL_STATE_TIMEOUT"
 GATEWAY_SKEW_ENV = "ANTIDISTILL_GATEWAY_MAX_SKEW"  # the secret travels in trusted_gateway.SECRET_ENV
 
 
 STATE_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_state_timeout(seconds: float) -> float:
+    """Redis is on the admission path: a timeout above a few seconds would hold every request."""
+    if not 0.01 <= seconds <= 5:
+        raise ValueError(f"--state-timeout {seconds:g}: must be between 0.01 and 5 seconds")
+    return seconds
 
 
 def check_state_url(url: str) -> str:
@@ -52,6 +60,7 @@ class GatewayConfig:
     gateway_max_skew: float = DEFAULT_MAX_SKEW
     state: str | None = field(default=None, repr=False)  # redis://… shared limits (shared_limits.py); None: memory
     state_lease_seconds: float = 30.0  # in-flight leases of a dead replica expire after this
+    state_timeout: float = 0.1  # per Redis socket operation; a call is bounded by twice this
 
     def export(self, env: MutableMapping[str, str] = os.environ) -> None:
         """Hand the configuration to the middleware vLLM will build in this process (tests pass
@@ -67,6 +76,7 @@ class GatewayConfig:
             GATEWAY_SKEW_ENV: str(self.gateway_max_skew),
             STATE_ENV: self.state,
             LEASE_ENV: str(self.state_lease_seconds),
+            STATE_TIMEOUT_ENV: str(self.state_timeout),
         }
         for name, value in values.items():
             if value is None:
@@ -95,6 +105,7 @@ class GatewayConfig:
                 gateway_max_skew=check_skew(float(env.get(GATEWAY_SKEW_ENV, cls.gateway_max_skew))),
                 state=check_state_url(env[STATE_ENV]) if env.get(STATE_ENV) else None,
                 state_lease_seconds=float(env.get(LEASE_ENV, cls.state_lease_seconds)),
+                state_timeout=check_state_timeout(float(env.get(STATE_TIMEOUT_ENV, cls.state_timeout))),
             )
         except ValueError as exc:
             raise GatewayConfigError(f"gateway configuration: {exc}") from None

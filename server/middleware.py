@@ -57,7 +57,7 @@ class AntidistillationMiddleware:
         self.app = app
         self.config = config or GatewayConfig.from_env()
         self.tiers = load_tiers(self.config.tiers)
-        self.limits = open_state(self.config.state, self.config.state_lease_seconds)  # --state
+        self.limits = open_state(self.config.state, self.config.state_lease_seconds, self.config.state_timeout)
         secret = self.config.gateway_secret
         self.gateway = GatewayVerifier(secret, self.config.gateway_max_skew) if secret else None
         self.watcher = FailureWatcher(FailureLedger(self.config.ledger))

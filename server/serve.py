@@ -28,7 +28,7 @@ from antidistill.proxy_worker.runtime.settings import (
     SettingsError,
     parse_settings,
 )
-from antidistill.server.config import DRAIN_ENV, GatewayConfig, check_state_url
+from antidistill.server.config import DRAIN_ENV, GatewayConfig, check_state_timeout, check_state_url
 from antidistill.server.preflight import (
     StartupError,
     check_checkpoints,
@@ -110,9 +110,17 @@ def serve_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--state-lease-seconds",
         type=float,
-        default=30.0,
+        default=GatewayConfig.state_lease_seconds,
         metavar="SECONDS",
         help="with --state: a dead replica's in-flight slots are freed after this (default 30; renewed while running)",
+    )
+    ap.add_argument(
+        "--state-timeout",
+        type=float,
+        default=GatewayConfig.state_timeout,
+        metavar="SECONDS",
+        help="with --state: bound on each Redis operation; slower answers fall back to this process's own "
+        f"limits for a second (default {GatewayConfig.state_timeout:g})",
     )
     ap.add_argument(
         "--embedded-default",
@@ -265,6 +273,10 @@ def serve(argv: Sequence[str]) -> None:
             raise StartupError(str(exc)) from None
     if ours.state_lease_seconds < 1:
         raise StartupError(f"--state-lease-seconds {ours.state_lease_seconds:g}: must be at least 1")
+    try:
+        check_state_timeout(ours.state_timeout)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
 
     fresh_metrics_dir()
     import uvloop
@@ -292,6 +304,7 @@ def serve(argv: Sequence[str]) -> None:
         gateway_max_skew=ours.gateway_max_skew,
         state=ours.state,
         state_lease_seconds=ours.state_lease_seconds,
+        state_timeout=ours.state_timeout,
     ).export()
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # the V1 path is the tested one (docs/serving.md)
     args.additional_config = {**(args.additional_config or {}), CONFIG_KEY: config}

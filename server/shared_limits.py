@@ -199,6 +199,6 @@ def _reason(exc: BaseException) -> str:
     return "error"
 
 
-def open_state(url: str | None, lease_seconds: float = 30.0) -> MemoryState | RedisState:
+def open_state(url: str | None, lease_seconds: float = 30.0, timeout: float = 0.1) -> MemoryState | RedisState:
     """The limit state for ``--state``: this process's memory without it, Redis with it."""
-    return MemoryState() if url is None else RedisState(check_state_url(url), lease_seconds)
+    return MemoryState() if url is None else RedisState(check_state_url(url), lease_seconds, timeout)

@@ -11,6 +11,7 @@ import time
 import pytest
 from antidistill.server.config import (
     LEASE_ENV,
+    STATE_TIMEOUT_ENV,
     GatewayConfig,
     GatewayConfigError,
     check_state_url,
@@ -259,3 +260,8 @@ def test_config_carries_the_state_url(tmp_path):
     env[LEASE_ENV] = "0.5"
     with pytest.raises(GatewayConfigError, match="at least 1"):
         GatewayConfig.from_env(env)
+    env[LEASE_ENV], env[STATE_TIMEOUT_ENV] = "5", "30"
+    with pytest.raises(GatewayConfigError, match="between 0.01 and 5"):
+        GatewayConfig.from_env(env)
+    env[STATE_TIMEOUT_ENV] = "1.5"
+    assert GatewayConfig.from_env(env).state_timeout == 1.5

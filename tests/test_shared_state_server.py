@@ -75,7 +75,8 @@ def pair(tmp_path_factory) -> Iterator[Pair]:
     models = build_models(root)
     tiers = root / "tiers.yaml"
     keys = write_tiers(tiers)
-    state = ["--state", redis.url, "--state-lease-seconds", str(LEASE_SECONDS)]
+    # a generous Redis timeout: exact cross-process counts must not depend on how busy this machine is
+    state = ["--state", redis.url, "--state-lease-seconds", str(LEASE_SECONDS), "--state-timeout", "2"]
 
     def start(name: str, stack: ExitStack) -> Server:
         port, audit, log = free_port(), root / f"audit-{name}.jsonl", root / f"server-{name}.log"

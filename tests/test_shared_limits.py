@@ -261,7 +261,7 @@ def test_config_carries_the_state_url(tmp_path):
     with pytest.raises(GatewayConfigError, match="at least 1"):
         GatewayConfig.from_env(env)
     env[LEASE_ENV], env[STATE_TIMEOUT_ENV] = "5", "30"
-    with pytest.raises(GatewayConfigError, match="between 0.01 and 5"):
+    with pytest.raises(GatewayConfigError, match=r"between 0\.01 and 5"):
         GatewayConfig.from_env(env)
     env[STATE_TIMEOUT_ENV] = "1.5"
     assert GatewayConfig.from_env(env).state_timeout == 1.5

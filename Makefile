@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 MISMATCHED := torchvision torchaudio torchcodec
 QUIET_PIP := grep -v "^WARNING: Location" || true
 
-.PHONY: venv system-deps lint deploy-check test bench-proxy bench-overhead serve clean
+.PHONY: venv system-deps lint deploy-check test test-unit bench-proxy bench-overhead serve clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,10 @@ deploy-check: venv system-deps
 
 test: lint system-deps deploy-check
 	$(PY) -m pytest -q
+
+# The fast tests alone (no vLLM engine started: under a minute; the Redis ones need system-deps).
+test-unit: venv system-deps
+	$(PY) -m pytest -q -m unit
 
 bench-proxy: venv
 	$(PY) -m antidistill.benchmarks.proxy_step --out benchmarks/results/proxy_step-cpu.json

@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger("antidistill.server.state")
+CLOSE_SECONDS = 1.0
 PREFIX = "{antidistill}"  # one hash tag: a script's keys must share a Redis Cluster slot
 
 
@@ -58,6 +59,7 @@ class RedisState:
         self._admit, self._release, self._renew = map(self.client.register_script, (ADMIT, RELEASE, RENEW))
         self._active: dict[str, Lease] = {}
         self._renewer: asyncio.Task | None = None
+        self._closing = asyncio.Event()
         self._retry_at = 0.0
         self._outage: str | None = None  # the reason while Redis is not answering
         self._outage_since, self._fallbacks = 0.0, 0
@@ -96,11 +98,15 @@ class RedisState:
             self._down(exc)
 
     async def close(self) -> None:
+        """Stop renewing and disconnect, bounded like every other call: the renewer also checks
+        ``_closing`` between rounds, so it ends even where a client library swallows its cancellation."""
+        self._closing.set()
         if self._renewer is not None:
             self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-        await self.client.aclose()
+            await asyncio.wait({self._renewer}, timeout=CLOSE_SECONDS)
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(CLOSE_SECONDS):
+                await self.client.aclose()
 
     def _now(self) -> str:
         return "" if self._clock is None else str(int(self._clock() * 1000))
@@ -137,8 +143,7 @@ class RedisState:
             async with asyncio.timeout(1.0):
                 for script in (self._admit, self._release, self._renew):
                     await self.client.script_load(script.script)
-        while True:
-            await asyncio.sleep(self.lease_seconds / 3)
+        while not await self._closed_within(self.lease_seconds / 3):
             if not self._active or time.monotonic() < self._retry_at:
                 continue
             keys, ids = [], []
@@ -154,6 +159,12 @@ class RedisState:
                 log.exception("lease renewal failed")
             else:
                 self._up()
+
+    async def _closed_within(self, seconds: float) -> bool:
+        """Wait ``seconds`` or until ``close``; True once closing."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
+        return self._closing.is_set()
 
     def _down(self, exc: BaseException) -> None:
         reason = _reason(exc)

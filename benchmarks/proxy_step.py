@@ -4,10 +4,14 @@ other, over batch × context, with the bytes, FLOPs and roofline each step impli
     python -m antidistill.benchmarks.proxy_step --out benchmarks/results/proxy_step-cpu.json
     python -m antidistill.benchmarks.proxy_step --shape qwen2.5-0.5b --dtype bfloat16 --device cuda   # on a GPU
     python -m antidistill.benchmarks.proxy_step --shared-prefix 1000 --batches 32 --contexts 1024   # prefix sharing
+    python -m antidistill.benchmarks.proxy_step --attention reference flex --out proxy_step-flex-cpu.json
 
 Every row already holds ``context`` cached tokens (random KV: values do not change the cost) and
 each step adds one token per row: plan + forward + log-softmax (Δ for two copies). All modes run
-side by side in one process, so the ratios are meaningful on a noisy machine.
+side by side in one process, so the ratios are meaningful on a noisy machine. ``--attention``
+names the attention paths of the two-copy batched pass (the first is the table's "batched";
+each further one adds its own column, its ratio to the first, and its first-call time, which
+for "flex" includes compiling a new shape bucket).
 
 ``--shared-prefix P`` instead runs whole engine steps (cache bookkeeping, plan, forward, Δ) over
 rows of ``context`` prompt tokens, once with distinct prompts and once with the first P tokens
@@ -30,7 +34,7 @@ from antidistill.benchmarks.report import write_json
 from antidistill.proxy_worker.core.config import ProxyConfig, parse_config
 from antidistill.proxy_worker.core.delta import finite_difference
 from antidistill.proxy_worker.core.model import StackedProxy
-from antidistill.proxy_worker.core.plan import build_plan
+from antidistill.proxy_worker.core.plan import ATTENTION_PATHS, AttentionPath, build_plan
 from antidistill.proxy_worker.core.weights import DTYPES
 from antidistill.proxy_worker.runtime.cache import ProxyKVCache
 from antidistill.proxy_worker.runtime.engine import ProxyEngine
@@ -114,9 +118,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median_time(fn: Callable[[], object], iters: int, device: str) -> float:
+def _first_call(fn: Callable[[], object], device: str) -> float:
+    """Seconds of one call (the warm-up: compiling, caches)."""
+    start = time.perf_counter()
     fn()
     _sync(device)
+    return time.perf_counter() - start
+
+
+def _median_time(fn: Callable[[], object], iters: int, device: str, warm: bool = False) -> float:
+    if not warm:
+        fn()
+        _sync(device)
     times = []
     for _ in range(iters):
         start = time.perf_counter()
@@ -126,8 +139,11 @@ def _median_time(fn: Callable[[], object], iters: int, device: str) -> float:
     return statistics.median(times)
 
 
-def decode_fn(models: list[StackedProxy], batch: int, context: int, device: str) -> Callable[[], object]:
-    """A step function for ``models`` run in sequence (one model = one batched pass)."""
+def decode_fn(
+    models: list[StackedProxy], batch: int, context: int, device: str, attention: AttentionPath = "reference"
+) -> Callable[[], object]:
+    """A step function for ``models`` run in sequence (one model = one batched pass); the plan is
+    built from the block tables every step, as the engine does."""
     caches = []
     for model in models:
         cache = ProxyKVCache(model.cfg, model.copies, model.dtype, batch * (context + 16), 16, device)
@@ -135,11 +151,10 @@ def decode_fn(models: list[StackedProxy], batch: int, context: int, device: str)
             cache.add(r, [0] * (context + 1))
             cache.reserve(cache.rows[r], context + 1)
         caches.append(cache)
-    rows = [caches[0].rows[r] for r in range(batch)]
-    slots = caches[0].slot_table(rows, context + 1)
+    paged = caches[0].paged([caches[0].rows[r] for r in range(batch)])
 
     def step() -> torch.Tensor:
-        plan = build_plan([[1]] * batch, [context] * batch, slots, None, device)
+        plan = build_plan([[1]] * batch, [context] * batch, paged, None, device, attention)
         logits = torch.cat([m.logits(plan, c.store) for m, c in zip(models, caches, strict=True)])
         if logits.shape[0] == 2:
             return finite_difference(logits, 1e-2)
@@ -149,7 +164,7 @@ def decode_fn(models: list[StackedProxy], batch: int, context: int, device: str)
 
 
 def engine_rows(
-    model: StackedProxy, batch: int, context: int, shared: int, steps: int
+    model: StackedProxy, batch: int, context: int, shared: int, steps: int, attention: AttentionPath = "reference"
 ) -> tuple[ProxyEngine, list[list[int]], int]:
     """An engine holding ``batch`` rows of ``context`` prompt tokens whose first ``shared`` are common,
     with their prompts marked computed (random KV: values do not change the cost), so the next
@@ -157,7 +172,7 @@ def engine_rows(
     step would have computed (what prefix sharing saves)."""
     gen = torch.Generator().manual_seed(1)
     prefix = torch.randint(0, model.cfg.vocab_size, (shared,), generator=gen).tolist()
-    engine = ProxyEngine(model, 1e-2, token_budget=batch * (context + 16 + steps))
+    engine = ProxyEngine(model, 1e-2, token_budget=batch * (context + 16 + steps), attention=attention)
     outputs: list[list[int]] = [[] for _ in range(batch)]
     prefill = 0
     for r in range(batch):
@@ -178,7 +193,7 @@ def shared_prefix_run(args: argparse.Namespace, model: StackedProxy) -> list[dic
     for context in args.contexts:
         for batch in args.batches:
             for shared in (0, min(args.shared_prefix, context - 1)):
-                engine, outputs, prefill = engine_rows(model, batch, context, shared, args.iters + 1)
+                engine, outputs, prefill = engine_rows(model, batch, context, shared, args.iters + 1, args.attention[0])
                 held = engine.cache.used_tokens
 
                 def step(engine: ProxyEngine = engine, outputs: list[list[int]] = outputs) -> object:
@@ -203,21 +218,33 @@ def run(args: argparse.Namespace) -> dict:
     print(f"{args.shape} {args.dtype} on {args.device}: measured {bw / 1e9:.1f} GB/s, {peak / 1e9:.0f} GFLOP/s")
     two = StackedProxy(cfg, random_params(cfg, 2, dtype, args.device), args.device)
     if args.shared_prefix:
-        return dict(shape=args.shape, dtype=args.dtype, device=args.device, shared_prefix=shared_prefix_run(args, two))
+        points = shared_prefix_run(args, two)
+        return dict(
+            shape=args.shape, dtype=args.dtype, device=args.device, attention=args.attention[0], shared_prefix=points
+        )
     one = StackedProxy(cfg, random_params(cfg, 1, dtype, args.device), args.device)
-    modes = {"one_copy": [one], "two_batched": [two], "two_sequential": [one, one]}
+    base, *others = args.attention
+    modes = {
+        "one_copy": ([one], "reference"),
+        "two_batched": ([two], base),
+        "two_sequential": ([one, one], "reference"),
+    }
+    modes |= {f"two_batched_{path}": ([two], path) for path in others}
     points = []
+    extra = "".join(f" {path + ' ms':>10} {path + '/' + base:>8} {'1st s':>6}" for path in others)
     header = (
         f"{'batch':>5} {'ctx':>5} {'one ms':>8} {'batched ms':>10} {'seq ms':>8} {'bat/seq':>7} {'bat/one':>7} "
-        f"{'GB/step':>7} {'GFLOP':>6} {'roof ms':>8} {'% roof':>6}"
+        f"{'GB/step':>7} {'GFLOP':>6} {'roof ms':>8} {'% roof':>6}{extra}"
     )
+    print(f"batched = two copies, attention {base!r}")
     print(header)
     for context in args.contexts:
         for batch in args.batches:
-            ms = {}
-            for name, models in modes.items():
-                fn = decode_fn(models, batch, context, args.device)
-                ms[name] = 1e3 * _median_time(fn, args.iters, args.device)
+            ms, first = {}, {}
+            for name, (models, path) in modes.items():
+                fn = decode_fn(models, batch, context, args.device, path)
+                first[name] = _first_call(fn, args.device)
+                ms[name] = 1e3 * _median_time(fn, args.iters, args.device, warm=True)
                 del fn
                 gc.collect()
             nbytes, flops = step_cost(cfg, 2, batch, context, elem)
@@ -225,6 +252,7 @@ def run(args: argparse.Namespace) -> dict:
             point = dict(
                 batch=batch,
                 context=context,
+                attention=base,
                 **{f"{k}_ms": v for k, v in ms.items()},
                 batched_over_sequential=ms["two_batched"] / ms["two_sequential"],
                 batched_over_one=ms["two_batched"] / ms["one_copy"],
@@ -233,13 +261,20 @@ def run(args: argparse.Namespace) -> dict:
                 roofline_ms=roof_ms,
                 share_of_roofline=roof_ms / ms["two_batched"],
             )
+            for path in others:
+                point[f"{path}_over_{base}"] = ms[f"two_batched_{path}"] / ms["two_batched"]
+                point[f"{path}_first_call_s"] = first[f"two_batched_{path}"]
             points.append(point)
+            cells = "".join(
+                f" {ms[f'two_batched_{p}']:>10.1f} {point[f'{p}_over_{base}']:>8.2f} {first[f'two_batched_{p}']:>6.1f}"
+                for p in others
+            )
             print(
                 f"{batch:>5} {context:>5} {ms['one_copy']:>8.1f} {ms['two_batched']:>10.1f} "
                 f"{ms['two_sequential']:>8.1f} "
                 f"{point['batched_over_sequential']:>7.2f} {point['batched_over_one']:>7.2f} "
                 f"{nbytes / 1e9:>7.2f} {flops / 1e9:>6.1f} {roof_ms:>8.1f} "
-                f"{100 * point['share_of_roofline']:>5.0f}%",
+                f"{100 * point['share_of_roofline']:>5.0f}%{cells}",
                 flush=True,
             )
     return dict(
@@ -262,6 +297,13 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--contexts", type=int, nargs="+", default=[128, 1024])
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument(
+        "--attention",
+        choices=ATTENTION_PATHS,
+        nargs="+",
+        default=["reference"],
+        help="attention paths of the batched pass, side by side (the first is the baseline)",
+    )
     ap.add_argument("--shared-prefix", type=int, default=0, help="engine steps with/without this many shared tokens")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()

@@ -19,11 +19,13 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from antidistill.proxy_worker.runtime.settings import (
     CONFIG_KEY,
     ENV_VAR,
     PROCESSOR_PATH,
+    PROCESSOR_PATH_V2,
     ProcessorSettings,
     SettingsError,
     parse_settings,
@@ -46,7 +48,14 @@ from antidistill.server.trusted_gateway import (
     startup_line,
 )
 
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
 MIDDLEWARE = "antidistill.server.middleware.AntidistillationMiddleware"
+RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+# Whether vLLM may pick its model runner itself when RUNNER_ENV is unset (V2 on CUDA, V1 on CPU).
+# False until benchmarks/gpu_v2_check.py has passed on a GPU: until then an unset RUNNER_ENV means V1.
+V2_RUNNER_BY_DEFAULT = False
 
 
 DEFAULT_PROXY_TOKENS = ProcessorSettings.model_fields["token_budget"].default
@@ -187,16 +196,55 @@ def couple_capacity(
     return settings.model_copy(update={"token_budget": plan.proxy_tokens})
 
 
-def with_our_processor(processors: list) -> list:
-    """vLLM's processor list plus ours — unless a subclass of ours is already there (it replaces ours)."""
-    from antidistill.proxy_worker.runtime.vllm_v1 import AntidistillationLogitsProcessor
+def engine_config(args: argparse.Namespace) -> VllmConfig:
+    """vLLM's engine config for these flags, built as vLLM's server builds it, so what is read from it
+    (the model runner, speculative decoding) is vLLM's own decision, not a copy of its rules."""
+    if not V2_RUNNER_BY_DEFAULT:
+        os.environ.setdefault(RUNNER_ENV, "0")
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    try:
+        return AsyncEngineArgs.from_cli_args(args).create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+    except ValueError as exc:  # vLLM's own check of its flags (pydantic's errors span lines)
+        raise StartupError("vLLM: " + " ".join(str(exc).split())) from None
+
+
+def processor_for(config: VllmConfig) -> str:
+    """The adapter for the model runner vLLM will use (``VllmConfig.use_v2_model_runner``); the
+    runner is then pinned in the environment, so the API server and the engine cannot disagree."""
+    if config.speculative_config is not None:
+        raise StartupError(
+            "speculative decoding (--speculative-config) is not supported with antidistillation: draft tokens "
+            "would be verified against logits without λ·Δ; drop the flag"
+        )
+    v2 = config.use_v2_model_runner
+    os.environ[RUNNER_ENV] = "1" if v2 else "0"
+    return PROCESSOR_PATH_V2 if v2 else PROCESSOR_PATH
+
+
+def with_our_processor(processors: list, ours: str = PROCESSOR_PATH) -> list:
+    """vLLM's processor list plus ``ours`` — unless a subclass of it is already there (it replaces
+    ours); the other runner's adapter stops start-up (vLLM would refuse it later, in the engine)."""
     from vllm.utils.import_utils import resolve_obj_by_qualname
 
-    def ours(entry: object) -> bool:
-        cls = resolve_obj_by_qualname(entry.replace(":", ".")) if isinstance(entry, str) else entry
-        return isinstance(cls, type) and issubclass(cls, AntidistillationLogitsProcessor)
+    def resolve(entry: object) -> object:
+        return resolve_obj_by_qualname(entry.replace(":", ".")) if isinstance(entry, str) else entry
 
-    return processors if any(ours(p) for p in processors) else [*processors, PROCESSOR_PATH]
+    named = [resolve(p) for p in processors]
+
+    def listed(path: str) -> bool:
+        adapter = resolve(path)
+        return any(isinstance(c, type) and issubclass(c, adapter) for c in named)
+
+    other = PROCESSOR_PATH if ours == PROCESSOR_PATH_V2 else PROCESSOR_PATH_V2
+    if listed(other):
+        runner = "V2" if ours == PROCESSOR_PATH_V2 else "V1"
+        raise StartupError(
+            f"--logits-processors names {other}, the adapter of the other model runner (vLLM will use its "
+            f"{runner} runner); drop it: antidistill serve adds the matching one"
+        )
+    return processors if listed(ours) else [*processors, ours]
 
 
 def fresh_failure_ledger() -> Path:
@@ -306,9 +354,8 @@ def serve(argv: Sequence[str]) -> None:
         state_lease_seconds=ours.state_lease_seconds,
         state_timeout=ours.state_timeout,
     ).export()
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # the V1 path is the tested one (docs/serving.md)
     args.additional_config = {**(args.additional_config or {}), CONFIG_KEY: config}
-    args.logits_processors = with_our_processor(args.logits_processors or [])
+    args.logits_processors = with_our_processor(args.logits_processors or [], processor_for(engine_config(args)))
     args.middleware = [*(args.middleware or []), MIDDLEWARE]
     validate_parsed_serve_args(args)
     uvloop.run(run_server(args))

@@ -4,6 +4,7 @@ and `antidistill serve` stops before vLLM starts, with one line naming the probl
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,9 +16,11 @@ from antidistill.benchmarks.tiny.serving import build_models
 from antidistill.proxy_worker.core.config import load_config
 from antidistill.proxy_worker.core.gradient_file import check_gradient_header, load_gradient
 from antidistill.proxy_worker.runtime.settings import PROCESSOR_PATH, PROCESSOR_PATH_V2
+from antidistill.server import serve as serve_module
 from antidistill.server.cli import COMMANDS, main
 from antidistill.server.config import GatewayConfig
-from antidistill.server.serve import serve_parser, with_our_processor
+from antidistill.server.preflight import StartupError
+from antidistill.server.serve import RUNNER_ENV, engine_config, processor_for, serve_parser, with_our_processor
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +208,115 @@ def test_raw_logprobs_mode_with_a_protected_tier_that_returns_logprobs_stops_sta
     teacher = ["--model", str(models.teacher), "--max-model-len", "256", "--block-size", "32"]
     code, err = run(capsys, *args, *teacher, "--logprobs-mode", "raw_logprobs")
     assert code == 1 and "raw teacher's logprobs" in err and err.count("\n") == 0, err
+
+
+@pytest.fixture()
+def restored_environ():
+    """``antidistill serve`` hands its configuration to vLLM through the environment: undo that."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def vllm_args(models, *extra: str):
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    argv = ["--model", str(models.teacher), "--max-model-len", "256", *extra]
+    return make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+
+
+@pytest.fixture()
+def cuda_like(monkeypatch):
+    """vLLM's runner decision as on a CUDA node with Triton (V2 unless the env var says 0); the
+    values of the env var it saw are recorded."""
+    from vllm.config import VllmConfig
+
+    seen: list[str | None] = []
+
+    def use_v2_model_runner(self) -> bool:
+        seen.append(os.environ.get(RUNNER_ENV))
+        return os.environ.get(RUNNER_ENV) != "0"
+
+    monkeypatch.setattr(VllmConfig, "use_v2_model_runner", property(use_v2_model_runner))
+    monkeypatch.setattr(VllmConfig, "_validate_v2_model_runner", lambda self: None)
+    return seen
+
+
+def test_serve_picks_the_adapter_of_the_runner_on_this_build(models, monkeypatch):
+    """The CPU build runs V1 (vLLM's rule: no Triton CPU backend), pinned so the API server and the
+    engine agree; forcing V2 here stops start-up with vLLM's own reason, in one line."""
+    for env in (None, "0"):
+        if env is None:
+            monkeypatch.delenv(RUNNER_ENV, raising=False)
+        else:
+            monkeypatch.setenv(RUNNER_ENV, env)
+        assert processor_for(engine_config(vllm_args(models))) == PROCESSOR_PATH, env
+        assert os.environ[RUNNER_ENV] == "0"
+    monkeypatch.setenv(RUNNER_ENV, "1")
+    with pytest.raises(StartupError, match="requires Triton") as exc:
+        engine_config(vllm_args(models))
+    assert "\n" not in str(exc.value)
+
+
+def test_the_runner_is_vllms_decision_and_v1_stays_the_default_until_flipped(models, monkeypatch, cuda_like):
+    """The adapter follows ``VllmConfig.use_v2_model_runner``; ``V2_RUNNER_BY_DEFAULT`` is the one
+    line that lets vLLM's CUDA default (V2) through, and an explicit env var always wins."""
+    monkeypatch.delenv(RUNNER_ENV, raising=False)
+    assert processor_for(engine_config(vllm_args(models))) == PROCESSOR_PATH
+    assert cuda_like[-1] == "0", "until the GPU check passes, an unset env var means V1"
+    monkeypatch.setenv(RUNNER_ENV, "1")
+    assert processor_for(engine_config(vllm_args(models))) == PROCESSOR_PATH_V2
+    monkeypatch.setattr(serve_module, "V2_RUNNER_BY_DEFAULT", True)
+    monkeypatch.delenv(RUNNER_ENV, raising=False)
+    assert processor_for(engine_config(vllm_args(models))) == PROCESSOR_PATH_V2
+    assert cuda_like[-1] is None and os.environ[RUNNER_ENV] == "1"
+    monkeypatch.setenv(RUNNER_ENV, "0")
+    assert processor_for(engine_config(vllm_args(models))) == PROCESSOR_PATH, "V1 stays selectable"
+
+
+def test_with_our_processor_refuses_the_other_runners_adapter():
+    assert with_our_processor([], PROCESSOR_PATH_V2) == [PROCESSOR_PATH_V2]
+    assert with_our_processor([PROCESSOR_PATH_V2], PROCESSOR_PATH_V2) == [PROCESSOR_PATH_V2]
+    for listed, ours in [(PROCESSOR_PATH, PROCESSOR_PATH_V2), (PROCESSOR_PATH_V2, PROCESSOR_PATH)]:
+        with pytest.raises(StartupError, match="other model runner") as exc:
+            with_our_processor([listed], ours)
+        assert "\n" not in str(exc.value)
+
+
+def test_serve_hands_vllm_the_adapter_of_its_runner(models, tmp_path, capsys, monkeypatch, restored_environ, cuda_like):
+    """Through the whole command, up to vLLM's server (replaced here): the class matches the runner;
+    speculative decoding and the other runner's adapter stop start-up with one line."""
+    from vllm.entrypoints.launchers.api_server import entry
+
+    started = []
+
+    async def run_server(args, **_kw):
+        started.append(args)
+
+    monkeypatch.setattr(entry, "run_server", run_server)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setenv("ANTIDISTILL_FAILURE_LEDGER", str(tmp_path / "ledger.bin"))
+    tiers = tmp_path / "tiers.yaml"
+    tiers.write_text(yaml.safe_dump({"tiers": {"free": {"lambda": 1}}}))
+    argv = ["--proxy", str(models.proxy), "--gradient", f"math={models.gradients['math']}", "--tiers", str(tiers)]
+    argv += ["--model", str(models.teacher), "--max-model-len", "256", "--block-size", "32"]
+    for env, expected in [(None, PROCESSOR_PATH), ("1", PROCESSOR_PATH_V2), ("0", PROCESSOR_PATH)]:
+        if env is None:
+            monkeypatch.delenv(RUNNER_ENV, raising=False)
+        else:
+            monkeypatch.setenv(RUNNER_ENV, env)
+        assert main(["serve", *argv]) == 0, capsys.readouterr().err
+        assert started[-1].logits_processors == [expected], env
+    monkeypatch.setenv(RUNNER_ENV, "1")
+    spec = json.dumps({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2})
+    for extra, needle in [
+        (["--speculative-config", spec], "speculative decoding"),
+        (["--logits-processors", PROCESSOR_PATH], "other model runner"),
+    ]:
+        capsys.readouterr()
+        code, err = run(capsys, *argv, *extra)
+        *_plan, last = err.splitlines()  # after the KV plan's line: the reason, in one line
+        assert code == 1 and last.startswith("antidistill: ") and needle in last, (extra, err)
+    assert len(started) == 3

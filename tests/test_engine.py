@@ -322,3 +322,26 @@ def test_mixed_pass_memory_is_bounded_by_its_tokens():
     assert peak <= bound < padded_scores / 4
     assert peak < padded_scores / 10
     assert torch.allclose(result.delta[32], fresh_delta(prefix + [32] * 8 + outputs[32]), atol=5e-4, rtol=1e-4)
+
+
+def test_non_finite_delta_is_reported_per_row_and_never_reused_as_a_delta():
+    """Poisoned KV in one row's prefix: that row (only) is a NON_FINITE failure with Δ = 0, on the step
+    and when asked again with nothing new (its stored Δ is gone, so a retry cannot serve it silently);
+    the other row's Δ is exact. The flags reach the host in one copy per pass, Δ is zeroed on the device."""
+    engine = ProxyEngine(two_copy_model(), EPS, token_budget=64, block_size=4)
+    outputs: tuple[list[int], list[int]] = ([], [])
+    prompts = ([1, 2, 3, 4, 5], [6, 7, 8, 9, 10])
+    for i in range(2):
+        engine.add(i, prompts[i], outputs[i])
+    assert not engine.step([0, 1]).failed
+    poisoned = engine.cache.rows[0].blocks[0] * engine.cache.block_size + 1  # row 0's position 1
+    engine.cache.store.k[1][0, :, poisoned] = float("nan")
+    for output in outputs:
+        output.append(11)
+    result = engine.step([0, 1])
+    assert {i: f.reason for i, f in result.failed.items()} == {0: Reason.NON_FINITE}
+    assert torch.equal(result.delta[0], torch.zeros(VOCAB))
+    assert torch.allclose(result.delta[1], fresh_delta([*prompts[1], 11]), atol=5e-4, rtol=1e-4)
+    again = engine.step([1, 0])
+    assert {i: f.reason for i, f in again.failed.items()} == {0: Reason.NON_FINITE}
+    assert torch.equal(again.delta[1], torch.zeros(VOCAB)) and torch.equal(again.delta[0], result.delta[1])

@@ -62,10 +62,15 @@ def non_finite_rows(delta: torch.Tensor) -> torch.Tensor:
 
 def zero_non_finite(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(Δ with bad rows zeroed, bool mask of those rows)."""
+    return zero_non_finite_(delta.clone())
+
+
+def zero_non_finite_(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place: zero Δ's bad rows; returns (Δ, bool mask of those rows). No host sync: nothing
+    branches on the mask, so on a GPU the host does not wait for Δ here (the caller reads the mask
+    once, to report the rows)."""
     bad = non_finite_rows(delta)
-    if bool(bad.any()):
-        delta = delta.masked_fill(bad[:, None], 0.0)
-    return delta, bad
+    return delta.masked_fill_(bad[:, None], 0.0), bad
 
 
 def pad_to_width(delta: torch.Tensor, width: int) -> torch.Tensor:

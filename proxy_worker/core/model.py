@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from antidistill.proxy_worker.core.config import ProxyConfig
+from antidistill.proxy_worker.core.flex_attention import flex_group_attention
 from antidistill.proxy_worker.core.plan import PAD_SLACK, AttentionGroup, StepPlan
 from antidistill.proxy_worker.core.rope import RotaryTable, apply_rotary
 
@@ -49,9 +50,15 @@ def attention(
 
     q: [C, N, Hq, D]; k_store/v_store: [C, Hkv, S, D] (a paged cache or the pass's own k/v).
     Returns [C, N, Hq*D] in the packed token order. Groups run one after another, so the
-    transients of a layer are those of its largest group (see ``attention_bytes``).
+    transients of a layer are those of its largest group (see ``attention_bytes``). A group
+    planned with block lists (``attention="flex"``) reads the paged store in place instead.
     """
-    parts = [group_attention(q, k_store, v_store, group, scale) for group in plan.groups]
+    parts = [
+        group_attention(q, k_store, v_store, group, scale)
+        if group.paged is None
+        else flex_group_attention(q, k_store, v_store, group, scale)
+        for group in plan.groups
+    ]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     return out if plan.order is None else out[:, plan.order]
 

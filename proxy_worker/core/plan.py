@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
+from antidistill.proxy_worker.core.paged_blocks import PagedBlocks, paged_blocks
+
+AttentionPath = Literal["reference", "flex"]
+ATTENTION_PATHS: tuple[AttentionPath, ...] = ("reference", "flex")
 
 PAD_SLACK = 2
 """A row's padded attention grid is at most this many times its own (queries × keys)."""
@@ -24,10 +29,13 @@ PAD_SLACK = 2
 @dataclass(frozen=True)
 class PagedSlots:
     """Per-row block tables of a paged KV store: position t of row b is slot
-    ``tables[b][t // block_size] * block_size + t % block_size``."""
+    ``tables[b][t // block_size] * block_size + t % block_size``. ``num_blocks`` is the store's
+    size in blocks (None: unknown); the flex path's block lists span it, so their shapes do not
+    change from step to step."""
 
     tables: Sequence[Sequence[int]]
     block_size: int
+    num_blocks: int | None = None
 
     def slots(self, rows: Sequence[int], length: int) -> torch.Tensor:
         """[len(rows), length] slots of positions 0..length-1 (past a row's blocks: block 0)."""
@@ -50,9 +58,11 @@ class AttentionGroup:
     query_valid: torch.Tensor  # [b, S] which grid cells are real queries
     kv_index: torch.Tensor  # [b, T] where each row's keys/values live in the KV store
     mask: torch.Tensor  # [b, S, T] True where the query may attend to the key
+    paged: PagedBlocks | None = None  # the same grid as block lists over the paged store (flex path)
 
     def to(self, device: torch.device | str) -> AttentionGroup:
-        return AttentionGroup(*(x.to(device) for x in (self.query_index, self.query_valid, self.kv_index, self.mask)))
+        tensors = (x.to(device) for x in (self.query_index, self.query_valid, self.kv_index, self.mask))
+        return AttentionGroup(*tensors, paged=None if self.paged is None else self.paged.to(device))
 
     @property
     def score_cells(self) -> int:
@@ -110,6 +120,7 @@ def build_plan(
     kv_slots: torch.Tensor | PagedSlots | None = None,
     sliding_window: int | None = None,
     device: torch.device | str = "cpu",
+    attention: AttentionPath = "reference",
 ) -> StepPlan:
     """Plan a pass over ``new_tokens[b]`` appended at position ``starts[b]`` of row ``b``.
 
@@ -117,7 +128,12 @@ def build_plan(
     or the rows' block tables. Without it the KV store is the pass's own keys/values (index =
     flat token index), which requires every row to start at 0: a full forward with no cache,
     used for ground truth, gradients and JVPs.
+
+    ``attention="flex"`` with block tables adds each group's block lists (``AttentionGroup.paged``),
+    so attention reads the store in place; other plans attend by the reference path.
     """
+    if attention not in ATTENTION_PATHS:
+        raise ValueError(f"attention must be one of {ATTENTION_PATHS}, got {attention!r}")
     counts = [len(t) for t in new_tokens]
     if min(counts, default=0) < 1:
         raise ValueError("every row in a step needs at least one new token")
@@ -131,6 +147,10 @@ def build_plan(
         shape = _RowShape([counts[r] for r in rows], [start[r] for r in rows], [offsets[r] for r in rows])
         kv_index = _kv_index(kv_slots, rows, shape, max(lengths[r] for r in rows))
         group, qpos = _group(shape, kv_index, sliding_window)
+        if attention == "flex" and isinstance(kv_slots, PagedSlots):
+            group = replace(
+                group, paged=_paged(kv_slots, rows, [lengths[r] for r in rows], group, qpos, sliding_window)
+            )
         packed.append(group.query_index[group.query_valid])
         writes.append(kv_index.gather(1, qpos)[group.query_valid])
         positions.append(qpos[group.query_valid])
@@ -146,6 +166,20 @@ def build_plan(
         groups=tuple(groups),
         order=None if order is None else order.to(device),
     )
+
+
+def _paged(
+    kv_slots: PagedSlots,
+    rows: list[int],
+    lengths: list[int],
+    group: AttentionGroup,
+    qpos: torch.Tensor,
+    sliding_window: int | None,
+) -> PagedBlocks:
+    """The group's block lists over the paged store (for ``attention="flex"``)."""
+    tables = [kv_slots.tables[r] for r in rows]
+    grid = (group.query_index, qpos, group.query_valid)
+    return paged_blocks(tables, kv_slots.block_size, *grid, lengths, sliding_window, kv_slots.num_blocks)
 
 
 def _packed(per_group: list[torch.Tensor], order: torch.Tensor | None) -> torch.Tensor:

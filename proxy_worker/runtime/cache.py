@@ -181,7 +181,7 @@ class ProxyKVCache:
 
     def paged(self, rows: Sequence[RowState]) -> PagedSlots:
         """The rows' block tables, for ``build_plan``."""
-        return PagedSlots([row.blocks for row in rows], self.block_size)
+        return PagedSlots([row.blocks for row in rows], self.block_size, self.num_blocks)
 
     def slot_table(self, rows: Sequence[RowState], length: int) -> torch.Tensor:
         """[B, length] flat KV slots of positions 0..length-1 for each row (padding repeats slot 0)."""

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 from antidistill.proxy_worker.core.config import ProxyConfig, load_config
-from antidistill.proxy_worker.core.delta import finite_difference, zero_non_finite
+from antidistill.proxy_worker.core.delta import finite_difference, zero_non_finite_
 from antidistill.proxy_worker.core.gradient_file import load_gradient
 from antidistill.proxy_worker.core.model import StackedProxy
-from antidistill.proxy_worker.core.plan import build_plan
+from antidistill.proxy_worker.core.plan import AttentionPath, build_plan
 from antidistill.proxy_worker.core.weights import load_proxy_state, parse_dtype, stack_perturbed
 from antidistill.proxy_worker.runtime.cache import ProxyBudgetExceeded, ProxyKVCache, RowState
 from antidistill.proxy_worker.runtime.failure_ledger import Reason, RowFailure
@@ -47,7 +47,10 @@ class ProxyEngine:
         token_budget: int,
         block_size: int = 16,
         max_pass_tokens: int = 512,
+        attention: AttentionPath = "reference",
     ) -> None:
+        """``attention``: "reference" gathers each row's prefix per layer; "flex" reads the paged
+        KV in place (compiled FlexAttention, the same Δ within rounding)."""
         if model.copies != 2:
             raise ValueError("the engine needs exactly two copies: θ+εg and θ−εg")
         if not epsilon > 0:
@@ -55,6 +58,7 @@ class ProxyEngine:
         self.model = model
         self.epsilon = epsilon
         self.max_pass_tokens = max_pass_tokens
+        self.attention = attention
         self.cache = ProxyKVCache(model.cfg, 2, model.dtype, token_budget, block_size, model.device)
         self._interrupted = False
 
@@ -67,13 +71,14 @@ class ProxyEngine:
         dtype: str = "float32",
         token_budget: int = 16384,
         device: torch.device | str = "cpu",
+        attention: AttentionPath = "reference",
     ) -> ProxyEngine:
         """Load θ and g, validate them against each other, and build θ ± εg (fp32, then cast)."""
         cfg = load_config(proxy_dir)
         theta = load_proxy_state(proxy_dir, cfg)
         grad = load_gradient(gradient_path, cfg)
         params = stack_perturbed(theta, grad, (epsilon, -epsilon), cfg, parse_dtype(dtype), device)
-        return cls(StackedProxy(cfg, params, device), epsilon, token_budget)
+        return cls(StackedProxy(cfg, params, device), epsilon, token_budget, attention=attention)
 
     @property
     def cfg(self) -> ProxyConfig:
@@ -124,6 +129,8 @@ class ProxyEngine:
                 result.failed[index] = RowFailure(Reason.ERROR, "row has no tokens")
             elif row.length == row.computed and row.last_delta is not None:
                 result.delta[pos] = row.last_delta
+            elif row.length == row.computed:  # asked again after a non-finite Δ: still none to give
+                result.failed[index] = RowFailure(Reason.NON_FINITE, "non-finite delta")
             elif (unknown := unknown_token(row.tokens(row.computed, row.length), self.cfg.vocab_size)) is not None:
                 # the teacher's vocabulary may be wider (padded, or added tokens): an id the proxy's
                 # embedding lacks would index out of range (on CUDA a device assert kills the engine)
@@ -157,8 +164,10 @@ class ProxyEngine:
             ends = [min(target, row.computed + self.max_pass_tokens) for _, row, target in ready]
             new = [row.tokens(row.computed, end) for row, end in zip(rows, ends, strict=True)]
             starts = [row.computed for row in rows]
-            plan = build_plan(new, starts, self.cache.paged(rows), self.cfg.sliding_window, self.model.device)
-            delta, bad = zero_non_finite(finite_difference(self.model.logits(plan, self.cache.store), self.epsilon))
+            paged = self.cache.paged(rows)
+            plan = build_plan(new, starts, paged, self.cfg.sliding_window, self.model.device, self.attention)
+            delta, bad = zero_non_finite_(finite_difference(self.model.logits(plan, self.cache.store), self.epsilon))
+            non_finite = bad.tolist()  # the pass's one device→host copy: the fail-closed signal, per row
             for j, ((pos, row, target), end) in enumerate(zip(ready, ends, strict=True)):
                 count = end - row.computed
                 if count == 1 and row.computed > 0:
@@ -169,8 +178,8 @@ class ProxyEngine:
                 row.computed = end
                 if end < target:
                     continue
-                row.last_delta = delta[j]
                 result.delta[pos] = delta[j]
-                if bool(bad[j]):
+                row.last_delta = None if non_finite[j] else delta[j]
+                if non_finite[j]:
                     result.failed[indices[pos]] = RowFailure(Reason.NON_FINITE, "non-finite delta")
             work = [item for item in work if item[1].computed < item[2]]

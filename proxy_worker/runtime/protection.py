@@ -37,10 +37,19 @@ from antidistill.proxy_worker.runtime.vocabulary import check_proxy_matches_teac
 log = logging.getLogger(__name__)
 
 
+def on_device(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small vector the host already knows, on ``device`` without making the host wait: a copy
+    from pageable memory to a GPU is synchronous, one from pinned memory can be queued."""
+    host = torch.tensor(list(values), dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def withhold(logits: torch.Tensor, targets: Sequence[int]) -> None:
     """Replace rows by a uniform distribution over the tokens still allowed (a grammar's or a
     processor's −inf stays): what the row samples then carries nothing of the teacher."""
-    index = torch.tensor(list(targets), dtype=torch.long, device=logits.device)
+    index = on_device(targets, torch.long, logits.device)
     rows = logits.index_select(0, index)
     logits.index_copy_(0, index, torch.where(rows == float("-inf"), rows, torch.zeros_like(rows)))
 
@@ -100,7 +109,9 @@ class Protection:
             eps = spec.epsilon or settings.epsilon
             params = stack_perturbed(theta, load_gradient(spec.gradient, cfg), (eps, -eps), cfg, dtype, device)
             model = StackedProxy(cfg, params, device)
-            engines[name] = engine = ProxyEngine(model, eps, token_budget or settings.token_budget)
+            engines[name] = engine = ProxyEngine(
+                model, eps, token_budget or settings.token_budget, attention=settings.proxy_attention
+            )
             log.info(
                 "antidistillation profile %r (ε=%g): proxy copies %.1f MiB + KV cache %.1f MiB (%d tokens) on %s",
                 name,
@@ -200,12 +211,13 @@ class Protection:
         permuted = [j for j, r in enumerate(rows) if r.args.mode == "permutation"]
         if permuted and self.control is not None:
             keys = [f"{rows[j].key}:{engine.cache.rows[indices[j]].length}" for j in permuted]
-            delta[permuted] = self.control.apply(delta[permuted], keys)
-        lambdas = torch.tensor([r.args.lam for r in rows], dtype=torch.float32, device=delta.device)
-        target = torch.tensor([logits_rows[i] for i in indices], device=logits.device)
+            picked = on_device(permuted, torch.long, delta.device)
+            delta[picked] = self.control.apply(delta[picked], keys)
+        lambdas = on_device([r.args.lam for r in rows], torch.float32, logits.device)
+        target = on_device([logits_rows[i] for i in indices], torch.long, logits.device)
         metrics.record_profile_step(profile, result, len(indices), time.perf_counter() - start)
         metrics.record_kv(profile, engine.cache.used_tokens, engine.cache.capacity_tokens)
-        add_scaled(logits, target, lambdas.to(logits.device), delta.to(logits.device))  # last: a retry adds once
+        add_scaled(logits, target, lambdas, delta.to(logits.device))  # last: a retry adds once
         return result.failed
 
     def _isolate(

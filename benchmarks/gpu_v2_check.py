@@ -4,9 +4,11 @@
 
 Builds the tiny teacher/proxy/gradients of the integration tests, starts vLLM with the V2 model
 runner and ``AntidistillationLogitsProcessorV2``, and compares greedy outputs for a mixed-λ batch
-with the HF reference sampler (run on the CPU). Exit code 0 only if every row matches. Not run in
+with the HF reference sampler (run on the CPU). Exit code 0 only if every row matches token for
+token, or parts from the reference only at a near-tie (top-2 margin under 2 × ``LOGPROB_NOISE``,
+the bound the CPU preemption test uses: GPU kernels round differently from the CPU reference). Not run in
 CI (no GPU there); it has not been run yet — see docs/benchmarks.md. The tiny models and the
-reference come from ``antidistill.benchmarks.tiny_setup``, the library home of the test set-up.
+reference come from ``antidistill.benchmarks.tiny``, the library home of the test set-up.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def main() -> int:
         print("gpu_v2_check: no CUDA device", file=sys.stderr)
         return 2
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
-    from antidistill.benchmarks.tiny.reference import ReferenceSampler
+    from antidistill.benchmarks.tiny.reference import ReferenceSampler, agrees_up_to_noise, first_divergence
     from antidistill.benchmarks.tiny.serving import EPSILONS, additional_config_json, build_models
     from vllm import LLM, SamplingParams
 
@@ -50,9 +52,12 @@ def main() -> int:
     ref = ReferenceSampler(models.teacher, models.proxy, theta, grad, EPSILONS["math"])
     failures = 0
     for ids, lam, out in zip(prompts, lams, outs, strict=True):
-        ok = out == ref.generate(ids, lam, 64)
+        expected, margins = ref.greedy(ids, lam, 64)
+        step = first_divergence(expected, out)
+        ok = agrees_up_to_noise(expected, margins, out)
         failures += not ok
-        print(f"λ={lam:<4} prompt={len(ids):>2} tokens: {'match' if ok else 'MISMATCH'}")
+        where = "match" if step is None else f"parted at step {step} (top-2 margin {margins[step]:.2e})"
+        print(f"λ={lam:<4} prompt={len(ids):>2} tokens: {where}{'' if ok else ' — MISMATCH at a clear winner'}")
     return 1 if failures else 0
 
 

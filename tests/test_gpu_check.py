@@ -69,3 +69,13 @@ def test_runs_as_a_file_from_an_uninstalled_checkout():
     )
     assert done.returncode == 0, done.stderr
     assert "--budget-seconds" in done.stdout
+
+
+def test_the_v2_check_accepts_a_parting_only_at_a_near_tie():
+    from antidistill.benchmarks.tiny.reference import LOGPROB_NOISE, agrees_up_to_noise, first_divergence
+
+    reference, margins = [5, 6, 7, 8], [1.0, LOGPROB_NOISE / 2, 3 * LOGPROB_NOISE, 1.0]
+    assert first_divergence(reference, reference) is None and agrees_up_to_noise(reference, margins, reference)
+    assert first_divergence(reference, [5, 9, 9, 9]) == 1
+    assert agrees_up_to_noise(reference, margins, [5, 9, 9, 9])  # parted at a near-tie: either token is right
+    assert not agrees_up_to_noise(reference, margins, [5, 6, 9, 9])  # parted where the winner was clear

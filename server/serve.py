@@ -19,7 +19,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from antidistill.proxy_worker.runtime.settings import (
     CONFIG_KEY,
@@ -76,6 +76,13 @@ def serve_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--tiers", help="tiers YAML (API keys → λ)")
     ap.add_argument("--proxy-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument(
+        "--proxy-attention",
+        default=ProcessorSettings.model_fields["proxy_attention"].default,
+        choices=get_args(ProcessorSettings.model_fields["proxy_attention"].annotation),
+        help="proxy attention: 'reference' gathers the paged KV per layer, 'flex' reads it in place "
+        "(compiled FlexAttention; compiles once per shape bucket) (default: %(default)s)",
+    )
     ap.add_argument(
         "--proxy-token-budget",
         type=int,
@@ -156,6 +163,7 @@ def processor_settings(ours: argparse.Namespace) -> ProcessorSettings:
         "profiles": profiles,
         "epsilon": ours.epsilon,
         "proxy_dtype": ours.proxy_dtype,
+        "proxy_attention": ours.proxy_attention,
         "token_budget": ours.proxy_token_budget or DEFAULT_PROXY_TOKENS,
         "max_lambda": ours.max_lambda,
     }

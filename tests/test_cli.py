@@ -320,3 +320,18 @@ def test_serve_hands_vllm_the_adapter_of_its_runner(models, tmp_path, capsys, mo
         *_plan, last = err.splitlines()  # after the KV plan's line: the reason, in one line
         assert code == 1 and last.startswith("antidistill: ") and needle in last, (extra, err)
     assert len(started) == 3
+
+
+def test_proxy_attention_flag_reaches_the_processor_settings(models):
+    """--proxy-attention offers exactly the planner's paths and lands in the settings the worker reads."""
+    from antidistill.proxy_worker.core.plan import ATTENTION_PATHS
+    from antidistill.server.serve import processor_settings
+
+    parser = serve_parser()
+    flag = next(a for a in parser._actions if a.dest == "proxy_attention")
+    assert tuple(flag.choices) == ATTENTION_PATHS and flag.default == "reference"
+    base = ["--proxy", str(models.proxy), "--gradient", f"math={models.gradients['math']}"]
+    ours, _ = parser.parse_known_args([*base, "--proxy-attention", "flex"])
+    assert processor_settings(ours).proxy_attention == "flex"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--proxy-attention", "dense"])

@@ -58,6 +58,18 @@ def test_keygen_loads_neither_vllm_nor_torch_nor_the_evaluation():
         assert repr(heavy) not in loaded, heavy
 
 
+def test_keygen_entry_names_the_account_and_loads_as_a_key(capsys):
+    from antidistill.server.tiers import TiersFile
+
+    assert main(["keygen", "--tier", "pro", "--name", "ci", "--account", "acme"]) == 0
+    entry = json.loads(capsys.readouterr().out.splitlines()[1].split("- ", 1)[1])
+    assert entry["account"] == "acme" and entry["name"] == "ci"
+    spec = TiersFile.model_validate(
+        {"tiers": {"pro": {"lambda": 1}}, "keys": [entry], "accounts": {"acme": {"rpm": 5}}}
+    )
+    assert spec.keys[0].account == "acme"
+
+
 def test_eval_without_its_extra_says_how_to_install_it(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed
     monkeypatch.delitem(sys.modules, "antidistill.benchmarks.distillation.cli", raising=False)

@@ -16,7 +16,7 @@ from antidistill.benchmarks.distillation import summary
 from antidistill.benchmarks.distillation.cli import main as eval_main
 from antidistill.benchmarks.distillation.config import CONFIG_DIR, MODES, ConfigError, EvalConfig, load_eval_config
 from antidistill.benchmarks.distillation.models import Shape, scratch_model, train_tokenizer
-from antidistill.benchmarks.distillation.pipeline import Pipeline, read_jsonl, run_name
+from antidistill.benchmarks.distillation.pipeline import Pipeline, read_jsonl, request_seed, run_name
 from antidistill.benchmarks.distillation.tasks import GENERATORS
 from antidistill.benchmarks.distillation.training import TrainSpec, collate, fine_tune
 from antidistill.proxy_worker.tools.traces import TokenizedTrace
@@ -146,6 +146,39 @@ def test_a_new_grid_point_samples_and_distils_only_itself(resumed_run, tmp_path)
     assert {p: p.read_bytes() for p in traces_before} == traces_before
     assert json.loads(fifth.sentinel("traces").read_text())["kept"] == len(runs)
     assert len(read_jsonl(root / "report" / "registry.jsonl")) == len(runs) + 1
+
+
+def test_every_mode_at_a_seed_draws_the_same_random_stream(resumed_run, tmp_path):
+    """Common random numbers: antidistillation at b = 0 is temperature sampling at the same τ, so with
+    the same (seed, split, problem) seeds its traces are the temperature run's, token for token —
+    while the AD run's second seed draws another stream."""
+    cfg = resumed_run.killed.cfg
+    tau = cfg.sampling.temperature
+    assert tau in cfg.grid.temperature
+    root = shutil.copytree(resumed_run.killed.root, tmp_path / "run")
+    grid = cfg.grid.model_copy(update={"antidistillation": [0.0, *cfg.grid.antidistillation]})
+    Pipeline(cfg.model_copy(update={"grid": grid}), root).run()
+    traces = root / "traces"
+    zero, temperature = (
+        read_jsonl(traces / f"{run_name(m, v, 0)}.jsonl") for m, v in [("antidistillation", 0.0), ("temperature", tau)]
+    )
+    assert [r["completion"] for r in zero] == [r["completion"] for r in temperature]
+    assert json.loads((traces / f"{run_name('antidistillation', 0.0, 0)}.json").read_text())["lambda"] == 0
+    key = cfg.grid.key_points[0].split("@")
+    second = read_jsonl(traces / f"{run_name(key[0], float(key[1]), 1)}.jsonl")
+    first = read_jsonl(traces / f"{run_name(key[0], float(key[1]), 0)}.jsonl")
+    assert [r["completion"] for r in first] != [r["completion"] for r in second]
+
+
+def test_request_seeds_depend_on_seed_split_and_problem_only():
+    seeds = {
+        (s, split, i): request_seed(0, s, split, i)
+        for s in range(3)
+        for split in ("distill", "test")
+        for i in range(50)
+    }
+    assert len(set(seeds.values())) == len(seeds)  # distinct streams for distinct (seed, split, problem)
+    assert request_seed(1, 0, "test", 3) != request_seed(0, 0, "test", 3)  # the config's seed moves them all
 
 
 def test_a_config_edit_reruns_the_stages_that_read_it_and_those_after(tmp_path):

@@ -53,6 +53,18 @@ def fingerprint(after: str, reads: Sequence[Any]) -> str:
     return hashlib.sha256(json.dumps([after, parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+TRACE_SEEDS = "common-random-numbers"
+"""How request seeds are derived (``request_seed``); part of the traces' fingerprint, so traces
+sampled under another derivation are resampled rather than mixed with these."""
+
+
+def request_seed(config_seed: int, seed: int, split: str, index: int) -> int:
+    """A trace request's sampling seed: a function of (seed, split, problem) only, never of the mode
+    or its value, so every mode at one seed draws the same random stream (common random numbers):
+    differences between modes at a seed are the modes', not sampling noise."""
+    return zlib.crc32(json.dumps([config_seed, seed, split, index]).encode())
+
+
 def run_name(mode: str, value: float, seed: int) -> str:
     return f"{point_name(mode, value)}#{seed}"
 
@@ -155,7 +167,7 @@ class Pipeline:
         gradient = [self.path("gradient.safetensors"), self.path("gradient.json")]
         fp = self.stage("gradient", gradient, self.make_gradient, fp, [])
         # traces are kept per grid run (see make_traces): a grid edit samples only the new runs
-        self.stage("traces", [], partial(self.make_traces, fp), fp, [c.grid])
+        self.stage("traces", [], partial(self.make_traces, fingerprint(fp, [TRACE_SEEDS])), fp, [c.grid])
         # the student's prior training does not depend on the teacher: it is chained to the tokenizer only
         base = [self.path("models", "student_base"), self.path("data", "student_pretrain.jsonl")]
         student = c.student.model_dump(exclude={"distill"})
@@ -296,9 +308,9 @@ class Pipeline:
     def grid_requests(
         self, tok: Any, scale: float, points: Sequence[Point]
     ) -> tuple[list[sampling.TraceRequest], list[tuple[str, str, int]]]:
-        """The grid runs' distill and test prompts as requests, with (run, split, index) labels; each
-        request has a seed of its own, derived from the run's seed and its label, so that a rerun
-        samples the same traces (vLLM's engine-wide seed alone depends on how requests are batched)."""
+        """The grid runs' distill and test prompts as requests, with (run, split, index) labels. Each
+        request has a seed of its own (``request_seed``), so that a rerun samples the same traces
+        (vLLM's engine-wide seed alone depends on how requests are batched)."""
         s = self.cfg.sampling
         requests, labels = [], []
         prompts = {
@@ -312,8 +324,9 @@ class Pipeline:
             for split, ids_list in prompts.items():
                 for i, ids in enumerate(ids_list):
                     label = (run_name(mode, value, seed), split, i)
-                    request_seed = zlib.crc32(json.dumps([self.cfg.seed, *label]).encode())
-                    requests.append(sampling.TraceRequest(ids, tau, lam, ad_mode, request_seed))
+                    requests.append(
+                        sampling.TraceRequest(ids, tau, lam, ad_mode, request_seed(self.cfg.seed, seed, split, i))
+                    )
                     labels.append(label)
         return requests, labels
 

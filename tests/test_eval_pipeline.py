@@ -262,6 +262,38 @@ def test_verdict_compares_at_matched_teacher_accuracy():
     assert v["antidistillation"]["gap"] == pytest.approx(0.14) and not v["target_met"]  # one seed is not enough
 
 
+def run_row(mode: str, value: float, seed: int, teacher: float, student: float) -> dict:
+    return dict(mode=mode, value=value, seed=seed, teacher_accuracy=teacher, student_accuracy=student, n_test=100)
+
+
+def test_paired_gaps_use_each_seeds_own_temperature_curve():
+    """Seed 1 is a lucky stream for every mode (+10 points): paired, the luck cancels; unpaired
+    (Welch) it widens the interval."""
+    rows = []
+    for seed, luck in ((0, 0.0), (1, 0.10), (2, 0.02)):
+        rows += [
+            run_row("temperature", 0.8, seed, 0.90, 0.60 + luck),
+            run_row("temperature", 1.5, seed, 0.70, 0.40 + luck),
+        ]
+        rows.append(run_row("antidistillation", 2.0, seed, 0.85, 0.40 + luck + 0.01 * seed))
+    gaps = summary.paired_gaps(rows, "antidistillation", 2.0)
+    # temperature at teacher 0.85 on each seed's curve: 0.55 + luck; minus 0.40 + luck + 0.01·seed
+    assert gaps == pytest.approx({0: 0.15, 1: 0.14, 2: 0.13})
+    mean, half = summary.t_interval(list(gaps.values()))
+    assert mean == pytest.approx(0.14) and half == pytest.approx(4.303 * 0.01 / 3**0.5)
+    _, welch_half = summary.welch_difference(
+        [r["student_accuracy"] for r in rows if r["mode"] == "temperature" and r["value"] == 0.8],
+        [r["student_accuracy"] for r in rows if r["mode"] == "antidistillation"],
+    )
+    assert welch_half > 5 * half  # the shared luck is noise to the unpaired difference
+    rows.append(run_row("antidistillation", 2.0, 3, 0.85, 0.30))  # seed 3 has no temperature curve
+    assert set(summary.paired_gaps(rows, "antidistillation", 2.0)) == {0, 1, 2}
+    paired = summary.paired_by_key(rows, ["temperature@0.8", "antidistillation@2"])
+    assert set(paired) == {"antidistillation@2"} and paired["antidistillation@2"]["mean"] == pytest.approx(0.14)
+    [line] = summary.paired_lines(paired)
+    assert line.startswith("- antidistillation@2: +14.0 ± 2.5 pts over 3 paired seeds")
+
+
 def test_busy_seconds_is_the_union_of_intervals():
     assert summary.busy_seconds([]) == 0
     assert summary.busy_seconds([(0, 10), (5, 12), (20, 21)]) == 13  # two overlapping, one apart

@@ -4,7 +4,9 @@ Target (the product's claim, after the paper's Figure 3): at ≤ 2 points of tea
 relative to plain sampling at the AD temperature, the antidistillation student is ≥ 10 points below
 the temperature-sampling student AT THE SAME TEACHER ACCURACY (read off the temperature curve by
 linear interpolation), on a point with ≥ 3 seeds. Intervals: over seeds, a 95% Student-t interval
-of the mean; a single-seed point gets the 95% Wilson interval of its test accuracy instead.
+of the mean; a single-seed point gets the 95% Wilson interval of its test accuracy instead. Key
+points also get *paired* gaps (per seed, against that seed's own temperature curve: every mode at a
+seed shares its random stream), beside the unpaired Welch differences.
 """
 
 from __future__ import annotations
@@ -42,12 +44,17 @@ def wilson_half_width(p: float, n: int, z: float = 1.96) -> float:
     return centre_spread / (1 + z * z / n)
 
 
-def mean_ci(values: Sequence[float], n_test: int) -> tuple[float, float]:
+def t_interval(values: Sequence[float]) -> tuple[float, float]:
+    """Mean of ≥ 2 values and the half-width of its 95% Student-t interval."""
     mean = sum(values) / len(values)
-    if len(values) == 1:
-        return mean, wilson_half_width(mean, n_test)
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
     return mean, T95.get(len(values) - 1, 1.96) * sd / math.sqrt(len(values))
+
+
+def mean_ci(values: Sequence[float], n_test: int) -> tuple[float, float]:
+    if len(values) == 1:
+        return values[0], wilson_half_width(values[0], n_test)
+    return t_interval(values)
 
 
 def welch_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
@@ -77,6 +84,44 @@ def key_point_differences(results: Sequence[dict[str, Any]], key_points: Sequenc
             diff, half = welch_difference(students[key], base)
             lines.append(f"- {key} − {baseline}: {100 * diff:+.1f} ± {100 * half:.1f} pts")
     return lines
+
+
+def paired_gaps(results: Sequence[dict[str, Any]], mode: str, value: float) -> dict[int, float]:
+    """Per seed: the temperature student at this point's teacher accuracy (interpolated on that
+    seed's own temperature curve) minus this point's student. Every mode at a seed draws the same
+    random stream (pipeline.request_seed), so the seed-to-seed noise the two share cancels here,
+    where an unpaired (Welch) difference carries it twice. Seeds lacking a temperature curve are left out."""
+    curves: dict[int, list[tuple[float, float]]] = {}
+    for r in results:
+        if r["mode"] == "temperature":
+            curves.setdefault(r["seed"], []).append((r["teacher_accuracy"], r["student_accuracy"]))
+    return {
+        r["seed"]: interpolate(curves[r["seed"]], r["teacher_accuracy"]) - r["student_accuracy"]
+        for r in results
+        if r["mode"] == mode and r["value"] == value and r["seed"] in curves
+    }
+
+
+def paired_by_key(results: Sequence[dict[str, Any]], key_points: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """For each non-temperature key point: its per-seed paired gaps, their mean and 95% t half-width
+    (None under two paired seeds)."""
+    out = {}
+    for key in key_points:
+        mode, _, raw = key.partition("@")
+        if mode != "temperature":
+            gaps = paired_gaps(results, mode, float(raw))
+            mean, half = t_interval(list(gaps.values())) if len(gaps) >= 2 else (None, None)
+            out[key] = {"per_seed": gaps, "mean": mean, "half_width": half}
+    return out
+
+
+def paired_lines(paired: dict[str, dict[str, Any]]) -> list[str]:
+    """One report line per key point with ≥ 2 paired seeds."""
+    return [
+        f"- {key}: {100 * p['mean']:+.1f} ± {100 * p['half_width']:.1f} pts over {len(p['per_seed'])} paired seeds"
+        for key, p in paired.items()
+        if p["mean"] is not None
+    ]
 
 
 def aggregate(results: Sequence[dict[str, Any]]) -> list[PointStat]:
@@ -214,7 +259,8 @@ def write_report(
     stats = aggregate(results)
     v = verdict(stats, cfg.sampling.temperature)
     plot(stats, undistilled, f"{cfg.name}: teacher vs distilled student", out / "tradeoff.png")
-    payload = {"points": [asdict(s) for s in stats], "undistilled_student": undistilled, "verdict": v}
+    paired = paired_by_key(results, cfg.grid.key_points)
+    payload = {"points": [asdict(s) for s in stats], "undistilled_student": undistilled, "verdict": v, "paired": paired}
     times = {"stage_seconds": timings, "students_wall_seconds": students_wall}
     (out / "summary.json").write_text(json.dumps({**payload, **times}, indent=2))
     lines = [
@@ -247,6 +293,14 @@ def write_report(
     if differences:
         lines += ["", "Student accuracy at the key points minus the baseline's (95% Welch interval over seeds):", ""]
         lines += differences
+    if paired_lines(paired):
+        lines += [
+            "",
+            "Paired gap at the key points: temperature student at the same teacher accuracy (same seed) "
+            "minus the point's student, 95% t interval over seeds:",
+            "",
+        ]
+        lines += paired_lines(paired)
     lines += ["", "Stage times (s):", "", *timing_lines(timings, students_wall)]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return v

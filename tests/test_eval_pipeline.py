@@ -112,8 +112,13 @@ def test_the_resumed_run_reports_every_grid_run(resumed_run):
     traces = read_jsonl(root / "traces" / f"{runs[0]}.jsonl")
     assert len(traces) == cfg.task.distill and any(t["completion"] for t in traces)
     assert (report / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "verdict" in json.loads((report / "summary.json").read_text())
-    assert "Target met" in (report / "summary.md").read_text()
+    payload = json.loads((report / "summary.json").read_text())
+    assert "verdict" in payload and "paired" in payload
+    holdout = read_jsonl(root / "holdout.jsonl")
+    assert payload["holdout"]["traces"] == grad["traces"] == len(holdout) == cfg.task.holdout
+    assert payload["holdout"]["completion_tokens"] == grad["trace_tokens"] > 0
+    page = (report / "summary.md").read_text()
+    assert "Target met" in page and f"Gradient g: {cfg.task.holdout} holdout traces" in page and "greedy" in page
 
 
 def test_a_finished_run_reruns_nothing(resumed_run):

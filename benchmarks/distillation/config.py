@@ -65,6 +65,9 @@ class StudentSpec(ModelSpec):
 class SamplingSpec(Strict):
     temperature: float = Field(0.8, ge=0, description="τ of the antidistillation and permutation points")
     top_p: float = Field(1.0, gt=0, le=1)
+    holdout_temperature: float = Field(
+        0.0, ge=0, description="τ of the holdout traces that define g (0: greedy, as the official code samples them)"
+    )
     max_tokens: int = Field(64, gt=0)
     epsilons: list[float] = Field([1e-2, 1e-3, 1e-4], min_length=1, description="candidates; calibrated")
     dtype: str = "float32"

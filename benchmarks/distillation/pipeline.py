@@ -288,7 +288,7 @@ class Pipeline:
         prompts = [prompt_of(p) for p in problems]
         s = self.cfg.sampling
         torch.manual_seed(self.cfg.seed)
-        texts = scoring.sampled_completions(teacher, tok, prompts, s.max_tokens, s.temperature, s.top_p)
+        texts = scoring.sampled_completions(teacher, tok, prompts, s.max_tokens, s.holdout_temperature, s.top_p)
         rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, texts, strict=True)]
         write_jsonl(self.path("holdout.jsonl"), rows)
         return {"traces": len(texts), "accuracy": scoring.accuracy(texts, problems)}
@@ -303,7 +303,7 @@ class Pipeline:
             self.cfg.sampling.epsilons,
         )
         self.path("gradient.json").write_text(json.dumps(info, indent=2))
-        return {k: info[k] for k in ("epsilon", "scale", "mean_loss")}
+        return {k: info[k] for k in ("epsilon", "scale", "mean_loss", "traces", "trace_tokens")}
 
     def grid_requests(
         self, tok: Any, scale: float, points: Sequence[Point]
@@ -444,7 +444,9 @@ class Pipeline:
         spans = [(s["finished"] - s["seconds"], s["finished"]) for s in students if "finished" in s]
         wall = summary.busy_seconds(spans)
         wall += sum(s["seconds"] for s in students if "finished" not in s)
-        verdict = summary.write_report(self.cfg, results, base["student_accuracy"], timings, wall, report)
+        gradient = sentinels["gradient"]
+        holdout = (gradient.get("traces"), gradient.get("trace_tokens"))
+        verdict = summary.write_report(self.cfg, results, base["student_accuracy"], timings, wall, report, holdout)
         return {"target_met": verdict["target_met"]}
 
 

@@ -30,5 +30,6 @@ def gradient_and_scale(proxy: Path, holdout: Path, out: Path, epsilons: Sequence
         "mean_loss": built.mean_loss,
         "grad_norm": built.norm,
         "traces": len(built.traces),
+        "trace_tokens": sum(t.completion_tokens for t in built.traces),
         "calibration": [asdict(p) for p in points],
     }

@@ -255,12 +255,20 @@ def write_report(
     timings: dict[str, float],
     students_wall: float,
     out: Path,
+    holdout: tuple[int | None, int | None] = (None, None),
 ) -> dict[str, Any]:
+    """``holdout``: the traces and completion tokens g was computed on (None: not recorded)."""
     stats = aggregate(results)
     v = verdict(stats, cfg.sampling.temperature)
     plot(stats, undistilled, f"{cfg.name}: teacher vs distilled student", out / "tradeoff.png")
     paired = paired_by_key(results, cfg.grid.key_points)
-    payload = {"points": [asdict(s) for s in stats], "undistilled_student": undistilled, "verdict": v, "paired": paired}
+    payload = {
+        "points": [asdict(s) for s in stats],
+        "undistilled_student": undistilled,
+        "verdict": v,
+        "paired": paired,
+        "holdout": {"traces": holdout[0], "completion_tokens": holdout[1]},
+    }
     times = {"stage_seconds": timings, "students_wall_seconds": students_wall}
     (out / "summary.json").write_text(json.dumps({**payload, **times}, indent=2))
     lines = [
@@ -268,6 +276,9 @@ def write_report(
         "",
         f"Undistilled student: {100 * undistilled:.1f}%. Values: τ for temperature, b = λ·scale otherwise "
         f"(AD points sampled at τ = {cfg.sampling.temperature:g}). ± = 95% interval.",
+        "",
+        f"Gradient g: {_count(holdout[0])} holdout traces, {_count(holdout[1])} completion tokens "
+        f"(τ = {cfg.sampling.holdout_temperature:g}{', greedy' if cfg.sampling.holdout_temperature == 0 else ''}).",
         "",
         table(stats),
         "",
@@ -304,3 +315,7 @@ def write_report(
     lines += ["", "Stage times (s):", "", *timing_lines(timings, students_wall)]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return v
+
+
+def _count(n: int | None) -> str:
+    return "?" if n is None else f"{n:,}"

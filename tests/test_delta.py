@@ -12,7 +12,7 @@ from antidistill.proxy_worker.core.delta import (
     exact_delta,
     finite_difference,
     pad_to_width,
-    zero_non_finite,
+    zero_non_finite_,
 )
 from antidistill.proxy_worker.core.model import StackedProxy
 from antidistill.proxy_worker.core.plan import build_plan
@@ -103,6 +103,8 @@ def test_pad_to_width_and_add_scaled():
 
 def test_non_finite_rows_fall_back_to_zero():
     delta = torch.tensor([[1.0, 2.0], [float("nan"), 1.0], [float("inf"), 0.0]])
-    fixed, bad = zero_non_finite(delta)
+    fixed, bad = zero_non_finite_(delta.clone())
     assert bad.tolist() == [False, True, True]
     assert torch.equal(fixed[0], delta[0]) and torch.equal(fixed[1:], torch.zeros(2, 2))
+    same, _ = zero_non_finite_(delta)
+    assert same.data_ptr() == delta.data_ptr() and torch.equal(delta, fixed)  # in place: no copy per step

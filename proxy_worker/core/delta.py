@@ -60,11 +60,6 @@ def non_finite_rows(delta: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(delta).all(dim=-1)
 
 
-def zero_non_finite(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Δ with bad rows zeroed, bool mask of those rows)."""
-    return zero_non_finite_(delta.clone())
-
-
 def zero_non_finite_(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """In place: zero Δ's bad rows; returns (Δ, bool mask of those rows). No host sync: nothing
     branches on the mask, so on a GPU the host does not wait for Δ here (the caller reads the mask

@@ -3,7 +3,9 @@ bodies they send it, and reading its /metrics. Test modules import from here, ne
 
 from __future__ import annotations
 
+import json
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -87,6 +89,21 @@ def chat(srv: Server, **fields: Any) -> dict[str, Any]:
     """A short greedy chat body; ``fields`` override or add to it."""
     messages = [{"role": "user", "content": "Alice has 3 apples"}]
     return {"model": srv.model, "messages": messages, "max_tokens": 4, "temperature": 0, **fields}
+
+
+def audit_lines(srv: Server) -> list[dict[str, Any]]:
+    """The server's audit lines so far (none before its first request)."""
+    text = srv.audit.read_text() if srv.audit.exists() else ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def audit_until(srv: Server, done: Callable[[list[dict[str, Any]]], bool], seconds: float = 10) -> list[dict[str, Any]]:
+    """The audit lines once ``done`` holds for them (or at the deadline): a request's line is written
+    after its response has been sent, so a client can read the file before its own line is there."""
+    deadline = time.monotonic() + seconds
+    while not done(lines := audit_lines(srv)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return lines
 
 
 def scrape(base: str) -> Samples:

@@ -17,7 +17,7 @@ import pytest
 from antidistill.benchmarks.tiny.reference import ReferenceSampler
 from antidistill.benchmarks.tiny.serving import EPSILONS
 
-from tests.helpers import Server, engine_fixture, scrape, tiny_server, total
+from tests.helpers import Server, audit_lines, audit_until, engine_fixture, scrape, tiny_server, total
 
 TIERS = {
     "guarded": {"lambda": 3.0, "min_lambda": 3.0},
@@ -97,8 +97,8 @@ async def complete(
     return 200, ids, error
 
 
-def audit_lines(srv: Server) -> list[dict]:
-    return [json.loads(line) for line in srv.audit.read_text().splitlines() if line.strip()]
+def guarded(lines: list[dict]) -> list[dict]:
+    return [line for line in lines if line["tier"] == "guarded"]
 
 
 async def _concurrent(srv: Server, tier: str, payloads: list[dict]) -> list[tuple[int, list[int], dict | None]]:
@@ -111,7 +111,10 @@ def test_overflowing_proxy_pool_refuses_and_never_serves_raw(faulty):
     cases = prompts(models, 8)
     payloads = [body(faulty, p, stream=i % 2 == 1) for i, p in enumerate(cases)]
     before = total(scrape(faulty.base), "antidistill_protection_failures_total", reason="budget")
+    audited = len(guarded(audit_lines(faulty)))
     results = asyncio.run(_concurrent(faulty, "guarded", payloads))
+    # a request's audit line and metrics are written just after its response: wait for all eight
+    lines = guarded(audit_until(faulty, lambda lines: len(guarded(lines)) >= audited + 8))[audited:]
     refused = 0
     for prompt, (status, ids, error), payload in zip(cases, results, payloads, strict=True):
         protected = reference(models, LAMBDA, prompt)
@@ -130,7 +133,7 @@ def test_overflowing_proxy_pool_refuses_and_never_serves_raw(faulty):
     assert refused >= 1, "the pool cannot hold 8 requests of ~80 tokens: some must be refused"
     after = total(scrape(faulty.base), "antidistill_protection_failures_total", reason="budget")
     assert after - before == refused
-    lines = [line for line in audit_lines(faulty) if line["tier"] == "guarded"][-8:]
+    assert len(lines) == 8
     assert sum(line["protection_failure"] == "budget" for line in lines) == refused
     assert all(line["protected"] == (line["protection_failure"] is None) for line in lines)
     assert sum(line["status"] == 503 for line in lines) == sum(status == 503 for status, _, _ in results)
@@ -146,15 +149,17 @@ def test_injected_faults_are_refused_counted_and_audited(faulty, token, reason, 
     prompt = (token, *prompts(models, 1)[0])
     good = prompts(models, 2)[1]
     before = total(scrape(faulty.base), "antidistill_protection_failures_total", reason=reason, action="refused")
+    audited = len(audit_lines(faulty))
     payloads = [body(faulty, prompt, stream, 16), body(faulty, good, stream, 16)]
     (status, ids, error), (good_status, good_ids, good_error) = asyncio.run(_concurrent(faulty, "guarded", payloads))
     assert error is not None and error["code"] == 503 and ids == [], "refused before any token"
     assert status == 503, "a refusal found before the first token is a plain 503, streamed or not"
     assert good_status == 200 and good_error is None, "the other request in the batch is unaffected"
     assert good_ids == reference(models, LAMBDA, good, 16)
+    lines = audit_until(faulty, lambda lines: len(lines) >= audited + 2)[audited:]
     after = total(scrape(faulty.base), "antidistill_protection_failures_total", reason=reason, action="refused")
     assert after == before + 1
-    line = next(line for line in reversed(audit_lines(faulty)) if line["status"] == 503)
+    [line] = [line for line in lines if line["status"] == 503]
     assert line["protected"] is False and line["protection_failure"] == reason and line["unprotected_tokens"] == 0
 
 
@@ -162,13 +167,14 @@ def test_degrade_tier_serves_delta_zero_and_flags_it(faulty):
     models = faulty.models
     prompt = (NAN_TOKEN, *prompts(models, 1)[0])
     before = total(scrape(faulty.base), "antidistill_unprotected_tokens_total", tier="lenient")
+    audited = len(audit_lines(faulty))
     headers = faulty.auth("lenient")
     res = httpx.post(
         f"{faulty.base}/v1/completions", json=body(faulty, prompt, False, 16), headers=headers, timeout=120
     )
     assert res.status_code == 200 and res.headers["x-antidistillation-protection"] == "degraded"
     assert res.json()["choices"][0]["token_ids"] == reference(models, 0.0, prompt, 16), "Δ = 0 at every step"
-    line = audit_lines(faulty)[-1]
+    [line] = audit_until(faulty, lambda lines: len(lines) > audited)[audited:]
     assert (
         line["protected"] is False and line["protection_failure"] == "non_finite" and line["unprotected_tokens"] == 16
     )

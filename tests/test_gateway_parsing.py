@@ -13,7 +13,7 @@ import httpx
 import pytest
 from antidistill.server.request import max_body_bytes
 
-from tests.helpers import Server, chat, completion, engine_fixture, tiny_server
+from tests.helpers import Server, audit_lines, audit_until, chat, completion, engine_fixture, tiny_server
 
 TIERS = {
     "free": {"lambda": 3.0, "max_lambda": 6.0, "max_tokens": 64},
@@ -36,17 +36,14 @@ def route(body: dict) -> str:
 
 def call(srv: Server, tier: str | None, path: str, body: dict | bytes, headers: list | None = None, **kw) -> tuple:
     """One request and the audit line it wrote (requests here run one at a time)."""
-    before = len(srv.audit.read_text().splitlines()) if srv.audit.exists() else 0
+    before = len(audit_lines(srv))
     auth = list(srv.auth(tier).items())
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     hdrs = [("content-type", "application/json"), *auth, *(headers or [])]
     res = httpx.post(srv.base + path, content=content, headers=hdrs, timeout=120, **kw)
-    for _ in range(100):  # the line is written once the response has been sent
-        lines = srv.audit.read_text().splitlines()
-        if len(lines) > before:
-            return res, json.loads(lines[before])
-        time.sleep(0.05)
-    raise AssertionError("no audit line")
+    lines = audit_until(srv, lambda lines: len(lines) > before)
+    assert len(lines) > before, "no audit line"
+    return res, lines[before]
 
 
 def no_logprob_data(res: httpx.Response) -> bool:
@@ -207,11 +204,7 @@ def test_oversized_bodies_are_413_without_reading_them(srv):
     chunked = b"".join(b"%x\r\n%s\r\n" % (n, b"x" * n) for n in sizes)
     streamed, _ = raw_post(srv, head + "transfer-encoding: chunked\r\n\r\n", chunked)
     assert streamed.startswith(b"HTTP/1.1 413"), streamed[:300]
-    for _ in range(100):  # the audit line follows the response
-        lines = [json.loads(x) for x in srv.audit.read_text().splitlines()][-2:]
-        if [x["status"] for x in lines] == [413, 413]:
-            break
-        time.sleep(0.05)
+    lines = audit_until(srv, lambda lines: [x["status"] for x in lines[-2:]] == [413, 413])[-2:]
     assert [x["status"] for x in lines] == [413, 413] and all(x["completion_tokens"] == 0 for x in lines), lines
     fits = completion(srv, max_tokens=1)
     pad = limit - len(json.dumps({**fits, "user": ""}).encode())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -17,7 +16,7 @@ import pytest
 import yaml
 from antidistill.server.tiers import new_key
 
-from tests.helpers import Server, engine_fixture, tiny_server
+from tests.helpers import Server, audit_lines, audit_until, engine_fixture, tiny_server
 
 TIERS = {
     "free": {"lambda": 3.0, "max_lambda": 6.0, "max_tokens": 64},
@@ -169,9 +168,10 @@ def test_escalation_raises_lambda_for_heavy_users(deployment):
 
 def test_audit_lines(deployment):
     dep = deployment
+    audited = len(audit_lines(dep))
     chat(dep, "pro")
-    lines = [json.loads(x) for x in dep.audit.read_text().splitlines()]
-    pro = [x for x in lines if x["tier"] == "pro" and x["status"] == 200]
+    lines = audit_until(dep, lambda lines: any(x["tier"] == "pro" and x["status"] == 200 for x in lines[audited:]))
+    pro = [x for x in lines[audited:] if x["tier"] == "pro" and x["status"] == 200]
     assert pro, lines[-3:]
     line = pro[-1]
     assert len(line["key_id"]) == 12 and line["lambda"] == 1.0 and line["profile"] == "code"

@@ -5,7 +5,6 @@ refused, the tier's λ floor holds, and the audit names the tier and the account
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -18,7 +17,7 @@ from antidistill.benchmarks.tiny.reference import ReferenceSampler
 from antidistill.benchmarks.tiny.serving import EPSILONS, write_tiers
 from antidistill.server.trusted_gateway import SECRET_ENV, SignedCaller, signed_headers
 
-from tests.helpers import Server, chat, completion, engine_fixture, tiny_server
+from tests.helpers import Server, audit_until, chat, completion, engine_fixture, tiny_server
 
 SECRET = "trusted-gateway-test-secret-" + "0123456789abcdef" * 2
 SKEW = 5  # seconds: short, so that a replay can be shown stale without a long wait
@@ -53,10 +52,6 @@ def post(srv: Server, path: str, body: dict, headers: dict[str, str] | None = No
 
 def signed(tier: str, account: str, path: str = COMPLETIONS, **kw: float) -> dict[str, str]:
     return signed_headers(SECRET, tier, account, path, **kw)
-
-
-def audit_lines(srv: Server) -> list[dict]:
-    return [json.loads(line) for line in srv.audit.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -153,11 +148,16 @@ def test_limits_follow_the_signed_account(gateway):
 
 
 def test_audit_names_the_signed_tier_and_account(gateway):
-    post(gateway, COMPLETIONS, completion(gateway, max_tokens=2), signed("free", "audited-account"))
-    post(gateway, CHAT, chat(gateway, max_tokens=2), signed("free", "audited-account", CHAT))
-    lines = audit_lines(gateway)
+    plain = post(gateway, COMPLETIONS, completion(gateway, max_tokens=2), signed("free", "audited-account"))
+    chatted = post(gateway, CHAT, chat(gateway, max_tokens=2), signed("free", "audited-account", CHAT))
+    assert plain.status_code == chatted.status_code == 200, (plain.text, chatted.text)
     key_id = SignedCaller("free", "audited-account").key_id
-    served = [x for x in lines if x["key_id"] == key_id and x["status"] == 200]
+
+    def served_of(lines: list[dict]) -> list[dict]:
+        return [x for x in lines if x["key_id"] == key_id and x["status"] == 200]
+
+    lines = audit_until(gateway, lambda lines: {x["path"] for x in served_of(lines)} >= {COMPLETIONS, CHAT})
+    served = served_of(lines)
     assert served and served[-1]["tier"] == "free" and served[-1]["lambda"] == 3.0, lines[-3:]
     assert {x["path"] for x in served} == {COMPLETIONS, CHAT} and all(x["account"] == "audited-account" for x in served)
     refused = [x for x in lines if x["status"] == 401]

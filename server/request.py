@@ -74,8 +74,10 @@ def validate(model: type[GenerationRequest], body: dict[str, Any]) -> Generation
         raise PolicyError(400, *validation_message(exc)) from None
     except VLLMValidationError as exc:  # raised by vLLM's "before" validators, not wrapped by pydantic
         raise PolicyError(400, exc.args[0] if exc.args else str(exc), exc.parameter) from None
-    except (ValueError, TypeError, OverflowError, AttributeError, RecursionError) as exc:
-        raise PolicyError(400, f"invalid request: {exc}") from None
+    except (ValueError, TypeError, OverflowError, AttributeError, LookupError, RecursionError) as exc:
+        # vLLM's "before" validators read the raw body and crash on shapes they do not expect (found
+        # by fuzzing: a tool without function.name is a KeyError): the request's fault, never a 500
+        raise PolicyError(400, f"invalid request: {type(exc).__name__} {exc}") from None
 
 
 def validation_message(exc: ValidationError) -> tuple[str, str | None]:

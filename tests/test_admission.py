@@ -93,6 +93,13 @@ def test_invalid_bodies_are_vllms_400():
         (COMPLETIONS, b'{"prompt": "x", "structured_outputs": [1]}', "structured_outputs"),
         (CHAT, b'{"messages": "hi"}', "messages"),
         (CHAT, b'{"messages": [], "stream_options": {"include_usage": true}}', "stream_options"),
+        # found by fuzzing: vLLM 0.32's tool_choice validator indexes tools[i]["function"]["name"] (KeyError → 500)
+        (
+            CHAT,
+            b'{"messages": [], "tools": [{"type": "function", "function": {}}],'
+            b' "tool_choice": {"type": "function", "function": {"name": "f"}}}',
+            None,
+        ),
     ]
     for route, raw, param in cases:
         with pytest.raises(PolicyError) as err:

@@ -28,6 +28,7 @@ class Exchange:
     path: str
     start: float
     lam: float | None = None
+    strength: float | None = None  # λ·s on the applied profile (None: its gradient stores no Δ scale)
     profile: str | None = None
     escalated: bool = False
     stream: bool = False
@@ -53,11 +54,13 @@ class Accounting:
         async def wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
                 ex.status = message["status"]
-                message["headers"] = [
-                    *message.get("headers", []),
+                labels = [
                     (b"x-antidistillation-tier", ex.caller.tier_name.encode()),
                     (b"x-antidistillation-lambda", f"{ex.lam:g}".encode()),
                 ]
+                if ex.strength is not None:
+                    labels.append((b"x-antidistillation-strength", f"{ex.strength:.4g}".encode()))
+                message["headers"] = [*message.get("headers", []), *labels]
             elif message["type"] == "http.response.body":
                 message["body"] = count_output(ex, message.get("body", b""), not message.get("more_body"))
             await send(message)
@@ -81,6 +84,7 @@ class Accounting:
             "tier": ex.caller.tier_name or None,
             "account": ex.caller.account,  # a key's account, or the one a trusted gateway signed
             "lambda": ex.lam,
+            "strength": ex.strength,
             "profile": ex.profile,
             "escalated": ex.escalated,
             "path": ex.path,

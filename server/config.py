@@ -4,11 +4,13 @@ travels in environment variables; this module is the only place that names them.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from antidistill.proxy_worker.core.strength import ProfileScales
 from antidistill.proxy_worker.runtime.failure_ledger import ENV_VAR as LEDGER_ENV
 from antidistill.server.trusted_gateway import DEFAULT_MAX_SKEW, SECRET_ENV, check_skew, resolve_secret
 
@@ -16,6 +18,7 @@ TIERS_ENV, AUDIT_ENV, AUDIT_TEXT_ENV = "ANTIDISTILL_TIERS", "ANTIDISTILL_AUDIT_L
 DRAIN_ENV, MAX_BODY_ENV = "ANTIDISTILL_DRAIN_TIMEOUT", "ANTIDISTILL_MAX_BODY_BYTES"
 STATE_ENV, LEASE_ENV = "ANTIDISTILL_STATE", "ANTIDISTILL_STATE_LEASE_SECONDS"
 STATE_TIMEOUT_ENV = "ANTIDISTILL_STATE_TIMEOUT"
+SCALES_ENV = "ANTIDISTILL_PROFILE_SCALES"  # JSON: each gradient profile's Δ scale (tiers' strength → λ)
 GATEWAY_SKEW_ENV = "ANTIDISTILL_GATEWAY_MAX_SKEW"  # the secret travels in trusted_gateway.SECRET_ENV
 
 
@@ -61,6 +64,7 @@ class GatewayConfig:
     state: str | None = field(default=None, repr=False)  # redis://… shared limits (shared_limits.py); None: memory
     state_lease_seconds: float = 30.0  # in-flight leases of a dead replica expire after this
     state_timeout: float = 0.1  # per Redis socket operation; a call is bounded by twice this
+    scales: ProfileScales = field(default_factory=ProfileScales)  # the gradients' Δ scales (strength tiers)
 
     def export(self, env: MutableMapping[str, str] = os.environ) -> None:
         """Hand the configuration to the middleware vLLM will build in this process (tests pass
@@ -77,6 +81,7 @@ class GatewayConfig:
             STATE_ENV: self.state,
             LEASE_ENV: str(self.state_lease_seconds),
             STATE_TIMEOUT_ENV: str(self.state_timeout),
+            SCALES_ENV: json.dumps(self.scales.to_json()),
         }
         for name, value in values.items():
             if value is None:
@@ -106,8 +111,9 @@ class GatewayConfig:
                 state=check_state_url(env[STATE_ENV]) if env.get(STATE_ENV) else None,
                 state_lease_seconds=float(env.get(LEASE_ENV, cls.state_lease_seconds)),
                 state_timeout=check_state_timeout(float(env.get(STATE_TIMEOUT_ENV, cls.state_timeout))),
+                scales=ProfileScales.from_json(json.loads(env[SCALES_ENV])) if env.get(SCALES_ENV) else ProfileScales(),
             )
-        except ValueError as exc:
+        except ValueError as exc:  # json.JSONDecodeError is one
             raise GatewayConfigError(f"gateway configuration: {exc}") from None
         if not config.state_lease_seconds >= 1:
             raise GatewayConfigError(f"{LEASE_ENV} must be at least 1 (seconds), got {config.state_lease_seconds}")

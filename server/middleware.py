@@ -56,7 +56,7 @@ class AntidistillationMiddleware:
     def __init__(self, app: Callable, config: GatewayConfig | None = None) -> None:
         self.app = app
         self.config = config or GatewayConfig.from_env()
-        self.tiers = load_tiers(self.config.tiers)
+        self.tiers = load_tiers(self.config.tiers, self.config.scales)
         self.limits = open_state(self.config.state, self.config.state_lease_seconds, self.config.state_timeout)
         secret = self.config.gateway_secret
         self.gateway = GatewayVerifier(secret, self.config.gateway_max_skew) if secret else None
@@ -69,7 +69,7 @@ class AntidistillationMiddleware:
     def reload(self) -> bool:
         """Re-read the tiers file; a bad file keeps the old table (in-flight requests are untouched)."""
         try:
-            self.tiers = load_tiers(self.tiers.source)
+            self.tiers = load_tiers(self.tiers.source, self.tiers.scales)
         except TiersError as exc:
             log.error("tiers reload failed, keeping the previous tiers: %s", exc)
             return False
@@ -173,6 +173,7 @@ class AntidistillationMiddleware:
                 await self.limits.release(grant.lease, 0, refund=True)
                 raise
         ex.lam, ex.profile, ex.escalated = decided.lam, decided.profile, escalated is not None
+        ex.strength = self.tiers.scales.strength(decided.lam, decided.profile)
         ex.stream, ex.hide_usage = decided.stream, decided.hide_usage
         body = canonical(decided.request)
         ex.prompt_text = (body.get("messages") or body.get("prompt")) if self.accounting.audit_text else None

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from antidistill.proxy_worker.core.config import ProxyConfig, ProxyConfigError, load_config
-from antidistill.proxy_worker.core.gradient_file import check_gradient_header
+from antidistill.proxy_worker.core.gradient_file import check_gradient_header, read_delta_scale
+from antidistill.proxy_worker.core.strength import ProfileScales
 from antidistill.proxy_worker.core.weights import (
     WeightsError,
     check_shapes,
@@ -98,6 +99,34 @@ def check_checkpoints(proxy: str, gradients: dict[str, str]) -> None:
             check_gradient_header(path, cfg)
     except (ProxyConfigError, WeightsError, CheckpointError) as exc:
         raise StartupError(str(exc)) from None
+
+
+def profile_scales(settings: ProcessorSettings) -> ProfileScales:
+    """Each loaded profile's Δ scale, read from its gradient file's metadata (None: it stores none)."""
+    try:
+        scales = {name: read_delta_scale(spec.gradient) for name, spec in settings.profiles.items()}
+    except WeightsError as exc:
+        raise StartupError(str(exc)) from None
+    gradients = {name: spec.gradient for name, spec in settings.profiles.items()}
+    return ProfileScales(scales, settings.default_profile, gradients, settings.proxy)
+
+
+def describe_tiers(tiers: TierTable) -> list[str]:
+    """One start-up line per tier: its λ and what that is as a strength on its profile."""
+    lines = []
+    for name, tier in tiers.spec.tiers.items():
+        profile = tiers.scales.profile(tier.profile)
+        scale = tiers.scales.scale(profile)
+        given = "strength" if tier.strength is not None else "lambda"
+        strength = "strength unknown (its gradient stores no Δ scale)"
+        if scale is not None:
+            low, mid, high = (lam * scale for lam in (tier.min_lambda, tier.lambda_, tier.max_lambda))
+            strength = f"strength {mid:.4g} [{low:.4g}, {high:.4g}] at Δ scale {scale:.4g}"
+        lines.append(
+            f"tier {name} (given as {given}): λ {tier.lambda_:.4g} [{tier.min_lambda:.4g}, {tier.max_lambda:.4g}] "
+            f"on profile {profile}, {strength}"
+        )
+    return lines
 
 
 def check_tiers(tiers: TierTable, settings: ProcessorSettings) -> None:

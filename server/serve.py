@@ -37,6 +37,8 @@ from antidistill.server.preflight import (
     check_logprobs_mode,
     check_teacher_args,
     check_tiers,
+    describe_tiers,
+    profile_scales,
 )
 from antidistill.server.tiers import TiersError, load_tiers
 from antidistill.server.trusted_gateway import (
@@ -308,8 +310,9 @@ def serve(argv: Sequence[str]) -> None:
         raise StartupError(f"--max-body-bytes {ours.max_body_bytes}: must be at least 1024")
     if not ours.tiers:
         raise StartupError("--tiers FILE is required (see `antidistill keygen` and docs/serving.md: Tiers)")
+    scales = profile_scales(settings)
     try:
-        tiers = load_tiers(ours.tiers)
+        tiers = load_tiers(ours.tiers, scales)
     except TiersError as exc:
         raise StartupError(str(exc)) from None
     check_tiers(tiers, settings)
@@ -361,11 +364,14 @@ def serve(argv: Sequence[str]) -> None:
         state=ours.state,
         state_lease_seconds=ours.state_lease_seconds,
         state_timeout=ours.state_timeout,
+        scales=scales,
     ).export()
     args.additional_config = {**(args.additional_config or {}), CONFIG_KEY: config}
     args.logits_processors = with_our_processor(args.logits_processors or [], processor_for(engine_config(args)))
     args.middleware = [*(args.middleware or []), MIDDLEWARE]
     validate_parsed_serve_args(args)
+    for line in describe_tiers(tiers):
+        print(f"antidistill: {line}", file=sys.stderr, flush=True)
     uvloop.run(run_server(args))
     from antidistill.server.lifecycle import stopped_without_signal
 

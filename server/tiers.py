@@ -4,8 +4,13 @@ The tiers file (YAML) maps API keys — stored only as SHA-256 hashes — to tie
 which λ is applied by default, the floor a client may not go below, the ceiling, the gradient
 profile, and optional limits. It is validated with pydantic; errors name the field.
 
+A tier gives its protection either as λ (``lambda``, ``min_lambda``, ``max_lambda``) or as a
+strength (``strength``, ``min_strength``, ``max_strength``): λ·s, where s is the Δ scale stored in
+the tier's gradient file (core/strength.py). A strength means the same on any gradient; it is turned
+into λ = strength / s when the file is loaded, so everything after loading works in λ.
+
     tiers:
-      free:     {lambda: 3.0, max_lambda: 6.0, profile: math, rpm: 20, max_tokens: 512, max_logprobs: 0}
+      free:     {strength: 1.0, max_strength: 2.0, profile: math, rpm: 20, max_tokens: 512, max_logprobs: 0}
       pro:      {lambda: 1.0, min_lambda: 0.5, max_lambda: 3.0, on_protection_failure: degrade}
       internal: {lambda: 0.0}
       anonymous: {lambda: 5.0, rpm: 5}     # optional: serves requests that carry no key
@@ -26,8 +31,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from antidistill.proxy_worker.core.strength import ProfileScales, lambda_for
 from antidistill.proxy_worker.runtime.settings import one_line
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 ANONYMOUS = "anonymous"
 KEY_PREFIX = "ad-"
@@ -50,9 +56,12 @@ class Escalation(BaseModel):
 class Tier(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    lambda_: float = Field(alias="lambda", ge=0, description="λ applied when the client asks for none")
+    lambda_: float | None = Field(None, alias="lambda", ge=0, description="λ applied when the client asks for none")
     min_lambda: float | None = Field(None, ge=0, description="floor a client may request (default: lambda)")
     max_lambda: float | None = Field(None, ge=0, description="ceiling a client may request (default: lambda)")
+    strength: float | None = Field(None, ge=0, description="instead of lambda: λ·s, s the profile's Δ scale")
+    min_strength: float | None = Field(None, ge=0, description="instead of min_lambda (default: strength)")
+    max_strength: float | None = Field(None, ge=0, description="instead of max_lambda (default: strength)")
     profile: str | None = Field(None, description="gradient profile (default: the server's default)")
     rpm: int | None = Field(None, gt=0, description="requests per minute per key")
     tpm: int | None = Field(None, gt=0, description="tokens (prompt + max_tokens) per minute per key")
@@ -69,7 +78,11 @@ class Tier(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _range(self) -> Tier:
+    def _range(self, info: ValidationInfo) -> Tier:
+        if self.strength is not None or self.min_strength is not None or self.max_strength is not None:
+            self._from_strength(info.context if isinstance(info.context, ProfileScales) else ProfileScales())
+        if self.lambda_ is None:
+            raise ValueError("needs lambda (λ) or strength (λ·s)")
         self.min_lambda = self.lambda_ if self.min_lambda is None else self.min_lambda
         self.max_lambda = self.lambda_ if self.max_lambda is None else self.max_lambda
         if not self.min_lambda <= self.lambda_ <= self.max_lambda:
@@ -81,6 +94,26 @@ class Tier(BaseModel):
         if self.allow_prompt_logprobs is None:
             self.allow_prompt_logprobs = self.min_lambda == 0
         return self
+
+    def _from_strength(self, scales: ProfileScales) -> None:
+        """Set the λ fields from the strength fields: λ = strength / s of this tier's profile."""
+        if self.lambda_ is not None or self.min_lambda is not None or self.max_lambda is not None:
+            raise ValueError("give lambda/min_lambda/max_lambda or strength/min_strength/max_strength, not both")
+        if self.strength is None:
+            raise ValueError("min_strength/max_strength need strength")
+        low = self.strength if self.min_strength is None else self.min_strength
+        high = self.strength if self.max_strength is None else self.max_strength
+        if not low <= self.strength <= high:
+            raise ValueError(f"need min_strength ≤ strength ≤ max_strength, got {low}, {self.strength}, {high}")
+        profile = scales.profile(self.profile)
+        scale = scales.scale(profile)
+        if scale is None:
+            raise ValueError(
+                f"strength needs the Δ scale of gradient profile {profile or '(default)'!r}, and its file stores "
+                f"none: {scales.missing_hint(profile)}"
+            )
+        self.lambda_, self.min_lambda, self.max_lambda = (lambda_for(b, scale) for b in (self.strength, low, high))
+        self.min_strength, self.max_strength = low, high
 
 
 class Account(BaseModel):
@@ -143,11 +176,13 @@ class Caller:
 
 
 class TierTable:
-    """Lookup from a presented API key to its caller; immutable (reload builds a new one)."""
+    """Lookup from a presented API key to its caller; immutable (reload builds a new one). ``scales``
+    are the loaded profiles' Δ scales: strengths were resolved with them, and reports use them."""
 
-    def __init__(self, spec: TiersFile, source: str) -> None:
+    def __init__(self, spec: TiersFile, source: str, scales: ProfileScales | None = None) -> None:
         self.spec = spec
         self.source = source
+        self.scales = scales or ProfileScales()
         self._by_hash = {k.sha256: k for k in spec.keys}
 
     def profiles(self) -> set[str]:
@@ -168,7 +203,9 @@ class TierTable:
         return None if name is None else self.spec.accounts.get(name)
 
 
-def load_tiers(path: str | Path) -> TierTable:
+def load_tiers(path: str | Path, scales: ProfileScales | None = None) -> TierTable:
+    """The tiers file at ``path``, validated; a ``strength`` is turned into λ with ``scales`` (a
+    strength tier whose profile has no known Δ scale is a TiersError naming how to add it)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -177,6 +214,6 @@ def load_tiers(path: str | Path) -> TierTable:
     except yaml.YAMLError as exc:
         raise TiersError(f"{path}: invalid YAML ({' '.join(str(exc).split())})") from None  # one line
     try:
-        return TierTable(TiersFile.model_validate(raw), str(path))
+        return TierTable(TiersFile.model_validate(raw, context=scales or ProfileScales()), str(path), scales)
     except ValidationError as exc:
         raise TiersError(f"{path}: {one_line(exc)}") from None

@@ -14,7 +14,14 @@ import yaml
 from antidistill.benchmarks.tiny.models import CORPUS
 from antidistill.benchmarks.tiny.serving import build_models
 from antidistill.proxy_worker.core.config import load_config
-from antidistill.proxy_worker.core.gradient_file import check_gradient_header, load_gradient
+from antidistill.proxy_worker.core.gradient_file import (
+    DELTA_SCALE_KEY,
+    check_gradient_header,
+    load_gradient,
+    read_metadata,
+    save_gradient,
+)
+from antidistill.proxy_worker.core.strength import ADD_SCALE
 from antidistill.proxy_worker.runtime.settings import PROCESSOR_PATH, PROCESSOR_PATH_V2
 from antidistill.server import serve as serve_module
 from antidistill.server.cli import COMMANDS, main
@@ -157,6 +164,20 @@ def test_startup_errors_are_one_line(models, tmp_path, capsys):
     for args, needle in cases:
         code, err = run(capsys, *args)
         assert code == 1 and needle in err and err.count("\n") == 0, (args, err)
+
+
+def test_a_strength_tier_on_a_gradient_without_a_scale_stops_startup_with_the_fix(models, tmp_path, capsys):
+    """A gradient written before Δ scales were stored cannot serve a ``strength:`` tier: one line
+    naming the tier, the profile and the command that stores the scale; ``lambda:`` tiers still start."""
+    old = tmp_path / "old.safetensors"
+    meta = {k: v for k, v in read_metadata(models.gradients["math"]).items() if k != DELTA_SCALE_KEY}
+    save_gradient(old, load_gradient(models.gradients["math"], load_config(models.proxy)), meta)
+    tiers = tmp_path / "tiers.yaml"
+    tiers.write_text(yaml.safe_dump({"tiers": {"free": {"strength": 1.0}}}))
+    code, err = run(capsys, "--proxy", str(models.proxy), "--gradient", f"math={old}", "--tiers", str(tiers))
+    fix = ADD_SCALE.format(proxy=models.proxy, gradient=old)
+    assert code == 1 and err.count("\n") == 0, err
+    assert "tiers.free" in err and "'math'" in err and fix in err, err
 
 
 def test_bad_checkpoints_and_tiers_are_one_line(models, tmp_path, capsys):

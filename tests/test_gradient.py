@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 from antidistill.benchmarks.tiny.models import load_hf
 from antidistill.proxy_worker.core.config import load_config
-from antidistill.proxy_worker.core.gradient_file import CONFIG_HASH_KEY, load_gradient, read_metadata
+from antidistill.proxy_worker.core.gradient_file import (
+    CONFIG_HASH_KEY,
+    DELTA_SCALE_KEY,
+    load_gradient,
+    read_delta_scale,
+    read_metadata,
+    save_gradient,
+)
 from antidistill.proxy_worker.core.rope import RotaryTable
-from antidistill.proxy_worker.core.weights import expected_shapes, load_proxy_state, stack_copies
+from antidistill.proxy_worker.core.weights import WeightsError, expected_shapes, load_proxy_state, stack_copies
 from antidistill.proxy_worker.tools import gradient
 from antidistill.proxy_worker.tools.traces import TraceError, read_traces, tokenize_trace
 
@@ -116,3 +124,74 @@ def test_bad_trace_lines_name_the_line(tmp_path, line, needle):
     f.write_text(line + "\n")
     with pytest.raises(TraceError, match=needle):
         read_traces(f)
+
+
+def hf_delta_scale(path, grad, tokenizer, records, positions_per_trace):
+    """The Δ scale recomputed through the HF model: central differences of log-softmax in fp64 along
+    g, std over the vocabulary at each trace's completion positions, averaged."""
+    model = load_hf(path, torch.float64)
+    params = dict(model.named_parameters())
+    stds = []
+    for rec in records:
+        t = tokenize_trace(tokenizer, rec)
+        where = positions_per_trace(t)
+        logp = []
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.add_(sign * 1e-6 * grad[name].double())
+                logp.append(torch.log_softmax(model(torch.tensor([t.ids])).logits[0, where], dim=-1))
+                for name, p in params.items():
+                    p.sub_(sign * 1e-6 * grad[name].double())
+        stds.append(((logp[0] - logp[1]) / 2e-6).std(dim=-1))
+    return float(torch.cat(stds).mean())
+
+
+def test_gradient_file_stores_the_delta_scale(model_dir, tokenizer, tmp_path):
+    """The stored s is Δ's per-position std over the vocabulary at completion positions, as an
+    independent fp64 finite difference through HF computes it (what strength = λ·s is measured in)."""
+    path = model_dir("llama", tie=True)
+    cfg = load_config(path)
+    built = gradient.build_gradient_file(path, TRACES, tmp_path / "g.safetensors", tokenizer=tokenizer)
+    stored = read_delta_scale(built.path)
+    positions = partial(gradient.completion_positions, count=gradient.SCALE_POSITIONS)
+    reference = hf_delta_scale(path, load_gradient(built.path, cfg), tokenizer, TRACES, positions)
+    assert stored == pytest.approx(reference, rel=1e-4)
+    assert stored > 0
+
+
+def test_completion_positions_predict_completion_tokens_only():
+    t = gradient.TokenizedTrace(list(range(1, 21)), 5)  # tokens 5..19 are the completion
+    assert gradient.completion_positions(t, 100) == list(range(4, 19))
+    spaced = gradient.completion_positions(t, 4)
+    assert spaced[0] == 4 and spaced[-1] == 18 and len(spaced) == 4
+
+
+def test_add_scale_stores_it_in_an_older_gradient_and_keeps_g(model_dir, tokenizer, tmp_path):
+    """A gradient written before scales were stored gets one from ``--add-scale``: the same s a
+    fresh build stores, with g and the other metadata unchanged."""
+    path = model_dir("qwen3")
+    cfg = load_config(path)
+    traces = tmp_path / "holdout.jsonl"
+    traces.write_text("\n".join(json.dumps(r) for r in TRACES) + "\n")
+    fresh = gradient.build_gradient_file(path, traces, tmp_path / "fresh.safetensors", tokenizer=tokenizer)
+    old = tmp_path / "old.safetensors"
+    legacy = {k: v for k, v in fresh.metadata.items() if k != DELTA_SCALE_KEY}
+    save_gradient(old, fresh.grad, legacy)
+    assert read_delta_scale(old) is None
+    assert gradient.main(["--add-scale", "--proxy", str(path), "--traces", str(traces), "--out", str(old)]) == 0
+    assert read_delta_scale(old) == read_delta_scale(fresh.path)
+    kept = load_gradient(old, cfg)
+    assert all(torch.equal(kept[k], fresh.grad[k]) for k in fresh.grad)
+    assert {k: v for k, v in read_metadata(old).items() if k != DELTA_SCALE_KEY} == {
+        k: str(v) for k, v in legacy.items()
+    }
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "abc"])
+def test_a_bad_stored_scale_is_named(model_dir, tmp_path, value):
+    cfg = load_config(model_dir("llama"))
+    g = {k: torch.zeros(s) for k, s in expected_shapes(cfg).items()}
+    save_gradient(tmp_path / "g.safetensors", g, {DELTA_SCALE_KEY: value})
+    with pytest.raises(WeightsError, match=f"metadata {DELTA_SCALE_KEY} must be a finite number > 0"):
+        read_delta_scale(tmp_path / "g.safetensors")

@@ -14,6 +14,9 @@ import httpx
 import openai
 import pytest
 import yaml
+from antidistill.benchmarks.tiny.reference import ReferenceSampler, agrees_up_to_noise
+from antidistill.benchmarks.tiny.serving import EPSILONS
+from antidistill.proxy_worker.core.gradient_file import read_delta_scale
 from antidistill.server.tiers import new_key
 
 from tests.helpers import Server, audit_lines, audit_until, engine_fixture, tiny_server
@@ -25,7 +28,9 @@ TIERS = {
     "limited": {"lambda": 1.0, "rpm": 3},
     "single": {"lambda": 1.0, "max_concurrent": 1},
     "watched": {"lambda": 0.5, "max_lambda": 1.0, "escalation": {"tokens_per_hour": 20, "lambda": 4.0}},
+    "portable": {"strength": 50.0, "min_strength": 25.0, "max_strength": 75.0},  # λ ≈ 2.3 on the tiny math g
 }
+PORTABLE = 50.0
 
 
 def tiers_with_a_revoked_key(path: Path, tiers: Mapping[str, Any]) -> dict[str, str]:
@@ -88,6 +93,51 @@ def test_openai_sdk_per_tier(deployment, tier, stream):
     )
     assert comp.headers["x-antidistillation-lambda"] == expected
     assert comp.status_code == 200
+
+
+def test_every_response_states_its_strength_on_its_profile(deployment):
+    """λ tiers are labelled with what their λ is as a strength on their own gradient: λ·s."""
+    for tier, profile in (("free", "math"), ("pro", "code")):
+        raw = chat(deployment, tier)
+        lam = float(raw.headers["x-antidistillation-lambda"])
+        scale = read_delta_scale(deployment.models.gradients[profile])
+        assert float(raw.headers["x-antidistillation-strength"]) == pytest.approx(lam * scale, rel=1e-3)
+
+
+def test_a_strength_tier_is_served_at_lambda_strength_over_scale(deployment):
+    """A ``strength:`` tier's greedy tokens are the independent reference's at λ = b / s (s stored in
+    the tier's gradient file), not at λ = b; the headers and the audit line give both."""
+    dep = deployment
+    models = dep.models
+    scale = read_delta_scale(models.gradients["math"])
+    lam = PORTABLE / scale
+    prompt = models.tokenizer("Question 7: Alice has 7 apples and buys 15 more, so")["input_ids"]
+    body = {
+        "model": dep.model,
+        "prompt": prompt,
+        "max_tokens": 16,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+    audited = len(audit_lines(dep))
+    res = httpx.post(dep.base + "/v1/completions", json=body, headers=dep.auth("portable"), timeout=120)
+    assert res.status_code == 200, res.text
+    assert float(res.headers["x-antidistillation-lambda"]) == pytest.approx(lam, rel=1e-5)
+    assert float(res.headers["x-antidistillation-strength"]) == pytest.approx(PORTABLE, rel=1e-3)
+    served = res.json()["choices"][0]["token_ids"]
+    theta, grad = models.theta_and_grad("math")
+    sampler = ReferenceSampler(models.teacher, models.proxy, theta, grad, EPSILONS["math"])
+    expected, margins = sampler.greedy(prompt, lam, 16)
+    assert agrees_up_to_noise(expected, margins, served), (served, expected)
+    assert sampler.generate(prompt, 0.0, 16) != expected, "the strength must change the tokens for this to test it"
+    lines = audit_until(dep, lambda lines: any(x["tier"] == "portable" for x in lines[audited:]))
+    line = next(x for x in lines[audited:] if x["tier"] == "portable")
+    assert line["lambda"] == pytest.approx(lam, rel=1e-6) and line["strength"] == pytest.approx(PORTABLE, rel=1e-6)
+    with pytest.raises(openai.PermissionDeniedError, match="allowed range"):
+        client(dep, "portable").completions.create(
+            model=dep.model, prompt="x", max_tokens=2, extra_body={"vllm_xargs": {"ad_lambda": 80 / scale}}
+        )
 
 
 def test_floor_cannot_be_bypassed(deployment):

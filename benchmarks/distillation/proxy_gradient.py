@@ -1,5 +1,6 @@
 """The ``gradient`` stage: g on the holdout traces (the production gradient tool's functions), then
-ε calibrated against the exact JVP and the Δ scale that turns grid strengths b into λ = b / scale."""
+ε calibrated against the exact JVP; the Δ scale that turns grid strengths b into λ = b / scale is the
+one the gradient file stores (core/strength.py), as a server's ``strength:`` tiers use it."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from antidistill.proxy_worker.core.config import load_config
+from antidistill.proxy_worker.core.gradient_file import DELTA_SCALE_KEY
 from antidistill.proxy_worker.core.plan import build_plan
-from antidistill.proxy_worker.tools.calibrate import calibrate, delta_scale, exact_reference, recommend
+from antidistill.proxy_worker.tools.calibrate import calibrate, exact_reference, recommend
 from antidistill.proxy_worker.tools.gradient import build_gradient_file
 
 CALIBRATION_TRACES = 8
@@ -26,7 +28,7 @@ def gradient_and_scale(proxy: Path, holdout: Path, out: Path, epsilons: Sequence
     best = recommend(points)["float32"]
     return {
         "epsilon": best.epsilon,
-        "scale": delta_scale(exact),
+        "scale": float(built.metadata[DELTA_SCALE_KEY]),
         "mean_loss": built.mean_loss,
         "grad_norm": built.norm,
         "traces": len(built.traces),

@@ -55,6 +55,12 @@ def exact_delta(
     return tangent_out[0]
 
 
+def delta_scale(delta: torch.Tensor) -> float:
+    """The Δ scale (core/strength.py): mean over positions (rows of ``delta`` [N, V]) of Δ's standard
+    deviation across the vocabulary."""
+    return float(delta.double().std(dim=-1).mean())
+
+
 def non_finite_rows(delta: torch.Tensor) -> torch.Tensor:
     """Bool [B]: rows with any NaN/inf. Such rows must fall back to Δ = 0, never reach the sampler."""
     return ~torch.isfinite(delta).all(dim=-1)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from antidistill.proxy_worker.core.config import ProxyConfig
+from antidistill.proxy_worker.core.strength import check_scale
 from antidistill.proxy_worker.core.weights import (
     WeightsError,
     check_shapes,
@@ -23,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 CONFIG_HASH_KEY = "proxy_config_hash"
+DELTA_SCALE_KEY = "delta_scale"  # core/strength.py: what turns a tier's strength into λ
 
 
 def save_gradient(path: str | Path, grad: Mapping[str, torch.Tensor], metadata: Mapping[str, object]) -> None:
@@ -35,6 +37,22 @@ def save_gradient(path: str | Path, grad: Mapping[str, torch.Tensor], metadata: 
 def read_metadata(path: str | Path) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
+
+
+def read_delta_scale(path: str | Path) -> float | None:
+    """The Δ scale stored in a gradient file (None: a file written before scales were stored);
+    WeightsError for an unreadable file or a stored value that is not a finite number > 0."""
+    try:
+        raw = read_metadata(path).get(DELTA_SCALE_KEY)
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise WeightsError(f"gradient {path}: cannot read safetensors ({exc})") from None
+    if raw is None:
+        return None
+    try:
+        return check_scale(float(raw), DELTA_SCALE_KEY)
+    except ValueError:
+        message = f"gradient {path}: metadata {DELTA_SCALE_KEY} must be a finite number > 0, got {raw!r}"
+        raise WeightsError(message) from None
 
 
 def check_gradient_header(path: str | Path, cfg: ProxyConfig) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from antidistill.proxy_worker.core.config import ProxyConfig, load_config
-from antidistill.proxy_worker.core.delta import exact_delta, finite_difference
+from antidistill.proxy_worker.core.delta import delta_scale, exact_delta, finite_difference
 from antidistill.proxy_worker.core.gradient_file import load_gradient
 from antidistill.proxy_worker.core.model import StackedProxy
 from antidistill.proxy_worker.core.plan import StepPlan, build_plan
@@ -62,12 +62,6 @@ def exact_reference(
         plan,
         output="all",
     )
-
-
-def delta_scale(delta: torch.Tensor) -> float:
-    """Mean over positions of Δ's standard deviation across the vocabulary: λ ≈ 1/scale moves
-    logits by about one standard deviation, so λ·scale is a proxy-independent strength."""
-    return float(delta.std(dim=-1).mean())
 
 
 def calibrate(

@@ -1,6 +1,7 @@
 """Offline tool: holdout teacher traces → g = ∇_θ ℓ(θ_P), written as safetensors.
 
     antidistill gradient --proxy DIR --traces holdout.jsonl --out grad.safetensors
+    antidistill gradient --proxy DIR --traces holdout.jsonl --out grad.safetensors --add-scale   # an older g
 
 ℓ is the proxy's completion-only NLL (prompt tokens masked). Traces are weighted EQUALLY, as in the
 official code: ℓ = mean over traces of (mean NLL over that trace's completion tokens), so a long
@@ -8,7 +9,9 @@ trace does not outweigh a short one. Accumulation is in fp32; memory is bounded 
 ``--batch-tokens`` (traces are packed into passes of at most that many tokens).
 
 ``build_gradient_file`` is the one way a gradient file is made (this CLI, ``make serve``'s default
-setup, the benchmarks and the tests all call it), so every g carries the same metadata.
+setup, the benchmarks and the tests all call it), so every g carries the same metadata — among it
+the Δ scale s that turns a tier's ``strength`` into λ (core/strength.py). ``--add-scale`` measures
+and stores s in a gradient file written before scales were stored, leaving g itself untouched.
 """
 
 from __future__ import annotations
@@ -25,7 +28,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from antidistill.proxy_worker.core.config import ProxyConfig, load_config
-from antidistill.proxy_worker.core.gradient_file import CONFIG_HASH_KEY, save_gradient
+from antidistill.proxy_worker.core.delta import delta_scale, exact_delta
+from antidistill.proxy_worker.core.gradient_file import (
+    CONFIG_HASH_KEY,
+    DELTA_SCALE_KEY,
+    load_gradient,
+    read_metadata,
+    save_gradient,
+)
 from antidistill.proxy_worker.core.model import transformer_forward
 from antidistill.proxy_worker.core.plan import build_plan
 from antidistill.proxy_worker.core.rope import RotaryTable
@@ -35,6 +45,8 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 WEIGHTING = "mean over traces of each trace's mean completion-token NLL"
+SCALE_TRACES = 8  # holdout traces the Δ scale is measured on …
+SCALE_POSITIONS = 64  # … and completion positions per trace (evenly spaced)
 
 
 def trace_losses(
@@ -107,6 +119,39 @@ def tokenize_all(tokenizer: object, records: Sequence[dict], max_tokens: int) ->
     return out
 
 
+def completion_positions(trace: TokenizedTrace, count: int) -> list[int]:
+    """Up to ``count`` evenly spaced positions whose next token is a completion token."""
+    first, last = max(trace.prompt_len, 1) - 1, len(trace.ids) - 2
+    n = last - first + 1
+    if n <= count:
+        return list(range(first, last + 1))
+    return sorted({first + round(i * (n - 1) / (count - 1)) for i in range(count)})
+
+
+@torch.no_grad()
+def measure_delta_scale(
+    cfg: ProxyConfig,
+    theta: Mapping[str, torch.Tensor],
+    grad: Mapping[str, torch.Tensor],
+    traces: Sequence[TokenizedTrace],
+    max_traces: int = SCALE_TRACES,
+    positions: int = SCALE_POSITIONS,
+) -> float:
+    """The Δ scale s of g (core/strength.py): exact Δ (forward-mode JVP, fp32) at completion
+    positions of the first ``max_traces`` traces, one trace at a time to bound memory."""
+    params = stack_copies([theta], cfg, torch.float32)
+    direction = stack_copies([grad], cfg, torch.float32)
+    rope = RotaryTable(cfg)
+    deltas = []
+    for trace in traces[:max_traces]:
+        select = torch.tensor(completion_positions(trace, positions))
+        plan = build_plan([trace.ids], [0])
+        deltas.append(exact_delta(params, direction, cfg, rope, plan, output=select))
+    if not deltas:
+        raise ValueError("no traces with completion tokens to measure the Δ scale on")
+    return delta_scale(torch.cat(deltas))
+
+
 @dataclass(frozen=True)
 class BuiltGradient:
     """What ``build_gradient_file`` wrote, and what it computed it from (calibration reuses θ and
@@ -153,11 +198,38 @@ def build_gradient_file(
         "mean_loss": f"{loss:.6f}",
         "dtype": "float32",
         "weighting": WEIGHTING,
+        DELTA_SCALE_KEY: f"{measure_delta_scale(cfg, theta, grad, tokenized):.6g}",
     }
     if isinstance(traces, str | Path):
         meta["traces"] = Path(traces).name
     save_gradient(out, grad, meta)
     return BuiltGradient(Path(out), grad, theta, tokenized, loss, meta)
+
+
+def add_delta_scale(
+    proxy_dir: str | Path,
+    traces: str | Path,
+    path: str | Path,
+    *,
+    tokenizer: Any = None,
+    max_trace_tokens: int = 4096,
+) -> float:
+    """Measure the Δ scale of an existing gradient file on ``traces`` and store it in the file's
+    metadata (rewritten in place, atomically); g and the other metadata are kept as they are."""
+    cfg = load_config(proxy_dir)
+    theta = load_proxy_state(proxy_dir, cfg)
+    grad = load_gradient(path, cfg)
+    if tokenizer is None or isinstance(tokenizer, str | Path):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer or proxy_dir)
+    tokenized = tokenize_all(tokenizer, read_traces(traces), max_trace_tokens)
+    scale = measure_delta_scale(cfg, theta, grad, tokenized)
+    meta = {**read_metadata(path), DELTA_SCALE_KEY: f"{scale:.6g}"}
+    tmp = Path(path).with_suffix(".partial")
+    save_gradient(tmp, grad, meta)
+    tmp.replace(path)
+    return float(meta[DELTA_SCALE_KEY])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -168,8 +240,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tokenizer", help="tokenizer directory (default: the proxy directory)")
     ap.add_argument("--batch-tokens", type=int, default=2048, help="tokens per forward/backward pass")
     ap.add_argument("--max-trace-tokens", type=int, default=4096, help="truncate longer traces")
+    ap.add_argument(
+        "--add-scale",
+        action="store_true",
+        help="only measure the Δ scale of the existing --out gradient on --traces and store it in its metadata",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.add_scale:
+        scale = add_delta_scale(
+            args.proxy, args.traces, args.out, tokenizer=args.tokenizer, max_trace_tokens=args.max_trace_tokens
+        )
+        log.info("stored Δ scale %.4g in %s (strength b means λ = b / %.4g)", scale, args.out, scale)
+        return 0
 
     start = time.time()
     built = build_gradient_file(
@@ -182,12 +265,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=sys.stderr.isatty(),
     )
     log.info(
-        "wrote %s: %d traces, %d completion tokens, mean loss %.4f, |g| %.4g, %.0f s",
+        "wrote %s: %d traces, %d completion tokens, mean loss %.4f, |g| %.4g, Δ scale %s, %.0f s",
         built.path,
         built.metadata["num_traces"],
         built.metadata["num_tokens"],
         built.mean_loss,
         built.norm,
+        built.metadata[DELTA_SCALE_KEY],
         time.time() - start,
     )
     return 0

@@ -31,6 +31,12 @@ COMMANDS = {
     "calibrate": Command(
         "antidistill.proxy_worker.tools.calibrate", "choose the finite-difference ε for a proxy and gradient"
     ),
+    "tune": Command(
+        "antidistill.server.tune",
+        "report what each strength does to your own prompts (accuracy, trace quality, cost)",
+        needs=("matplotlib",),
+        extra="eval",
+    ),
     "eval": Command(
         "antidistill.benchmarks.distillation.cli",
         "run or resume a distillation-attack evaluation",

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -24,14 +25,16 @@ from antidistill.server.embedded_model import DEFAULT_CACHE, prepare_half_proxy,
 from antidistill.server.tiers import new_key
 
 HOLDOUT_PROBLEMS = 48
+HOLDOUT_SEED, TUNE_SEED = 2025, 2026  # different problems for the gradient and for tuning
+TUNE_PROBLEMS = 64
 TRACE_TOKENS = 256
-# λ multiplies Δ, whose scale grows with |g|: for this proxy and gradient Δ has a per-token standard
-# deviation of ≈ 400 logits (python -m antidistill.proxy_worker.tools.calibrate prints it), so λ = 0.002 moves logits
-# by ≈ 1 std — output stays coherent up to ≈ 0.002 and degenerates by ≈ 0.004 (docs/serving.md: Choosing λ).
+# Strengths (λ × the gradient's stored Δ scale, so they survive a recomputed gradient), chosen from
+# the committed tune report of this model (docs/tune/embedded-default/tune.md; docs/serving.md:
+# Choosing a strength, which states the criterion).
 DEMO_TIERS = {
-    "free": {"lambda": 0.002, "max_lambda": 0.004, "rpm": 60, "max_tokens": 1024},
-    "pro": {"lambda": 0.001, "min_lambda": 0.0005, "max_lambda": 0.002, "rpm": 600},
-    "internal": {"lambda": 0.0, "max_lambda": 0.004},
+    "free": {"strength": 1.0, "max_strength": 2.0, "rpm": 60, "max_tokens": 1024},
+    "pro": {"strength": 0.5, "min_strength": 0.25, "max_strength": 1.0, "rpm": 600},
+    "internal": {"strength": 0.0, "max_strength": 2.0},
 }
 
 
@@ -47,9 +50,9 @@ def generate_holdout(teacher: Path, out: Path) -> Path:
     import reasoning_gym
     from vllm import LLM, SamplingParams
 
-    data = list(reasoning_gym.create_dataset("gsm_symbolic", size=HOLDOUT_PROBLEMS, seed=2025))
+    data = list(reasoning_gym.create_dataset("gsm_symbolic", size=HOLDOUT_PROBLEMS, seed=HOLDOUT_SEED))
     llm = LLM(model=str(teacher), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0)
-    convs = [[{"role": "user", "content": x["question"] + " Think step by step and end with #### N."}] for x in data]
+    convs = [[{"role": "user", "content": ask(x["question"])}] for x in data]
     # no per-request seed: on the CPU build a seeded request that is chunk-prefilled crashes the
     # engine ("CPU Generator does not use offset"); the engine-wide seed keeps runs reproducible
     outs = llm.chat(convs, SamplingParams(temperature=0.7, top_p=0.95, max_tokens=TRACE_TOKENS))
@@ -64,18 +67,45 @@ def generate_holdout(teacher: Path, out: Path) -> Path:
     return out
 
 
-def compute_default_gradient(proxy: Path, traces: Path, out: Path) -> Path:
+def ask(question: str) -> str:
+    """The user turn of a gsm_symbolic problem (holdout traces and tune prompts alike)."""
+    return question + " Think step by step and end with #### N."
+
+
+def tune_prompts(out: Path, count: int = TUNE_PROBLEMS) -> Path:
+    """gsm_symbolic problems the holdout did not use, with their answers: ``antidistill tune``'s
+    prompts file (``{"messages", "answer"}`` per line) for the embedded default."""
     if out.is_file():
         return out
-    from antidistill.proxy_worker.tools.gradient import build_gradient_file
+    import reasoning_gym
 
-    return build_gradient_file(proxy, traces, out, progress=sys.stderr.isatty()).path
+    data = reasoning_gym.create_dataset("gsm_symbolic", size=count, seed=TUNE_SEED)
+    rows = [{"messages": [{"role": "user", "content": ask(x["question"])}], "answer": str(x["answer"])} for x in data]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def compute_default_gradient(proxy: Path, traces: Path, out: Path) -> Path:
+    """The gradient file; one cached before gradient files stored their Δ scale gets it added."""
+    from antidistill.proxy_worker.core.gradient_file import read_delta_scale
+    from antidistill.proxy_worker.tools.gradient import add_delta_scale, build_gradient_file
+
+    if not out.is_file():
+        return build_gradient_file(proxy, traces, out, progress=sys.stderr.isatty()).path
+    if read_delta_scale(out) is None:
+        add_delta_scale(proxy, traces, out)
+    return out
 
 
 def demo_tiers(path: Path) -> Path:
-    """Write the demo tiers with new keys; the keys are printed now and kept in demo-keys.txt (0600)."""
+    """Write the demo tiers with new keys; the keys are printed now and kept in demo-keys.txt (0600).
+    A cached file keeps its keys, and its tiers are brought up to ``DEMO_TIERS``."""
     if path.is_file():
         keys_file = path.with_name("demo-keys.txt")
+        cached = yaml.safe_load(path.read_text())
+        if cached.get("tiers") != DEMO_TIERS:
+            path.write_text(yaml.safe_dump({**cached, "tiers": DEMO_TIERS}, sort_keys=False))
+            print(f"      demo tiers updated to this version's in {path}")
         print(f"      demo tiers: {path} (keys in {keys_file})")
         return path
     keys, lines = [], []
@@ -93,8 +123,20 @@ def demo_tiers(path: Path) -> Path:
     return path
 
 
-def embedded_default(ours: argparse.Namespace, rest: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Prepare every stage and return serve arguments pointing at the results."""
+@dataclass(frozen=True)
+class Embedded:
+    """The prepared embedded default: what ``serve`` and ``tune`` run on."""
+
+    teacher: Path
+    proxy: Path
+    traces: Path
+    gradient: Path
+    tiers: Path
+    cache: Path
+
+
+def prepare() -> Embedded:
+    """Every stage, each skipped when its output is cached."""
     cache = DEFAULT_CACHE
     cache.mkdir(parents=True, exist_ok=True)
     # On CPU vLLM otherwise reserves a fraction of ALL memory and refuses to start when other
@@ -112,11 +154,19 @@ def embedded_default(ours: argparse.Namespace, rest: list[str]) -> tuple[argpars
     t = stage(4, "proxy gradient on the holdout traces (~2 min once)")
     grad = compute_default_gradient(proxy, traces, cache / f"{proxy.name}-gsm_symbolic.safetensors")
     print(f"      {grad} ({time.time() - t:.0f} s)")
-    stage(5, "demo tiers; starting the server on http://127.0.0.1:8000")
+    stage(5, "demo tiers")
     tiers = demo_tiers(cache / "demo-tiers.yaml")
-    ours.proxy = ours.proxy or str(proxy)
-    ours.gradient = ours.gradient or [f"math={grad}"]
-    ours.tiers = ours.tiers or str(tiers)
+    return Embedded(teacher, proxy, traces, grad, tiers, cache)
+
+
+def embedded_default(ours: argparse.Namespace, rest: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Prepare every stage and return serve arguments pointing at the results."""
+    ready = prepare()
+    print("      starting the server on http://127.0.0.1:8000", flush=True)
+    ours.proxy = ours.proxy or str(ready.proxy)
+    ours.gradient = ours.gradient or [f"math={ready.gradient}"]
+    ours.tiers = ours.tiers or str(ready.tiers)
+    teacher = ready.teacher
     defaults = {
         "--model": str(teacher),
         "--dtype": "float32",

@@ -7,9 +7,9 @@ import re
 from fractions import Fraction
 
 import pytest
-from antidistill.benchmarks.distillation.answers import extract_answer, is_correct, parse_number
 from antidistill.benchmarks.distillation.tasks import chain_solution, make_splits, near_misses
 from antidistill.benchmarks.distillation.trace_stats import chain_trace_stats, style_of
+from antidistill.proxy_worker.core.answers import extract_answer, is_correct, parse_number
 from hypothesis import given
 from hypothesis import strategies as st
 

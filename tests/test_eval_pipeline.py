@@ -14,7 +14,14 @@ import pytest
 import torch
 from antidistill.benchmarks.distillation import summary
 from antidistill.benchmarks.distillation.cli import main as eval_main
-from antidistill.benchmarks.distillation.config import CONFIG_DIR, MODES, ConfigError, EvalConfig, load_eval_config
+from antidistill.benchmarks.distillation.config import (
+    CONFIG_DIR,
+    MODES,
+    ConfigError,
+    EvalConfig,
+    load_eval_config,
+    point_name,
+)
 from antidistill.benchmarks.distillation.models import Shape, scratch_model, train_tokenizer
 from antidistill.benchmarks.distillation.pipeline import Pipeline, read_jsonl, request_seed, run_name
 from antidistill.benchmarks.distillation.tasks import GENERATORS
@@ -119,6 +126,13 @@ def test_the_resumed_run_reports_every_grid_run(resumed_run):
     assert payload["holdout"]["completion_tokens"] == grad["trace_tokens"] > 0
     page = (report / "summary.md").read_text()
     assert "Target met" in page and f"Gradient g: {cfg.task.holdout} holdout traces" in page and "greedy" in page
+    meta = json.loads((root / "traces" / f"{runs[0]}.json").read_text())
+    quality = meta["quality"]
+    assert quality["completions"] == cfg.task.distill and quality["teacher_nll"] > 0
+    assert 0 <= quality["degenerate_rate"] <= 1 and quality["mean_tokens"] > 0
+    assert meta["samples"] == [t["completion"] for t in traces[:3]], "samples are the first distill problems"
+    assert set(payload["trace_quality"]) == {point_name(m, v) for m, v, _ in cfg.grid.points()}
+    assert "| point | teacher NLL / token | degenerate |" in page and "Sample traces" in page
 
 
 def test_a_finished_run_reruns_nothing(resumed_run):

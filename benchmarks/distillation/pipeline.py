@@ -33,6 +33,9 @@ from antidistill.benchmarks.distillation import models, sampling, scoring, summa
 from antidistill.benchmarks.distillation.config import EvalConfig, ModelSpec, point_name
 from antidistill.benchmarks.distillation.tasks import Problem, make_splits, prompt_of
 from antidistill.benchmarks.distillation.training import fine_tune
+from antidistill.proxy_worker.core.answers import extract_answer
+from antidistill.proxy_worker.core.trace_quality import trace_quality
+from antidistill.proxy_worker.runtime.offline import TraceRequest, offline_engine
 from antidistill.proxy_worker.tools.traces import TokenizedTrace, tokenize_trace
 from pydantic import BaseModel
 
@@ -56,6 +59,10 @@ def fingerprint(after: str, reads: Sequence[Any]) -> str:
 TRACE_SEEDS = "common-random-numbers"
 """How request seeds are derived (``request_seed``); part of the traces' fingerprint, so traces
 sampled under another derivation are resampled rather than mixed with these."""
+TRACE_RECORD = "quality-v1"
+"""What a run's ``traces/<run>.json`` holds (``quality-v1``: trace quality and samples); part of the
+fingerprint too, so runs recorded without them are resampled rather than reported without them."""
+SAMPLE_TRACES = 3  # traces kept per run for the report (the same distill problems at every point)
 
 
 def request_seed(config_seed: int, seed: int, split: str, index: int) -> int:
@@ -167,7 +174,7 @@ class Pipeline:
         gradient = [self.path("gradient.safetensors"), self.path("gradient.json")]
         fp = self.stage("gradient", gradient, self.make_gradient, fp, [])
         # traces are kept per grid run (see make_traces): a grid edit samples only the new runs
-        self.stage("traces", [], partial(self.make_traces, fingerprint(fp, [TRACE_SEEDS])), fp, [c.grid])
+        self.stage("traces", [], partial(self.make_traces, fingerprint(fp, [TRACE_SEEDS, TRACE_RECORD])), fp, [c.grid])
         # the student's prior training does not depend on the teacher: it is chained to the tokenizer only
         base = [self.path("models", "student_base"), self.path("data", "student_pretrain.jsonl")]
         student = c.student.model_dump(exclude={"distill"})
@@ -307,7 +314,7 @@ class Pipeline:
 
     def grid_requests(
         self, tok: Any, scale: float, points: Sequence[Point]
-    ) -> tuple[list[sampling.TraceRequest], list[tuple[str, str, int]]]:
+    ) -> tuple[list[TraceRequest], list[tuple[str, str, int]]]:
         """The grid runs' distill and test prompts as requests, with (run, split, index) labels. Each
         request has a seed of its own (``request_seed``), so that a rerun samples the same traces
         (vLLM's engine-wide seed alone depends on how requests are batched)."""
@@ -324,9 +331,7 @@ class Pipeline:
             for split, ids_list in prompts.items():
                 for i, ids in enumerate(ids_list):
                     label = (run_name(mode, value, seed), split, i)
-                    requests.append(
-                        sampling.TraceRequest(ids, tau, lam, ad_mode, request_seed(self.cfg.seed, seed, split, i))
-                    )
+                    requests.append(TraceRequest(ids, tau, lam, ad_mode, request_seed(self.cfg.seed, seed, split, i)))
                     labels.append(label)
         return requests, labels
 
@@ -368,19 +373,21 @@ class Pipeline:
             "kv_cache_gib": s.kv_cache_gib,
             **s.engine_args,
         }
-        texts = sampling.generate(
-            self.path("models", "teacher"),
-            settings,
-            requests,
-            top_p=s.top_p,
-            max_tokens=s.max_tokens,
-            seed=self.cfg.seed,
-            engine_args=engine_args,
-        )
+        teacher = self.path("models", "teacher")
+        with offline_engine(teacher, settings, seed=self.cfg.seed, engine_args=engine_args) as engine:
+            completions = engine.generate(requests, top_p=s.top_p, max_tokens=s.max_tokens)
+            scored = [j for j, (_, split, _) in enumerate(labels) if split == "distill"]  # what students see
+            logprobs = engine.token_logprobs(
+                [requests[j].prompt_ids for j in scored], [completions[j].token_ids for j in scored]
+            )
+        scores = dict(zip(scored, logprobs, strict=True))
         problems = {split: self.problems(split) for split in ("distill", "test")}
         by_run: dict[str, dict[str, list]] = {}
-        for (run, split, i), req, text in zip(labels, requests, texts, strict=True):
-            by_run.setdefault(run, {"distill": [], "test": [], "request": req})[split].append((i, text))
+        for j, ((run, split, i), req, done) in enumerate(zip(labels, requests, completions, strict=True)):
+            parts = by_run.setdefault(run, {"distill": [], "test": [], "request": req, "scored": []})
+            parts[split].append((i, done.text))
+            if split == "distill":
+                parts["scored"].append(j)
         for run, parts in by_run.items():
             rows = [
                 {
@@ -399,6 +406,12 @@ class Pipeline:
                 "teacher_accuracy": scoring.accuracy([t for _, t in parts["test"]], problems["test"]),
                 "trace_accuracy": scoring.accuracy([r["completion"] for r in rows], problems["distill"]),
                 "mean_trace_chars": sum(len(r["completion"]) for r in rows) / len(rows),
+                "quality": trace_quality(
+                    [completions[j].token_ids for j in parts["scored"]],
+                    [scores[j] for j in parts["scored"]],
+                    [extract_answer(completions[j].text) is not None for j in parts["scored"]],
+                ).as_dict(),
+                "samples": [r["completion"] for r in rows[:SAMPLE_TRACES]],
             }
             self.path("traces", f"{run}.json").write_text(json.dumps(meta))
         return {"runs": len(by_run), "requests": len(requests), "kept": len(points) - len(missing)}
@@ -446,7 +459,13 @@ class Pipeline:
         wall += sum(s["seconds"] for s in students if "finished" not in s)
         gradient = sentinels["gradient"]
         holdout = (gradient.get("traces"), gradient.get("trace_tokens"))
-        verdict = summary.write_report(self.cfg, results, base["student_accuracy"], timings, wall, report, holdout)
+        traces = {
+            p: json.loads(self.path("traces", f"{run_name(*p)}.json").read_text()) for p in self.cfg.grid.points()
+        }
+        quality = summary.trace_quality_by_point(traces)
+        verdict = summary.write_report(
+            self.cfg, results, base["student_accuracy"], timings, wall, report, holdout, quality
+        )
         return {"target_met": verdict["target_met"]}
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from antidistill.benchmarks.distillation.answers import is_correct
 from antidistill.benchmarks.distillation.tasks import Problem, prompt_of
+from antidistill.proxy_worker.core.answers import is_correct
 from transformers import PreTrainedTokenizerBase
 
 

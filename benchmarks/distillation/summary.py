@@ -256,8 +256,10 @@ def write_report(
     students_wall: float,
     out: Path,
     holdout: tuple[int | None, int | None] = (None, None),
+    quality: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """``holdout``: the traces and completion tokens g was computed on (None: not recorded)."""
+    """``holdout``: the traces and completion tokens g was computed on (None: not recorded);
+    ``quality``: ``trace_quality_by_point``."""
     stats = aggregate(results)
     v = verdict(stats, cfg.sampling.temperature)
     plot(stats, undistilled, f"{cfg.name}: teacher vs distilled student", out / "tradeoff.png")
@@ -268,6 +270,7 @@ def write_report(
         "verdict": v,
         "paired": paired,
         "holdout": {"traces": holdout[0], "completion_tokens": holdout[1]},
+        "trace_quality": quality or {},
     }
     times = {"stage_seconds": timings, "students_wall_seconds": students_wall}
     (out / "summary.json").write_text(json.dumps({**payload, **times}, indent=2))
@@ -312,9 +315,54 @@ def write_report(
             "",
         ]
         lines += paired_lines(paired)
+    lines += quality_lines(quality or {})
     lines += ["", "Stage times (s):", "", *timing_lines(timings, students_wall)]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return v
+
+
+QUALITY_FIGURES = ("teacher_nll", "degenerate_rate", "mean_tokens")
+
+
+def trace_quality_by_point(traces: dict[tuple[str, float, int], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per grid point (over its seeds): the mean of each trace-quality figure of the distill traces
+    (core/trace_quality.py) and the lowest seed's sample traces. Runs recorded before trace quality
+    was measured are left out."""
+    by_point: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for (mode, value, seed), meta in sorted(traces.items(), key=lambda kv: kv[0][2]):
+        if "quality" in meta:
+            by_point.setdefault(point_name(mode, value), []).append((seed, meta))
+    return {
+        name: {
+            **{k: sum(m["quality"][k] for _, m in runs) / len(runs) for k in QUALITY_FIGURES},
+            "seeds": len(runs),
+            "samples": runs[0][1].get("samples", []),
+        }
+        for name, runs in by_point.items()
+    }
+
+
+def quality_lines(quality: dict[str, dict[str, Any]], sample_chars: int = 240) -> list[str]:
+    """The trace-quality table and, per point, its sample traces (the same problems at every point)."""
+    if not quality:
+        return []
+    lines = [
+        "",
+        "Trace quality of the distill traces (what a student trains on and a user reads): the unprotected "
+        "teacher's NLL per emitted token, the share of looping or answerless traces, the mean length:",
+        "",
+        "| point | teacher NLL / token | degenerate | mean tokens | seeds |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {name} | {q['teacher_nll']:.3f} | {q['degenerate_rate']:.3f} | {q['mean_tokens']:.1f} | {q['seeds']} |"
+        for name, q in quality.items()
+    ]
+    lines += ["", "Sample traces (first distill problems, lowest seed):", ""]
+    for name, q in quality.items():
+        shown = " ⏎ ".join(t.strip().replace("\n", " ")[:sample_chars] for t in q["samples"])
+        lines.append(f"- **{name}:** {shown}")
+    return lines
 
 
 def _count(n: int | None) -> str:

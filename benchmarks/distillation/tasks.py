@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from antidistill.benchmarks.distillation.answers import extract_answer
+from antidistill.proxy_worker.core.answers import extract_answer
 
 Problem = dict[str, str]
 

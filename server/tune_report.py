@@ -1,0 +1,138 @@
+"""``antidistill tune``'s report: recommendations per tolerance, the plot, the Markdown page.
+
+A recommendation is the largest swept strength whose every smaller swept strength (on that profile)
+also stays within the tolerance of strength 0: a sweep that dips, recovers and dips again is not
+read as safe in the middle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PLOT_SIZE = (1200, 500)  # pixels of tune.png
+PLOT_DPI = 100
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    label: str
+    measure: str  # a key of a point's figures
+    limit: float
+    relative: bool  # limit is a fraction of the strength-0 value (else an absolute difference)
+    higher_is_worse: bool
+
+    def holds(self, point: dict[str, Any], base: dict[str, Any]) -> bool:
+        change = point[self.measure] - base[self.measure]
+        if not self.higher_is_worse:
+            change = -change
+        bound = self.limit * abs(base[self.measure]) if self.relative else self.limit
+        return change <= bound + 1e-12
+
+
+TOLERANCES = (
+    Tolerance("≤ 1 point of accuracy", "accuracy", 0.01, False, False),
+    Tolerance("≤ 5 points of accuracy", "accuracy", 0.05, False, False),
+    Tolerance("≤ 5 % teacher-NLL increase", "teacher_nll", 0.05, True, True),
+    Tolerance("≤ 20 % teacher-NLL increase", "teacher_nll", 0.20, True, True),
+    Tolerance("≤ 5 points more degenerate outputs", "degenerate_rate", 0.05, False, True),
+)
+
+
+def recommend(points: Sequence[dict[str, Any]], tolerances: Sequence[Tolerance] = TOLERANCES) -> list[dict[str, Any]]:
+    """Per profile and tolerance, the largest strength within it (see the module docstring)."""
+    out = []
+    for profile in dict.fromkeys(p["profile"] for p in points):
+        sweep = sorted((p for p in points if p["profile"] == profile), key=lambda p: p["strength"])
+        base = sweep[0]
+        for tol in tolerances:
+            best = 0.0
+            for p in sweep[1:]:
+                if not tol.holds(p, base):
+                    break
+                best = p["strength"]
+            out.append({"profile": profile, "tolerance": tol.label, "max_strength": best})
+    return out
+
+
+def plot(points: Sequence[dict[str, Any]], tiers: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Teacher NLL and degenerate rate (left) and accuracy (right) against strength, the tiers'
+    strengths marked; ``PLOT_SIZE`` pixels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(PLOT_SIZE[0] / PLOT_DPI, PLOT_SIZE[1] / PLOT_DPI), dpi=PLOT_DPI)
+    for profile in dict.fromkeys(p["profile"] for p in points):
+        sweep = sorted((p for p in points if p["profile"] == profile), key=lambda p: p["strength"])
+        xs = [p["strength"] for p in sweep]
+        left.plot(xs, [p["teacher_nll"] for p in sweep], "o-", label=f"{profile}: teacher NLL / token")
+        left.plot(xs, [p["degenerate_rate"] for p in sweep], "s--", label=f"{profile}: degenerate share")
+        right.plot(xs, [p["accuracy"] for p in sweep], "o-", label=f"{profile}: {sweep[0]['accuracy_kind']}")
+    for ax in (left, right):
+        for t in tiers:
+            ax.axvline(t["strength"], color="grey", linestyle=":", linewidth=1)
+            ax.text(t["strength"], ax.get_ylim()[1], f" {t['tier']}", rotation=90, va="top", fontsize=8, color="grey")
+        ax.set_xlabel("strength (λ × Δ scale)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    left.set_title("trace quality")
+    right.set_title("accuracy")
+    right.set_ylim(-0.02, 1.02)
+    fig.tight_layout()
+    fig.savefig(path, dpi=PLOT_DPI)
+    plt.close(fig)
+    return path
+
+
+def markdown(report: dict[str, Any], plot_name: str) -> str:
+    """The report page: settings, the table per strength, recommendations, tiers, samples."""
+    s = report["settings"]
+    lines = [
+        "# antidistill tune",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Teacher `{s['model']}`, proxy `{s['proxy']}`, {s['prompts']} prompts from `{s['prompts_file']}`; "
+        f"temperature {s['temperature']}, top-p {s['top_p']}, max {s['max_tokens']} tokens, seed {s['seed']}. "
+        f"Sweep time {report['seconds']:.0f} s.",
+        "",
+        f"![strength sweep]({plot_name})",
+        "",
+        "| profile | strength | λ | accuracy | teacher NLL / token | degenerate | mean tokens | proxy share of time |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for p in report["points"]:
+        lines.append(
+            f"| {p['profile']} | {p['strength']:g} | {p['lambda']:.4g} | {p['accuracy']:.3f} | {p['teacher_nll']:.3f} "
+            f"| {p['degenerate_rate']:.3f} | {p['mean_tokens']:.1f} | {p['proxy_share']:.2f} |"
+        )
+    kinds = sorted({p["accuracy_kind"] for p in report["points"]})
+    lines += [
+        "",
+        f"Accuracy is {' / '.join(kinds)}. Teacher NLL is the unprotected teacher's mean negative log-likelihood "
+        "of the emitted tokens (higher: stranger text); degenerate: looping (≥ half the 4-grams repeat) or, with "
+        "reference answers, no final answer. Proxy share: 1 − (time per token at strength 0) / (time per token).",
+        "",
+        "## Recommendation",
+        "",
+        "| profile | tolerance (vs strength 0) | strength ≤ |",
+        "| --- | --- | ---: |",
+        *(f"| {r['profile']} | {r['tolerance']} | {r['max_strength']:g} |" for r in report["recommendations"]),
+        "",
+        f"With {s['prompts']} prompts one prompt is {100 / s['prompts']:.1f} points of accuracy: read small "
+        "differences as noise, and sweep more prompts before relying on a tight tolerance.",
+    ]
+    if report["tiers"]:
+        lines += ["", "## Tiers", "", "| tier | profile | strength |", "| --- | --- | ---: |"]
+        lines += [f"| {t['tier']} | {t['profile']} | {t['strength']:.4g} |" for t in report["tiers"]]
+    lines += ["", "## Samples", ""]
+    for i, sample in enumerate(report["samples"]):
+        lines += [f"### Prompt {i + 1}", "", "> " + sample["prompt"].replace("\n", " ")[:300], ""]
+        for out in sample["outputs"]:
+            text = out["text"].strip().replace("\n", " ")
+            lines.append(f"- **{out['profile']} strength {out['strength']:g}:** {text}")
+        lines.append("")
+    return "\n".join(lines)

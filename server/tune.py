@@ -80,8 +80,9 @@ def read_prompts(path: Path, tokenizer: Any, limit: int | None = None) -> list[P
             raise TuneError(f"{path}:{n}: expected an object with either 'messages' or 'prompt'")
         answer = rec.get("answer")
         if "messages" in rec:
-            ids = tokenizer.apply_chat_template(rec["messages"], add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) else ids
+            # as vLLM's chat endpoint does: render the template to text, then tokenize without adding specials
+            rendered = tokenizer.apply_chat_template(rec["messages"], add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
             text = str(rec["messages"][-1].get("content", ""))
         else:
             ids, text = tokenizer(str(rec["prompt"]))["input_ids"], str(rec["prompt"])
@@ -284,7 +285,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
             "epsilon": args.epsilon,
             "proxy_dtype": args.proxy_dtype,
         },
-        "seconds": time.perf_counter() - start,
+        "seconds": time.perf_counter() - start,  # this run's wall time (kept points cost nothing)
+        "sampling_seconds": sum(raw[(p.name, b)]["seconds"] for p, b in raw_keys(todo)),
         "points": points,
         "recommendations": tune_report.recommend(points),
         "tiers": tiers,

@@ -3,6 +3,12 @@
 A recommendation is the largest swept strength whose every smaller swept strength (on that profile)
 also stays within the tolerance of strength 0: a sweep that dips, recovers and dips again is not
 read as safe in the middle.
+
+The teacher-NLL tolerance is two-sided. Text the teacher finds less likely than its own is strange,
+but so is text it finds MORE likely: a completion stuck in a loop repeats what it has just written,
+and every repeat is cheap to predict (measured on the embedded default: NLL fell from 0.65 to 0.31
+per token as the degenerate share rose from 0.38 to 1). Both are departures from how the teacher
+writes.
 """
 
 from __future__ import annotations
@@ -22,22 +28,21 @@ class Tolerance:
     measure: str  # a key of a point's figures
     limit: float
     relative: bool  # limit is a fraction of the strength-0 value (else an absolute difference)
-    higher_is_worse: bool
+    worse: str  # "higher", "lower", or "either" (a departure either way counts)
 
     def holds(self, point: dict[str, Any], base: dict[str, Any]) -> bool:
         change = point[self.measure] - base[self.measure]
-        if not self.higher_is_worse:
-            change = -change
+        change = {"higher": change, "lower": -change, "either": abs(change)}[self.worse]
         bound = self.limit * abs(base[self.measure]) if self.relative else self.limit
         return change <= bound + 1e-12
 
 
 TOLERANCES = (
-    Tolerance("≤ 1 point of accuracy", "accuracy", 0.01, False, False),
-    Tolerance("≤ 5 points of accuracy", "accuracy", 0.05, False, False),
-    Tolerance("≤ 5 % teacher-NLL increase", "teacher_nll", 0.05, True, True),
-    Tolerance("≤ 20 % teacher-NLL increase", "teacher_nll", 0.20, True, True),
-    Tolerance("≤ 5 points more degenerate outputs", "degenerate_rate", 0.05, False, True),
+    Tolerance("≤ 1 point of accuracy lost", "accuracy", 0.01, False, "lower"),
+    Tolerance("≤ 5 points of accuracy lost", "accuracy", 0.05, False, "lower"),
+    Tolerance("teacher NLL within ± 5 %", "teacher_nll", 0.05, True, "either"),
+    Tolerance("teacher NLL within ± 20 %", "teacher_nll", 0.20, True, "either"),
+    Tolerance("≤ 5 points more degenerate outputs", "degenerate_rate", 0.05, False, "higher"),
 )
 
 
@@ -97,7 +102,8 @@ def markdown(report: dict[str, Any], plot_name: str) -> str:
         f"Command: `{report['command']}`  ",
         f"Teacher `{s['model']}`, proxy `{s['proxy']}`, {s['prompts']} prompts from `{s['prompts_file']}`; "
         f"temperature {s['temperature']}, top-p {s['top_p']}, max {s['max_tokens']} tokens, seed {s['seed']}. "
-        f"Sweep time {report['seconds']:.0f} s.",
+        f"Sampling time {report['sampling_seconds']:.0f} s over {len(report['points'])} strengths; this run "
+        f"{report['seconds']:.0f} s (points kept from an earlier run with the same inputs are not resampled).",
         "",
         f"![strength sweep]({plot_name})",
         "",
@@ -125,6 +131,13 @@ def markdown(report: dict[str, Any], plot_name: str) -> str:
         f"With {s['prompts']} prompts one prompt is {100 / s['prompts']:.1f} points of accuracy: read small "
         "differences as noise, and sweep more prompts before relying on a tight tolerance.",
     ]
+    hopeless = sorted({p["profile"] for p in report["points"] if p["strength"] == 0 and p["accuracy"] == 0})
+    if hopeless:
+        lines += [
+            "",
+            f"Accuracy at strength 0 is 0 on {', '.join(hopeless)}: the teacher does not solve these prompts, so "
+            "the accuracy tolerances say nothing here; judge by trace quality.",
+        ]
     if report["tiers"]:
         lines += ["", "## Tiers", "", "| tier | profile | strength |", "| --- | --- | ---: |"]
         lines += [f"| {t['tier']} | {t['profile']} | {t['strength']:.4g} |" for t in report["tiers"]]

@@ -8,9 +8,11 @@ import json
 import math
 import re
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from antidistill.benchmarks.distillation import summary
 from antidistill.benchmarks.distillation.cli import main as eval_main
@@ -25,12 +27,12 @@ from antidistill.benchmarks.distillation.config import (
 from antidistill.benchmarks.distillation.models import Shape, scratch_model, train_tokenizer
 from antidistill.benchmarks.distillation.pipeline import Pipeline, read_jsonl, request_seed, run_name
 from antidistill.benchmarks.distillation.tasks import GENERATORS
-from antidistill.benchmarks.distillation.training import TrainSpec, collate, fine_tune
+from antidistill.benchmarks.distillation.training import TrainSpec, collate, completion_nll, fine_tune
 from antidistill.proxy_worker.tools.traces import TokenizedTrace
 
 from tests.helpers import engine_fixture
 
-EARLY = ["data", "tokenizer", "teacher", "proxy", "holdout"]
+EARLY = ["data", "tokenizer", "teacher", "student_base", "proxy", "holdout"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +99,7 @@ def test_a_killed_stage_leaves_its_outputs_but_no_sentinel(resumed_run):
 
 def test_a_rerun_resumes_at_the_killed_stage_without_retraining_the_models(resumed_run):
     runs = resumed_run.runs
-    assert resumed_run.executed == ["gradient", "traces", "student_base", *[f"student/{r}" for r in runs], "report"]
+    assert resumed_run.executed == ["gradient", "traces", *[f"student/{r}" for r in runs], "report"]
     before = resumed_run.killed.model_mtimes
     assert {p: resumed_run.model_mtimes[p] for p in before} == before  # teacher, proxy not retrained
 
@@ -133,6 +135,13 @@ def test_the_resumed_run_reports_every_grid_run(resumed_run):
     assert meta["samples"] == [t["completion"] for t in traces[:3]], "samples are the first distill problems"
     assert set(payload["trace_quality"]) == {point_name(m, v) for m, v, _ in cfg.grid.points()}
     assert "| point | teacher NLL / token | degenerate |" in page and "Sample traces" in page
+    for row in resumed_run.registry:
+        for model in ("student", "proxy"):
+            curve = row["mechanism"][model]
+            steps = [c["step"] for c in curve]
+            assert steps[0] == 0 and steps == sorted(set(steps)) and len(steps) >= 2, (model, curve)
+            assert all(c["heldout"] > 0 for c in curve), (model, curve)
+    assert "| point | student held-out NLL |" in page and (report / "mechanism.png").is_file()
 
 
 def test_a_finished_run_reruns_nothing(resumed_run):
@@ -221,6 +230,44 @@ def test_a_config_edit_reruns_the_stages_that_read_it_and_those_after(tmp_path):
     assert calls == ["a", "b", "b"] and not out.exists()
     chain([2], ["y"])
     assert calls == ["a", "b", "b", "a", "b"]
+
+
+def built_proxy(tmp_path: Path, origin: str) -> tuple[Pipeline, dict]:
+    """The ``micro`` run's stages up to the proxy, with the proxy of ``origin``."""
+    raw = load_eval_config("micro").model_dump(mode="json", exclude_none=True)
+    raw["proxy"] = {"origin": origin} if origin == "student_base" else {**raw["proxy"], "origin": origin}
+    pipe = Pipeline(EvalConfig.model_validate(raw), tmp_path / origin)
+    pipe.make_data()
+    pipe.make_tokenizer()
+    pipe.make_student_base()
+    return pipe, pipe.make_proxy()
+
+
+def test_the_oracle_proxy_is_the_student_base_bit_for_bit(tmp_path):
+    pipe, info = built_proxy(tmp_path, "student_base")
+    proxy = safetensors.torch.load_file(str(pipe.path("models", "proxy", "model.safetensors")))
+    base = safetensors.torch.load_file(str(pipe.path("models", "student_base", "model.safetensors")))
+    assert info["origin"] == "student_base" and proxy.keys() == base.keys()
+    assert all(torch.equal(proxy[k], base[k]) for k in base)
+
+
+@pytest.mark.parametrize("origin", ["student_prior", "teacher_task"])
+def test_a_trained_proxy_learns_from_its_origins_data(tmp_path, origin):
+    """student_prior trains on exactly the student's prior problems; teacher_task on the train split."""
+    pipe, info = built_proxy(tmp_path, origin)
+    expected = len(pipe.student_prior()) if origin == "student_prior" else pipe.cfg.task.train
+    assert info["origin"] == origin and info["train_problems"] == expected
+    if origin == "student_prior":
+        assert expected == len(read_jsonl(pipe.path("data", "student_pretrain.jsonl"))) > 0
+
+
+def test_proxy_origins_that_cannot_be_built_are_config_errors():
+    raw = load_eval_config("micro").model_dump(mode="json", exclude_none=True)
+    with pytest.raises(ValueError, match="origin student_base is the student base itself"):
+        EvalConfig.model_validate({**raw, "proxy": {**raw["proxy"], "origin": "student_base"}})
+    no_prior = {**raw, "student": {k: v for k, v in raw["student"].items() if k != "pretrain_task"}}
+    with pytest.raises(ValueError, match=r"student_prior trains on student\.pretrain_task"):
+        EvalConfig.model_validate(no_prior)
 
 
 def test_a_second_run_on_the_same_directory_is_refused(tmp_path, capsys):
@@ -365,3 +412,30 @@ def test_fine_tuning_learns_a_completion(method):
     assert after < before - 1.0 and info["steps"] == 40
     assert type(model).__name__ == "LlamaForCausalLM"  # LoRA adapters merged back into a plain model
     assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, q_before)
+
+
+def test_completion_nll_is_the_token_weighted_completion_loss():
+    tok = train_tokenizer(["1 + 2 =\n3\n#### 3", "4 - 1 =\n3\n#### 3"] * 10, vocab_size=280)
+    model = scratch_model(Shape(hidden=64, layers=1, heads=2, kv_heads=1, head_dim=32, intermediate=128), tok, 0)
+    data = [TokenizedTrace(list(range(5, 14)), 3), TokenizedTrace(list(range(20, 25)), 2)]
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for t in data:  # one trace at a time, no padding: the plain definition
+            logp = torch.log_softmax(model(torch.tensor([t.ids])).logits[0], dim=-1)
+            total -= sum(float(logp[j - 1, t.ids[j]]) for j in range(t.prompt_len, len(t.ids)))
+            tokens += len(t.ids) - t.prompt_len
+    assert completion_nll(model, data, tok.pad_token_id) == pytest.approx(total / tokens, rel=1e-5)
+
+
+def test_fine_tuning_with_a_monitor_records_the_curve():
+    """Step 0 and each checkpoint: the mean training loss since the last one and the monitor's value;
+    training on the held-out data itself makes its NLL fall."""
+    tok = train_tokenizer(["1 + 2 =\n3\n#### 3", "4 - 1 =\n3\n#### 3"] * 10, vocab_size=280)
+    model = scratch_model(Shape(hidden=64, layers=1, heads=2, kv_heads=1, head_dim=32, intermediate=128), tok, 0)
+    data = [TokenizedTrace(tok("1 + 2 =\n")["input_ids"] + tok("#### 3")["input_ids"] + [tok.eos_token_id], 5)] * 8
+    monitor = partial(completion_nll, examples=data, pad_id=tok.pad_token_id)
+    spec = TrainSpec(steps=20, batch_size=8, lr=1e-2)
+    _, info = fine_tune(model, data, spec, tok.pad_token_id, 0, monitor=monitor, checkpoints=4)
+    curve = info["curve"]
+    assert [c["step"] for c in curve] == [0, 5, 10, 15, 20] and curve[0]["train_loss"] is None
+    assert curve[-1]["heldout"] < curve[0]["heldout"] - 1.0 and all(c["train_loss"] > 0 for c in curve[1:])

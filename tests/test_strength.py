@@ -9,6 +9,7 @@ import logging
 import pytest
 import yaml
 from antidistill.proxy_worker.core.strength import ADD_SCALE, ProfileScales, lambda_for, strength_of
+from antidistill.server import default_setup
 from antidistill.server.accounting import Accounting, Exchange
 from antidistill.server.config import SCALES_ENV, GatewayConfig, GatewayConfigError
 from antidistill.server.preflight import describe_tiers
@@ -136,3 +137,20 @@ def labels(accounting: Accounting, ex: Exchange) -> dict[bytes, bytes]:
 
     asyncio.run(accounting.labelled(send, ex)({"type": "http.response.start", "status": 200, "headers": []}))
     return dict(sent[0]["headers"])
+
+
+def test_demo_tiers_are_strengths_and_a_cached_file_keeps_its_keys(tmp_path, capsys):
+    """``make serve``'s tiers load as strength tiers on the embedded gradient's scale; a tiers file
+    cached by an older version gets this version's tiers and keeps the keys already handed out."""
+    path = tmp_path / "demo-tiers.yaml"
+    default_setup.demo_tiers(path)
+    keys = yaml.safe_load(path.read_text())["keys"]
+    scales = ProfileScales({"math": 470.0}, default="math")
+    tiers = load_tiers(path, scales).spec.tiers
+    assert tiers["free"].strength == default_setup.DEMO_TIERS["free"]["strength"]
+    assert tiers["free"].lambda_ == pytest.approx(default_setup.DEMO_TIERS["free"]["strength"] / 470.0)
+    path.write_text(yaml.safe_dump({"tiers": {"free": {"lambda": 0.002}}, "keys": keys}))
+    default_setup.demo_tiers(path)
+    cached = yaml.safe_load(path.read_text())
+    assert cached["tiers"] == default_setup.DEMO_TIERS and cached["keys"] == keys
+    assert "updated" in capsys.readouterr().out

@@ -57,6 +57,30 @@ class ModelSpec(Strict):
         return self
 
 
+ProxyOrigin = Literal["student_prior", "student_base", "teacher_task"]
+
+
+class ProxySpec(ModelSpec):
+    """The proxy stands where the student stands before distillation: its gradient must say how a
+    fresh student would learn from the traces, not encode a teacher-like model's leftover errors."""
+
+    origin: ProxyOrigin = Field(
+        "student_prior",
+        description="student_prior: this shape/path trained (``train``) only on the student's prior data "
+        "(student.pretrain_task; a pretrained path without ``train`` is used as it is) — the default; "
+        "student_base: the student base itself, before distillation (the oracle; shape, path and train "
+        "must be left out); teacher_task: trained on the teacher's own task (the train split)",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ProxySpec:
+        if self.origin == "student_base":
+            if self.shape is not None or self.path is not None or self.train is not None or self.layers:
+                raise ValueError("origin student_base is the student base itself: give no shape, path, layers or train")
+            return self
+        return ModelSpec._one_source(self)
+
+
 class StudentSpec(ModelSpec):
     pretrain_task: TaskSpec | None = Field(None, description="the student's own prior training data")
     distill: TrainSpec = Field(description="the attack: fine-tuning on teacher traces")
@@ -106,6 +130,16 @@ class GridSpec(Strict):
         return self
 
 
+class MechanismSpec(Strict):
+    """The paper's mechanism check: does training on a point's traces lower the student's training
+    loss while its NLL on clean held-out teacher traces rises? And the proxy's, after the same
+    fine-tuning? Where the chain breaks when the target is missed."""
+
+    heldout_traces: int = Field(128, ge=0, description="clean (λ = 0) holdout teacher traces scored (0: off)")
+    checkpoints: int = Field(5, gt=0, description="points along each fine-tuning at which they are scored")
+    proxy: bool = Field(True, description="also fine-tune a copy of the proxy on each point's traces")
+
+
 class EvalConfig(Strict):
     name: str
     seed: int = 0
@@ -117,11 +151,21 @@ class EvalConfig(Strict):
     task: TaskSpec
     tokenizer_vocab: int = Field(320, description="BPE size when the teacher is trained from scratch")
     teacher: ModelSpec
-    proxy: ModelSpec
+    proxy: ProxySpec
     student: StudentSpec
     answer_tokens: int = Field(64, description="greedy tokens when scoring the student")
     sampling: SamplingSpec = SamplingSpec()
+    mechanism: MechanismSpec = MechanismSpec()
     grid: GridSpec
+
+    @model_validator(mode="after")
+    def _proxy_can_be_built(self) -> EvalConfig:
+        proxy, student = self.proxy, self.student
+        if proxy.origin == "student_prior" and proxy.train is not None and student.pretrain_task is None:
+            raise ValueError("proxy.origin student_prior trains on student.pretrain_task, which is not set")
+        if proxy.origin == "student_base" and student.path is not None and self.teacher.path != student.path:
+            raise ValueError("proxy.origin student_base needs a student that shares the teacher's tokenizer")
+        return self
 
 
 def point_name(mode: str, value: float) -> str:

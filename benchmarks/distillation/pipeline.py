@@ -4,8 +4,11 @@ before it. A rerun skips stages whose sentinel matches, so a killed run redoes o
 killed in (and those after it), and a config edit redoes only the stages it affects: a new grid
 reuses the trained teacher, proxy and gradient, and the traces and students of the runs it keeps.
 
-    data → tokenizer → teacher → proxy → student_base → holdout → gradient → traces
+    data → tokenizer → teacher → student_base → proxy → holdout → gradient → traces
          → student/<mode>@<value>#<seed> (one per grid run) → report
+
+The proxy comes after the student base because it stands where the student stands before
+distillation (``proxy.origin``): trained on the student's prior data, or the student base itself.
 
 ``holdout`` samples the teacher with plain sampling (λ = 0) through HF — no processor is involved —
 while ``traces`` samples every grid point through the vLLM processor we serve with. The students are
@@ -32,7 +35,7 @@ import torch
 from antidistill.benchmarks.distillation import models, sampling, scoring, summary
 from antidistill.benchmarks.distillation.config import EvalConfig, ModelSpec, point_name
 from antidistill.benchmarks.distillation.tasks import Problem, make_splits, prompt_of
-from antidistill.benchmarks.distillation.training import fine_tune
+from antidistill.benchmarks.distillation.training import completion_nll, fine_tune
 from antidistill.proxy_worker.core.answers import extract_answer
 from antidistill.proxy_worker.core.trace_quality import trace_quality
 from antidistill.proxy_worker.runtime.offline import TraceRequest, offline_engine
@@ -167,20 +170,18 @@ class Pipeline:
         tok = self.stage("tokenizer", [self.path("tokenizer")], self.make_tokenizer, fp, [c.tokenizer_vocab, c.teacher])
         teacher = [self.path("models", "teacher")]
         fp = self.stage("teacher", teacher, lambda: self.train_model("teacher", c.teacher), tok, [c.answer_tokens])
-        fp = self.stage(
-            "proxy", [self.path("models", "proxy")], lambda: self.train_model("proxy", c.proxy), fp, [c.proxy]
-        )
+        # the student's prior training does not depend on the teacher: it is chained to the tokenizer only
+        base = [self.path("models", "student_base"), self.path("data", "student_pretrain.jsonl")]
+        student = c.student.model_dump(exclude={"distill"})
+        base_fp = self.stage("student_base", base, self.make_student_base, tok, [student, c.answer_tokens])
+        proxy_reads = [c.proxy, base_fp if c.proxy.origin == "student_base" else None]
+        fp = self.stage("proxy", [self.path("models", "proxy")], self.make_proxy, fp, proxy_reads)
         fp = self.stage("holdout", [self.path("holdout.jsonl")], self.make_holdout, fp, [c.sampling, c.task.holdout])
         gradient = [self.path("gradient.safetensors"), self.path("gradient.json")]
         fp = self.stage("gradient", gradient, self.make_gradient, fp, [])
         # traces are kept per grid run (see make_traces): a grid edit samples only the new runs
         self.stage("traces", [], partial(self.make_traces, fingerprint(fp, [TRACE_SEEDS, TRACE_RECORD])), fp, [c.grid])
-        # the student's prior training does not depend on the teacher: it is chained to the tokenizer only
-        base = [self.path("models", "student_base"), self.path("data", "student_pretrain.jsonl")]
-        student = c.student.model_dump(exclude={"distill"})
-        fp = fingerprint(
-            fp, [self.stage("student_base", base, self.make_student_base, tok, [student, c.answer_tokens])]
-        )
+        fp = fingerprint(fp, [base_fp])
         students = self.run_students(fp)
         self.stage("report", [self.path("report")], self.make_report, fingerprint(fp, students), [c.grid])
         return self.path("report")
@@ -193,7 +194,7 @@ class Pipeline:
         return self.stage(f"student/{name}", [out], body, after, self.student_reads(point), quiet)
 
     def student_reads(self, point: Point) -> list[Any]:
-        return [self.cfg.student.distill, run_name(*point)]
+        return [self.cfg.student.distill, self.cfg.mechanism, run_name(*point)]
 
     def student_fp(self, point: Point, after: str) -> str:
         return fingerprint(after, self.student_reads(point))
@@ -249,20 +250,41 @@ class Pipeline:
     def load(self, path: Path, layers: int | None = None) -> torch.nn.Module:
         return models.load_model(path, layers).to(self.cfg.device)
 
-    def train_model(self, role: str, spec: ModelSpec) -> dict[str, Any]:
-        """Teacher and proxy: the run's tokenizer, trained on the ``train`` split's worked solutions."""
+    def train_model(self, role: str, spec: ModelSpec, train: Sequence[Problem] | None = None) -> dict[str, Any]:
+        """Teacher and proxy: the run's tokenizer, trained on ``train`` (default: the train split's
+        worked solutions)."""
         tok = models.load_tokenizer(self.path("tokenizer"))
         model = self.build(spec, tok)
         info: dict[str, Any] = {"parameters": models.parameter_count(model)}
         if spec.train is not None:
-            train = self.problems("train")
+            train = self.problems("train") if train is None else train
             data = examples(tok, [prompt_of(p) for p in train], [p["solution"] for p in train])
             model, fit = fine_tune(model, data, spec.train, tok.pad_token_id, spec.seed, role)
-            info.update(fit)
+            info.update(fit, train_problems=len(train))
         models.save(model, tok, self.path("models", role))
         test = self.problems("test")
         info["greedy_test_accuracy"] = scoring.model_accuracy(model, tok, test, self.cfg.answer_tokens)
         return info
+
+    def make_proxy(self) -> dict[str, Any]:
+        """The proxy by its origin (config.ProxySpec): trained on the student's prior data, the student
+        base itself, or trained on the teacher's task."""
+        origin = self.cfg.proxy.origin
+        if origin == "student_base":
+            shutil.copytree(self.path("models", "student_base"), self.path("models", "proxy"))
+            return {"origin": origin, "parameters": models.parameter_count(self.load(self.path("models", "proxy")))}
+        prior = self.student_prior() if origin == "student_prior" else None
+        return {"origin": origin, **self.train_model("proxy", self.cfg.proxy, prior)}
+
+    def student_prior(self) -> list[Problem]:
+        """The student's prior training data (``student.pretrain_task``), never a test problem; the
+        same problems for the student base and a ``student_prior`` proxy."""
+        pre_task = self.cfg.student.pretrain_task
+        if pre_task is None:
+            return []
+        pre = make_splits(pre_task.kind, pre_task.params, {"train": pre_task.train}, self.cfg.seed + 1)["train"]
+        test = {p["question"] for p in self.problems("test")}
+        return [p for p in pre if p["question"] not in test]
 
     def student_tokenizer(self) -> Any:
         spec = self.cfg.student
@@ -277,9 +299,7 @@ class Pipeline:
         info: dict[str, Any] = {"parameters": models.parameter_count(model)}
         pre_task = spec.pretrain_task
         if spec.train is not None and pre_task is not None:
-            pre = make_splits(pre_task.kind, pre_task.params, {"train": pre_task.train}, self.cfg.seed + 1)["train"]
-            test = {p["question"] for p in self.problems("test")}
-            pre = [p for p in pre if p["question"] not in test]
+            pre = self.student_prior()
             write_jsonl(self.path("data", "student_pretrain.jsonl"), pre)
             data = examples(tok, [prompt_of(p) for p in pre], [p["solution"] for p in pre])
             model, fit = fine_tune(model, data, spec.train, tok.pad_token_id, spec.seed, "student pre-training")
@@ -424,9 +444,16 @@ class Pipeline:
         tok = self.student_tokenizer()
         student = self.load(self.path("models", "student_base"))
         data = examples(tok, [r["prompt"] for r in rows], [r["completion"] for r in rows])
-        spec = self.cfg.student
-        student, fit = fine_tune(student, data, spec.distill, tok.pad_token_id, spec.seed + 7919 * seed, name)
+        spec, check = self.cfg.student, self.cfg.mechanism
+        train_seed = spec.seed + 7919 * seed
+        monitor = self.heldout_monitor(tok)
+        student, fit = fine_tune(
+            student, data, spec.distill, tok.pad_token_id, train_seed, name, monitor, check.checkpoints
+        )
         acc = scoring.model_accuracy(student, tok, self.problems("test"), self.cfg.answer_tokens)
+        mechanism = {"student": fit.get("curve")}
+        if monitor is not None and check.proxy:
+            mechanism["proxy"] = self.proxy_after_distillation(rows, train_seed, name)
         result = {
             "config": self.cfg.name,
             "mode": mode,
@@ -437,10 +464,34 @@ class Pipeline:
             "n_test": len(self.problems("test")),
             "n_traces": len(rows),
             "train_loss": fit["final_loss"],
+            "mechanism": mechanism,
         }
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps(result))
         return {"student_accuracy": acc, "teacher_accuracy": meta["teacher_accuracy"]}
+
+    def heldout_monitor(self, tok: Any) -> Callable[[torch.nn.Module], float] | None:
+        """The NLL of the first ``mechanism.heldout_traces`` clean holdout traces (λ = 0 teacher
+        traces no student or point trains on) under a model with tokenizer ``tok``; None when off."""
+        count = self.cfg.mechanism.heldout_traces
+        if count == 0:
+            return None
+        rows = read_jsonl(self.path("holdout.jsonl"))[:count]
+        heldout = examples(tok, [r["prompt"] for r in rows], [r["completion"] for r in rows])
+        return partial(completion_nll, examples=heldout, pad_id=tok.pad_token_id)
+
+    def proxy_after_distillation(self, rows: Sequence[dict[str, Any]], seed: int, name: str) -> Any:
+        """A copy of the proxy fine-tuned like the student on a point's traces: its held-out NLL curve
+        (does what g predicts — the proxy's held-out loss rises — happen to the proxy itself?)."""
+        tok = self.tokenizer()
+        proxy = self.load(self.path("models", "proxy"))
+        data = examples(tok, [r["prompt"] for r in rows], [r["completion"] for r in rows])
+        spec = self.cfg.student.distill
+        monitor = self.heldout_monitor(tok)
+        _, fit = fine_tune(
+            proxy, data, spec, tok.pad_token_id, seed, f"{name} (proxy)", monitor, self.cfg.mechanism.checkpoints
+        )
+        return fit["curve"]
 
     def make_report(self) -> dict[str, Any]:
         results = [json.loads(self.path("results", f"{run_name(*p)}.json").read_text()) for p in self.cfg.grid.points()]

@@ -11,8 +11,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 from antidistill.proxy_worker.tools.traces import TokenizedTrace
@@ -63,10 +63,43 @@ def with_lora(model: torch.nn.Module, spec: TrainSpec) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
+@torch.no_grad()
+def completion_nll(
+    model: torch.nn.Module, examples: Sequence[TokenizedTrace], pad_id: int, batch_size: int = 32
+) -> float:
+    """Mean NLL per completion token (token-weighted) of ``examples`` under ``model``; the model's
+    train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        inputs = {k: v.to(model.device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+        labels = inputs["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="sum")
+        total += float(nll)
+        tokens += int((labels != -100).sum())
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+Monitor = Callable[[torch.nn.Module], float]
+
+
 def fine_tune(
-    model: torch.nn.Module, examples: Sequence[TokenizedTrace], spec: TrainSpec, pad_id: int, seed: int, label: str = ""
-) -> tuple[torch.nn.Module, dict[str, float]]:
-    """Train in place (LoRA: merged back afterwards) and return the model and a summary."""
+    model: torch.nn.Module,
+    examples: Sequence[TokenizedTrace],
+    spec: TrainSpec,
+    pad_id: int,
+    seed: int,
+    label: str = "",
+    monitor: Monitor | None = None,
+    checkpoints: int = 5,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train in place (LoRA: merged back afterwards) and return the model and a summary. With
+    ``monitor`` (e.g. the NLL of held-out traces), the summary has ``curve``: at step 0 and at
+    ``checkpoints`` evenly spaced steps, the mean training loss since the previous point and the
+    monitor's value — the paper's training-vs-held-out loss check."""
     if not examples:
         raise ValueError(f"{label}: no training examples")
     if spec.method == "lora":
@@ -88,6 +121,10 @@ def fine_tune(
     order: list[int] = []
     losses: list[float] = []
     start = time.time()
+    marks = {max(1, round(steps * k / checkpoints)) for k in range(1, checkpoints + 1)} if monitor else set()
+    curve: list[dict[str, float | None]] = (
+        [{"step": 0, "train_loss": None, "heldout": monitor(model)}] if monitor else []
+    )
     for _ in range(steps):
         if len(order) < spec.batch_size:
             fresh = list(range(len(examples)))
@@ -103,10 +140,16 @@ def fine_tune(
         opt.step()
         sched.step()
         losses.append(loss.item())
+        if len(losses) in marks:
+            recent = losses[int(curve[-1]["step"]) :]
+            curve.append({"step": len(losses), "train_loss": sum(recent) / len(recent), "heldout": monitor(model)})
         if (len(losses) % max(1, steps // 5) == 0) or len(losses) == steps:
             log.info("%s: step %d/%d, loss %.4f (%.0f s)", label, len(losses), steps, losses[-1], time.time() - start)
     if spec.method == "lora":
         model = model.merge_and_unload()
     model.eval()
     tail = losses[-max(1, len(losses) // 10) :]
-    return model, {"steps": steps, "final_loss": sum(tail) / len(tail), "seconds": time.time() - start}
+    summary: dict[str, Any] = {"steps": steps, "final_loss": sum(tail) / len(tail), "seconds": time.time() - start}
+    if monitor:
+        summary["curve"] = curve
+    return model, summary

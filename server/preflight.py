@@ -120,7 +120,9 @@ def describe_tiers(tiers: TierTable) -> list[str]:
         given = "strength" if tier.strength is not None else "lambda"
         strength = "strength unknown (its gradient stores no Δ scale)"
         if scale is not None:
-            low, mid, high = (lam * scale for lam in (tier.min_lambda, tier.lambda_, tier.max_lambda))
+            low, mid, high = (
+                tiers.scales.strength(lam, profile) for lam in (tier.min_lambda, tier.lambda_, tier.max_lambda)
+            )
             strength = f"strength {mid:.4g} [{low:.4g}, {high:.4g}] at Δ scale {scale:.4g}"
         lines.append(
             f"tier {name} (given as {given}): λ {tier.lambda_:.4g} [{tier.min_lambda:.4g}, {tier.max_lambda:.4g}] "

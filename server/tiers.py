@@ -106,6 +106,9 @@ class Tier(BaseModel):
         if not low <= self.strength <= high:
             raise ValueError(f"need min_strength ≤ strength ≤ max_strength, got {low}, {self.strength}, {high}")
         profile = scales.profile(self.profile)
+        if profile not in scales.scales:
+            loaded = ", ".join(scales.scales) or "none"
+            raise ValueError(f"strength needs a loaded gradient profile; {profile!r} is not one (loaded: {loaded})")
         scale = scales.scale(profile)
         if scale is None:
             raise ValueError(

@@ -261,6 +261,19 @@ def test_a_trained_proxy_learns_from_its_origins_data(tmp_path, origin):
         assert expected == len(read_jsonl(pipe.path("data", "student_pretrain.jsonl"))) > 0
 
 
+def test_the_proxy_stage_reads_what_its_origin_builds_from(tmp_path):
+    """A changed prior task retrains a student_prior proxy; a new student base recopies the oracle."""
+    raw = load_eval_config("micro").model_dump(mode="json", exclude_none=True)
+    prior = Pipeline(EvalConfig.model_validate(raw), tmp_path / "a")
+    assert prior.proxy_reads("base-fp")[1] == prior.cfg.student.pretrain_task
+    oracle = Pipeline(EvalConfig.model_validate({**raw, "proxy": {"origin": "student_base"}}), tmp_path / "b")
+    assert oracle.proxy_reads("base-fp")[1] == "base-fp"
+    teacher = Pipeline(
+        EvalConfig.model_validate({**raw, "proxy": {**raw["proxy"], "origin": "teacher_task"}}), tmp_path / "c"
+    )
+    assert teacher.proxy_reads("base-fp")[1] is None
+
+
 def test_proxy_origins_that_cannot_be_built_are_config_errors():
     raw = load_eval_config("micro").model_dump(mode="json", exclude_none=True)
     with pytest.raises(ValueError, match="origin student_base is the student base itself"):

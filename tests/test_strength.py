@@ -154,3 +154,9 @@ def test_demo_tiers_are_strengths_and_a_cached_file_keeps_its_keys(tmp_path, cap
     cached = yaml.safe_load(path.read_text())
     assert cached["tiers"] == default_setup.DEMO_TIERS and cached["keys"] == keys
     assert "updated" in capsys.readouterr().out
+
+
+def test_a_strength_tier_on_a_profile_that_is_not_loaded_says_so(tmp_path):
+    path = tiers_file(tmp_path, {"t": {"strength": 1.0, "profile": "nowhere"}})
+    with pytest.raises(TiersError, match=r"tiers.t: .*'nowhere' is not one \(loaded: math, code, legacy\)"):
+        load_tiers(path, SCALES)

@@ -174,8 +174,7 @@ class Pipeline:
         base = [self.path("models", "student_base"), self.path("data", "student_pretrain.jsonl")]
         student = c.student.model_dump(exclude={"distill"})
         base_fp = self.stage("student_base", base, self.make_student_base, tok, [student, c.answer_tokens])
-        proxy_reads = [c.proxy, base_fp if c.proxy.origin == "student_base" else None]
-        fp = self.stage("proxy", [self.path("models", "proxy")], self.make_proxy, fp, proxy_reads)
+        fp = self.stage("proxy", [self.path("models", "proxy")], self.make_proxy, fp, self.proxy_reads(base_fp))
         fp = self.stage("holdout", [self.path("holdout.jsonl")], self.make_holdout, fp, [c.sampling, c.task.holdout])
         gradient = [self.path("gradient.safetensors"), self.path("gradient.json")]
         fp = self.stage("gradient", gradient, self.make_gradient, fp, [])
@@ -265,6 +264,13 @@ class Pipeline:
         test = self.problems("test")
         info["greedy_test_accuracy"] = scoring.model_accuracy(model, tok, test, self.cfg.answer_tokens)
         return info
+
+    def proxy_reads(self, student_base_fp: str) -> list[Any]:
+        """What the proxy stage depends on besides the teacher chain: its spec, and what its origin
+        builds it from (the student's prior data, or the student base stage)."""
+        origin = self.cfg.proxy.origin
+        source = {"student_prior": self.cfg.student.pretrain_task, "student_base": student_base_fp}.get(origin)
+        return [self.cfg.proxy, source]
 
     def make_proxy(self) -> dict[str, Any]:
         """The proxy by its origin (config.ProxySpec): trained on the student's prior data, the student

@@ -462,7 +462,7 @@ def run_point(
     for dtype, model in models.items():
         elem = model.params["embed"].element_size()
         need = kv_bytes(cfg, 2, batch * (context + steps + 2 * BLOCK), elem)
-        need += step_bytes(cfg, 2, elem, [1] * batch, [context + steps] * batch)
+        need += step_bytes(cfg, 2, elem, [1] * batch, [context + steps] * batch, BLOCK)
         if not fits(args.device, need):
             report_skip = f"{shape} {dtype} B={batch} ctx={context}: needs {need / 2**30:.1f} GiB more than is free"
             points.append(dict(skipped=report_skip))

@@ -52,6 +52,7 @@ class LoadConfig:
     stream: bool
     extra_body: dict
     prompts: list[str] = field(default_factory=list)  # default: gsm_symbolic questions
+    budgets: list[int] = field(default_factory=list)  # max_tokens per prompt (parallel to prompts); default: max_tokens
 
 
 def is_loopback(url: str) -> bool:
@@ -84,11 +85,13 @@ async def sse_lines(res: httpx.Response) -> AsyncIterator[str]:
         yield buffer
 
 
-async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, tier: str, question: str) -> Sample:
+async def one_request(
+    client: httpx.AsyncClient, cfg: LoadConfig, tier: str, question: str, max_tokens: int | None = None
+) -> Sample:
     body = {
         "model": cfg.model,
         "messages": [{"role": "user", "content": question}],
-        "max_tokens": cfg.max_tokens,
+        "max_tokens": cfg.max_tokens if max_tokens is None else max_tokens,
         "stream": cfg.stream,
         **cfg.extra_body,
     }
@@ -131,9 +134,12 @@ async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, tier: str, que
 async def run_load(
     cfg: LoadConfig, seed: int = 0, transport: httpx.AsyncBaseTransport | None = None
 ) -> tuple[list[Sample], float]:
-    """Keep ``concurrency`` requests in flight until ``requests`` are done or ``duration`` passes."""
+    """Keep ``concurrency`` requests in flight until ``requests`` are done or ``duration`` passes.
+    Request i sends prompt i (cycling through the pool) with that prompt's budget."""
     rng = random.Random(seed)
     pool = cfg.prompts or questions(min(cfg.requests, 512))
+    if cfg.budgets and len(cfg.budgets) != len(pool):
+        raise ValueError(f"{len(cfg.budgets)} budgets for {len(pool)} prompts")
     tiers, weights = list(cfg.mix), list(cfg.mix.values())
     samples: list[Sample] = []
     issued = 0
@@ -145,9 +151,10 @@ async def run_load(
         async def worker() -> None:
             nonlocal issued
             while issued < cfg.requests and time.perf_counter() < deadline:
-                issued += 1
+                i, issued = issued % len(pool), issued + 1
                 tier = rng.choices(tiers, weights)[0]
-                samples.append(await one_request(client, cfg, tier, pool[issued % len(pool)]))
+                budget = cfg.budgets[i] if cfg.budgets else None
+                samples.append(await one_request(client, cfg, tier, pool[i], budget))
 
         await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
     return samples, time.perf_counter() - start

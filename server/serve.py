@@ -31,6 +31,7 @@ from antidistill.proxy_worker.runtime.settings import (
     parse_settings,
 )
 from antidistill.server.config import DRAIN_ENV, GatewayConfig, check_state_timeout, check_state_url
+from antidistill.server.cpu_platform import apply_engine_env, engine_env, on_cpu, usable_cpus
 from antidistill.server.preflight import (
     StartupError,
     check_checkpoints,
@@ -338,6 +339,9 @@ def serve(argv: Sequence[str]) -> None:
         raise StartupError(str(exc)) from None
 
     fresh_metrics_dir()
+    if on_cpu():
+        for line in apply_engine_env(engine_env(os.environ, usable_cpus())):
+            print(f"antidistill: {line}", file=sys.stderr, flush=True)
     import uvloop
     from vllm.entrypoints.launchers.api_server.entry import run_server
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args

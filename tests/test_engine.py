@@ -317,7 +317,7 @@ def test_mixed_pass_memory_is_bounded_by_its_tokens():
 
     peak = peak_transient_bytes(run)
     assert not result.failed and result.decode_tokens == 32 and result.prefill_tokens == 512
-    bound = step_bytes(cfg, 2, 4, queries, keys)
+    bound = step_bytes(cfg, 2, 4, queries, keys, engine.cache.block_size)
     padded_scores = 4 * 2 * cfg.num_heads * 33 * 512 * 1512
     assert peak <= bound < padded_scores / 4
     assert peak < padded_scores / 10

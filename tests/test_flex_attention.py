@@ -73,22 +73,45 @@ def config(heads: int, kv_heads: int, window: int | None = None) -> ProxyConfig:
     return parse_config(raw, "test")
 
 
-def plans(case: str, window: int | None) -> tuple:
+def case_rows(case: str) -> tuple[list[list[int]], list[int], PagedSlots]:
+    """The case's new tokens, start positions and block tables."""
     rows = CASES[case]
-    tables = [t for t, _, _ in rows]
     new = [[(7 * i + j) % VOCAB for j in range(n)] for i, (_, _, n) in enumerate(rows)]
-    starts = [s for _, s, _ in rows]
-    paged = PagedSlots(tables, BS, STORE_BLOCKS)
+    return new, [s for _, s, _ in rows], PagedSlots([t for t, _, _ in rows], BS, STORE_BLOCKS)
+
+
+def plans(case: str, window: int | None) -> tuple:
+    new, starts, paged = case_rows(case)
     return tuple(build_plan(new, starts, paged, window, attention=path) for path in ("reference", "flex"))
 
 
-def attention_pair(heads: int, kv_heads: int, case: str, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    reference, flex = plans(case, window)
-    gen = torch.Generator().manual_seed(hash((heads, kv_heads, case)) % 2**31)
-    d, n = 8, reference.tokens.numel()
+def attend(plans: tuple, heads: int, kv_heads: int, seed: object) -> list[torch.Tensor]:
+    """Every plan's attention output on one random store and one set of queries."""
+    gen = torch.Generator().manual_seed(hash(seed) % 2**31)
+    d, n = 8, plans[0].tokens.numel()
     k, v = (torch.randn(2, kv_heads, STORE_BLOCKS * BS, d, generator=gen) for _ in range(2))
     q = torch.randn(2, n, heads, d, generator=gen)
-    return attention(q, k, v, reference, d**-0.5), attention(q, k, v, flex, d**-0.5)
+    return [attention(q, k, v, plan, d**-0.5) for plan in plans]
+
+
+def attention_pair(heads: int, kv_heads: int, case: str, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    reference, flex = attend(plans(case, window), heads, kv_heads, (heads, kv_heads, case))
+    return reference, flex
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("window", [None, WINDOW], ids=["causal", "window"])
+def test_reference_path_gathers_whole_blocks_as_slots_would(case: str, window: int | None) -> None:
+    """With block tables the reference path copies whole blocks (one index per BS keys, the grid
+    rounded up to whole blocks); the same rows given slot by slot attend the same."""
+    new, starts, paged = case_rows(case)
+    longest = max(s + len(t) for s, t in zip(starts, new, strict=True))
+    by_block = build_plan(new, starts, paged, window)
+    by_slot = build_plan(new, starts, paged.slots(range(len(new)), longest), window)
+    assert all(g.kv_blocks is not None and g.kv_index.shape[1] % BS == 0 for g in by_block.groups)
+    assert all(g.kv_blocks is None for g in by_slot.groups)
+    block_out, slot_out = attend((by_block, by_slot), 4, 2, (case, window))
+    assert (block_out - slot_out).abs().max().item() <= TOL
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

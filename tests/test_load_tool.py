@@ -7,6 +7,7 @@ import asyncio
 import json
 
 import httpx
+import pytest
 from antidistill.benchmarks.load import LoadConfig, is_loopback, percentiles, run_load, summarize
 
 
@@ -48,3 +49,15 @@ def test_loopback_only_and_percentiles():
     assert not is_loopback("http://10.0.0.5:8000") and not is_loopback("http://example.com")
     p = percentiles([float(i) for i in range(1, 101)])
     assert round(p["p50"]) == 50 and round(p["p99"]) == 99
+
+
+def test_each_prompt_is_sent_with_its_own_budget():
+    """The mixed workload: request i sends prompt i with budget i (cycling), so a run's token count is
+    the budgets' sum per pass over the pool; budgets that do not pair with the prompts are refused."""
+    cfg = config(False, {"a": "good"})
+    cfg.prompts, cfg.budgets, cfg.requests = ["p", "q", "r"], [3, 7, 11], 6
+    samples, _ = asyncio.run(run_load(cfg, transport=httpx.MockTransport(fake_openai)))
+    assert sorted(s.output_tokens for s in samples) == [3, 3, 7, 7, 11, 11]
+    cfg.budgets = [3, 7]
+    with pytest.raises(ValueError, match="2 budgets for 3 prompts"):
+        asyncio.run(run_load(cfg, transport=httpx.MockTransport(fake_openai)))

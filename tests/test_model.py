@@ -128,6 +128,46 @@ def test_two_copy_pass_equals_two_hf_models(model_dir, tmp_path):
     assert (ours[0] - ours[1]).abs().max().item() > 1e-3
 
 
+@pytest.mark.parametrize(
+    "family,kw", [("llama", {}), ("qwen2", {}), ("llama", {"tie": True})], ids=["llama", "qwen2-bias", "llama-tied"]
+)
+def test_prepacked_linears_match_the_matmul_layout(model_dir, family, kw):
+    """fp32 on CPU prepacks every linear for oneDNN (the serving default): the same logits as the
+    plain batched-matmul layout, from a cached decode as from a full forward, and no second copy
+    of the linear weights is kept."""
+    path = model_dir(family, **kw)
+    cfg = load_config(path)
+    theta = load_proxy_state(path, cfg)
+    gen = torch.Generator().manual_seed(5)
+    grad = {k: torch.randn(v.shape, generator=gen) for k, v in theta.items()}
+    params = stack_perturbed(theta, grad, (0.05, -0.05), cfg, torch.float32)
+    packed, plain = StackedProxy(cfg, params), StackedProxy(cfg, params, gemm="matmul")
+    names = {f"layers.{i}.{n}" for i in range(cfg.num_layers) for n in ("qkv", "o", "gate_up", "down")}
+    assert set(packed.linears) == names | {"lm_head"} and not plain.linears
+    assert not {"lm_head", "layers.0.qkv", "layers.0.qkv_bias"} & set(packed.params)
+    assert packed.parameter_bytes == plain.parameter_bytes
+    plan = build_plan(SEQS, [0] * len(SEQS))
+    full = packed.logits(plan, output="all"), plain.logits(plan, output="all")
+    assert (full[0] - full[1]).abs().max().item() <= 1e-4
+    decoded = []
+    for model in (packed, plain):
+        cache = ProxyKVCache(cfg, 2, torch.float32, token_budget=256, block_size=4)
+        cache.add(0, SEQS[2])
+        row = cache.rows[0]
+        cache.reserve(row, len(SEQS[2]))
+        model.logits(build_plan([SEQS[2][:-1]], [0], cache.paged([row])), cache.store)
+        decoded.append(model.logits(build_plan([SEQS[2][-1:]], [len(SEQS[2]) - 1], cache.paged([row])), cache.store))
+    assert (decoded[0] - decoded[1]).abs().max().item() <= 1e-4
+    assert (decoded[0][:, 0] - full[1][:, -1]).abs().max().item() <= 1e-4
+
+
+def test_prepacking_where_it_does_not_apply_is_refused(model_dir):
+    cfg, theta, _ = one_copy(model_dir("llama"))
+    with pytest.raises(ValueError, match="fp32 weights on a CPU"):
+        StackedProxy(cfg, stack_copies([theta], cfg, torch.float64), gemm="packed")
+    assert not StackedProxy(cfg, stack_copies([theta], cfg, torch.float64)).linears  # auto: plain
+
+
 def test_tied_copies_share_one_embedding_tensor(model_dir):
     path = model_dir("llama", tie=True)
     cfg = load_config(path)
@@ -186,7 +226,7 @@ def test_decode_rows_are_not_padded_to_a_prefill_chunk(model_dir):
         row.computed = pre
         rows.append(row)
     plan = build_plan([s[-n:] for s, n in zip(seqs, news, strict=True)], [r.computed for r in rows], cache.paged(rows))
-    assert sorted(tuple(g.mask.shape) for g in plan.groups) == [(1, 40, 60), (6, 1, 45)]
+    assert sorted(tuple(g.mask.shape) for g in plan.groups) == [(1, 40, 64), (6, 1, 48)]  # whole blocks of 8
     assert sum(g.score_cells for g in plan.groups) < len(seqs) * 40 * 60 / 5
     batched = proxy.logits(plan, cache.store)[0]
     for i, seq in enumerate(seqs):

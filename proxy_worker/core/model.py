@@ -7,7 +7,7 @@ two-copy serving pass, the exact JVP (``torch.func.jvp`` over one copy) and the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,10 +15,12 @@ import torch
 import torch.nn.functional as F
 from antidistill.proxy_worker.core.config import ProxyConfig
 from antidistill.proxy_worker.core.flex_attention import flex_group_attention
+from antidistill.proxy_worker.core.packed_linear import GemmPath, PackedLinear, pack_linears, use_packed
 from antidistill.proxy_worker.core.plan import PAD_SLACK, AttentionGroup, StepPlan
 from antidistill.proxy_worker.core.rope import RotaryTable, apply_rotary
 
 Params = Mapping[str, torch.Tensor]
+Linears = Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
 Output = Literal["last", "all"] | torch.Tensor
 
 
@@ -41,6 +43,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """Per-copy ``x @ W.T (+ b)``: x [C, N, in], W [C, out, in] → [C, N, out] (one batched matmul)."""
     out = torch.matmul(x, weight.transpose(-1, -2))
     return out if bias is None else out + bias[:, None, :]
+
+
+def project(params: Params, linears: Linears | None, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The linear layer ``name`` (+ its ``_bias``): prepacked where ``linears`` has it, else ``linear``."""
+    if linears is not None and name in linears:
+        return linears[name](x)
+    return linear(x, params[name], params.get(name + "_bias"))
 
 
 def attention(
@@ -77,9 +86,7 @@ def group_attention(
     g = hq // hkv
     b, smax = group.query_index.shape
     tmax = group.kv_index.shape[1]
-    flat = group.kv_index.reshape(-1)
-    kb = k_store.index_select(2, flat).view(c, hkv, b, tmax, d)
-    vb = v_store.index_select(2, flat).view(c, hkv, b, tmax, d)
+    kb, vb = (gather_keys(store, group).view(c, hkv, b, tmax, d) for store in (k_store, v_store))
     qb = q[:, group.query_index].view(c, b, smax, hkv, g, d).permute(0, 3, 1, 4, 2, 5)
     scores = torch.matmul(qb.reshape(c, hkv, b, g * smax, d), kb.transpose(-1, -2)).mul_(scale)
     scores = scores.view(c, hkv, b, g, smax, tmax).masked_fill_(~group.mask[None, None, :, None], float("-inf"))
@@ -90,9 +97,23 @@ def group_attention(
     return out[:, group.query_valid]
 
 
-def attention_bytes(cfg: ProxyConfig, copies: int, elem: int, queries: Sequence[int], keys: Sequence[int]) -> int:
+def gather_keys(store: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+    """The group's keys (or values) [C, Hkv, b·T, D], copied out of the store [C, Hkv, slots, D]:
+    whole blocks at a time where the plan has them (one index per block_size keys), else slot by slot."""
+    if group.kv_blocks is None:
+        return store.index_select(2, group.kv_index.reshape(-1))
+    block_size = group.kv_index.shape[1] // group.kv_blocks.shape[1]
+    blocks = store.unflatten(2, (-1, block_size)).index_select(2, group.kv_blocks.reshape(-1))
+    return blocks.flatten(2, 3)
+
+
+def attention_bytes(
+    cfg: ProxyConfig, copies: int, elem: int, queries: Sequence[int], keys: Sequence[int], block_size: int = 1
+) -> int:
     """Upper bound on one layer's attention transients for rows with these new-token counts
-    (``queries``, S_i) and key counts (``keys``, T_i = start + S_i); ``elem`` = serving dtype bytes.
+    (``queries``, S_i) and key counts (``keys``, T_i = start + S_i); ``elem`` = serving dtype bytes;
+    ``block_size``: the paged store's (a group's key grid is rounded up to whole blocks, so each
+    T_i counts as T_i + block_size − 1).
 
     Per padded grid cell and (copy, query head): the scores and the probabilities, plus an fp32
     copy of the scores below fp32 (``cell`` = 8 bytes in fp32, 10 in bf16/fp16, 16 in fp64); per
@@ -104,13 +125,16 @@ def attention_bytes(cfg: ProxyConfig, copies: int, elem: int, queries: Sequence[
 
     — proportional to the query-key pairs in the pass, not rows × longest chunk.
     """
+    keys = [t + block_size - 1 for t in keys]
     pairs = sum(s * t for s, t in zip(queries, keys, strict=True))
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     cell = 2 * max(elem, 4) + (elem if elem < 4 else 0)
     return PAD_SLACK * copies * (cell * hq * pairs + 2 * elem * hkv * d * sum(keys) + 4 * elem * hq * d * sum(queries))
 
 
-def step_bytes(cfg: ProxyConfig, copies: int, elem: int, queries: Sequence[int], keys: Sequence[int]) -> int:
+def step_bytes(
+    cfg: ProxyConfig, copies: int, elem: int, queries: Sequence[int], keys: Sequence[int], block_size: int = 1
+) -> int:
     """Upper bound on the peak transient bytes of one pass (KV store and weights excluded).
 
     One layer's attention (``attention_bytes``; layers run one after another) plus, per new token
@@ -125,7 +149,7 @@ def step_bytes(cfg: ProxyConfig, copies: int, elem: int, queries: Sequence[int],
     n, rows = sum(queries), len(queries)
     per_token = 6 * cfg.hidden_size + 3 * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     per_token += 4 * cfg.intermediate_size
-    return attention_bytes(cfg, copies, elem, queries, keys) + copies * (
+    return attention_bytes(cfg, copies, elem, queries, keys, block_size) + copies * (
         elem * n * per_token + 16 * rows * cfg.vocab_size
     )
 
@@ -137,12 +161,14 @@ def transformer_forward(
     plan: StepPlan,
     kv: KVStore | None = None,
     output: Output = "last",
+    linears: Linears | None = None,
 ) -> torch.Tensor:
     """Logits [C, B, V] for each row's newest token (``"last"``), [C, N, V] for every new token
     (``"all"``), or [C, K, V] for the packed token indices given as a tensor.
 
     With ``kv`` the new keys/values are written into the paged store and attention reads each
     row's whole prefix from it; without, the pass attends over its own tokens (full forward).
+    ``linears`` replaces the named linear weights of ``params`` (prepacked serving weights).
     """
     embed = params["embed"]
     dtype = embed.dtype
@@ -154,7 +180,7 @@ def transformer_forward(
     for layer in range(cfg.num_layers):
         p = f"layers.{layer}."
         h = rms_norm(x, params[p + "attn_norm"][:, None, :], eps)
-        qkv = linear(h, params[p + "qkv"], params.get(p + "qkv_bias"))
+        qkv = project(params, linears, p + "qkv", h)
         q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
         q, k, v = q.view(c, n, hq, d), k.view(c, n, hkv, d), v.view(c, n, hkv, d)
         if cfg.qk_norm:
@@ -168,26 +194,39 @@ def transformer_forward(
             kv.k[layer].index_copy_(2, plan.write_index, k)
             kv.v[layer].index_copy_(2, plan.write_index, v)
             k_store, v_store = kv.k[layer], kv.v[layer]
-        x = x + linear(attention(q, k_store, v_store, plan, scale), params[p + "o"])
+        x = x + project(params, linears, p + "o", attention(q, k_store, v_store, plan, scale))
         h = rms_norm(x, params[p + "mlp_norm"][:, None, :], eps)
-        gate, up = linear(h, params[p + "gate_up"]).chunk(2, dim=-1)
-        x = x + linear(F.silu(gate) * up, params[p + "down"])
+        gate, up = project(params, linears, p + "gate_up", h).chunk(2, dim=-1)
+        x = x + project(params, linears, p + "down", F.silu(gate) * up)
     if isinstance(output, torch.Tensor):
         x = x[:, output]
     elif output == "last":
         x = x[:, plan.last_index]
     x = rms_norm(x, params["norm"][:, None, :], eps)
-    return linear(x, params["lm_head"])
+    return project(params, linears, "lm_head", x)
 
 
 class StackedProxy:
-    """The proxy's C weight copies in the serving dtype, ready to run batched passes."""
+    """The proxy's C weight copies in the serving dtype, ready to run batched passes.
 
-    def __init__(self, cfg: ProxyConfig, params: Params, device: torch.device | str = "cpu") -> None:
+    ``gemm="auto"`` prepacks the linear weights for oneDNN where that applies (fp32 on CPU,
+    ``packed_linear.py``) and then keeps only the packed copy of them; embeddings and norms stay
+    plain tensors in ``params``. ``"matmul"`` keeps every weight plain (the reference layout).
+    """
+
+    def __init__(
+        self, cfg: ProxyConfig, params: Params, device: torch.device | str = "cpu", gemm: GemmPath = "auto"
+    ) -> None:
         self.cfg = cfg
+        self.device = torch.device(device)
         self.params = {k: v.to(device) for k, v in params.items()}
         self.rope = RotaryTable(cfg, device)
-        self.device = torch.device(device)
+        self.linears: dict[str, PackedLinear] = {}
+        if use_packed(gemm, self.device, self.dtype):
+            self.linears = pack_linears(self.params, cfg.num_layers)
+            for name in self.linears:
+                self.params.pop(name)
+                self.params.pop(name + "_bias", None)
 
     @property
     def copies(self) -> int:
@@ -199,8 +238,9 @@ class StackedProxy:
 
     @property
     def parameter_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.params.values())
+        plain = sum(t.numel() * t.element_size() for t in self.params.values())
+        return plain + sum(lin.nbytes for lin in self.linears.values())
 
     @torch.inference_mode()
     def logits(self, plan: StepPlan, kv: KVStore | None = None, output: Output = "last") -> torch.Tensor:
-        return transformer_forward(self.params, self.cfg, self.rope, plan, kv, output)
+        return transformer_forward(self.params, self.cfg, self.rope, plan, kv, output, self.linears)

@@ -37,11 +37,15 @@ class PagedSlots:
     block_size: int
     num_blocks: int | None = None
 
+    def blocks(self, rows: Sequence[int], length: int) -> torch.Tensor:
+        """[len(rows), ⌈length / block_size⌉] block ids covering positions 0..length-1 (past a row's
+        blocks: block 0)."""
+        nblk = -(-length // self.block_size)
+        return torch.tensor([_pad(self.tables[r], nblk) for r in rows], dtype=torch.long).view(len(rows), nblk)
+
     def slots(self, rows: Sequence[int], length: int) -> torch.Tensor:
         """[len(rows), length] slots of positions 0..length-1 (past a row's blocks: block 0)."""
-        nblk = -(-length // self.block_size)
-        table = torch.tensor([_pad(self.tables[r], nblk) for r in rows], dtype=torch.long).view(len(rows), nblk)
-        slots = table[:, :, None] * self.block_size + torch.arange(self.block_size)
+        slots = self.blocks(rows, length)[:, :, None] * self.block_size + torch.arange(self.block_size)
         return slots.view(len(rows), -1)[:, :length]
 
 
@@ -59,10 +63,15 @@ class AttentionGroup:
     kv_index: torch.Tensor  # [b, T] where each row's keys/values live in the KV store
     mask: torch.Tensor  # [b, S, T] True where the query may attend to the key
     paged: PagedBlocks | None = None  # the same grid as block lists over the paged store (flex path)
+    kv_blocks: torch.Tensor | None = None  # [b, T / block_size] the blocks kv_index spans (paged store)
 
     def to(self, device: torch.device | str) -> AttentionGroup:
         tensors = (x.to(device) for x in (self.query_index, self.query_valid, self.kv_index, self.mask))
-        return AttentionGroup(*tensors, paged=None if self.paged is None else self.paged.to(device))
+        return AttentionGroup(
+            *tensors,
+            paged=None if self.paged is None else self.paged.to(device),
+            kv_blocks=None if self.kv_blocks is None else self.kv_blocks.to(device),
+        )
 
     @property
     def score_cells(self) -> int:
@@ -130,7 +139,10 @@ def build_plan(
     used for ground truth, gradients and JVPs.
 
     ``attention="flex"`` with block tables adds each group's block lists (``AttentionGroup.paged``),
-    so attention reads the store in place; other plans attend by the reference path.
+    so attention reads the store in place; other plans attend by the reference path. With block
+    tables a group's key grid is a whole number of blocks (``AttentionGroup.kv_blocks``), so the
+    reference path gathers whole blocks (block_size keys per index) instead of single slots; the
+    mask hides the keys past each row's end.
     """
     if attention not in ATTENTION_PATHS:
         raise ValueError(f"attention must be one of {ATTENTION_PATHS}, got {attention!r}")
@@ -145,8 +157,13 @@ def build_plan(
     groups, packed, writes, positions = [], [], [], []
     for rows in group_rows(counts, lengths):
         shape = _RowShape([counts[r] for r in rows], [start[r] for r in rows], [offsets[r] for r in rows])
-        kv_index = _kv_index(kv_slots, rows, shape, max(lengths[r] for r in rows))
+        tmax = max(lengths[r] for r in rows)
+        if isinstance(kv_slots, PagedSlots):
+            tmax = -(-tmax // kv_slots.block_size) * kv_slots.block_size
+        kv_index = _kv_index(kv_slots, rows, shape, tmax)
         group, qpos = _group(shape, kv_index, sliding_window)
+        if isinstance(kv_slots, PagedSlots):
+            group = replace(group, kv_blocks=kv_slots.blocks(rows, tmax))
         if attention == "flex" and isinstance(kv_slots, PagedSlots):
             group = replace(
                 group, paged=_paged(kv_slots, rows, [lengths[r] for r in rows], group, qpos, sliding_window)

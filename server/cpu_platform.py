@@ -1,0 +1,79 @@
+"""What the engine's processes need on vLLM's CPU platform: whether we are on it, how many of a
+small box's cores the model gets, and an allocator that keeps freed memory.
+
+Cores. vLLM pins its model worker's OpenMP threads and keeps one core per worker free for the
+engine's scheduler process (``VLLM_CPU_NUM_OF_RESERVED_CPU``, default 1 on x86/ARM). With 2
+cores that leaves the teacher and the proxy one thread. Measured on this project's 2-core box
+(32 streams): reserving none gives plain vLLM 1.7× and the protected path 1.8× the throughput,
+the scheduler sharing a core with a worker thread. Bigger boxes keep vLLM's default.
+
+Memory. A decode step allocates tens of MB of transients (gathered keys, scores, logits). glibc
+serves blocks over its mmap threshold (≤ 32 MB) with fresh mappings and unmaps them on free, so
+every such block page-faults again on every layer of every step: at 32 rows × 1k context the
+proxy step ran 3× slower after an unrelated change of allocation order. vLLM's CPU images preload
+tcmalloc for this reason; where no allocator is preloaded we ask glibc (``GLIBC_TUNABLES``) to
+serve everything from its heap and keep up to 1 GiB of freed memory for reuse.
+
+An operator's own setting of either variable always wins.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+from collections.abc import Mapping
+
+RESERVED_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
+SMALL_BOX_CPUS = 2
+"""At most this many usable cores: reserve none for the scheduler (the case measured)."""
+
+TUNABLES_ENV = "GLIBC_TUNABLES"
+KEEP_FREED = {"glibc.malloc.mmap_max": 0, "glibc.malloc.trim_threshold": 2**30}
+"""No mmap'd blocks; free memory is returned to the OS only past 1 GiB at the heap's top."""
+_MALLOPT = {"glibc.malloc.mmap_max": -4, "glibc.malloc.trim_threshold": -1}  # M_MMAP_MAX, M_TRIM_THRESHOLD
+
+
+def on_cpu() -> bool:
+    """vLLM's platform is its CPU build (False where vLLM is not installed)."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return False
+    return current_platform.is_cpu()
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def engine_env(environ: Mapping[str, str], cpus: int) -> dict[str, str]:
+    """The variables to add for a CPU engine on ``cpus`` usable cores (empty: nothing to change)."""
+    added = {}
+    if RESERVED_ENV not in environ and cpus <= SMALL_BOX_CPUS:
+        added[RESERVED_ENV] = "0"
+    preloaded = any(lib in environ.get("LD_PRELOAD", "") for lib in ("tcmalloc", "jemalloc", "mimalloc"))
+    if TUNABLES_ENV not in environ and not preloaded and platform.libc_ver()[0] == "glibc":
+        added[TUNABLES_ENV] = ":".join(f"{k}={v}" for k, v in KEEP_FREED.items())
+    return added
+
+
+def apply_engine_env(added: Mapping[str, str]) -> list[str]:
+    """Put ``added`` into this process's environment (spawned children read it) and, for the
+    allocator, into this process's glibc now (forked children inherit it); returns a line each."""
+    os.environ.update(added)
+    lines = []
+    if RESERVED_ENV in added:
+        lines.append(
+            f"{usable_cpus()} usable CPU cores: the model worker gets all of them "
+            f"({RESERVED_ENV}=0; set {RESERVED_ENV} to choose otherwise)"
+        )
+    if TUNABLES_ENV in added:
+        libc = ctypes.CDLL("libc.so.6")
+        for name, value in KEEP_FREED.items():
+            libc.mallopt(_MALLOPT[name], value)
+        lines.append(
+            f"allocator: glibc keeps freed memory for reuse ({TUNABLES_ENV}={added[TUNABLES_ENV]}; "
+            f"set {TUNABLES_ENV} or preload tcmalloc to choose otherwise)"
+        )
+    return lines

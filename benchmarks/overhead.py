@@ -211,7 +211,10 @@ def main() -> None:
                 for name in names[r % 3 :] + names[: r % 3]:
                     tps = http_tokens_per_second(*targets[name], load)
                     samples.setdefault(f"{load.name}/{load.concurrency}/{name}", []).append(tps)
-                    print(f"{load.name:<6} concurrency {load.concurrency:>3} round {r} {name:<10} {tps:8.1f} tok/s")
+                    print(
+                        f"{load.name:<6} concurrency {load.concurrency:>3} round {r} {name:<10} {tps:8.1f} tok/s",
+                        flush=True,
+                    )
     official = official_tokens_per_second(teacher, proxy, grad, args.lam, args.epsilon, loads)
     rows = []
     print(f"\nroofline bound T/(T+2P) = {T / 1e6:.0f}M / ({T / 1e6:.0f}M + 2×{P / 1e6:.0f}M) = {bound:.3f}")

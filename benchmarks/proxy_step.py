@@ -5,6 +5,7 @@ other, over batch × context, with the bytes, FLOPs and roofline each step impli
     python -m antidistill.benchmarks.proxy_step --shape qwen2.5-0.5b --dtype bfloat16 --device cuda   # on a GPU
     python -m antidistill.benchmarks.proxy_step --shared-prefix 1000 --batches 32 --contexts 1024   # prefix sharing
     python -m antidistill.benchmarks.proxy_step --attention reference flex --out proxy_step-flex-cpu.json
+    python -m antidistill.benchmarks.proxy_step --gemm matmul   # the plain batched-matmul weight layout
 
 Every row already holds ``context`` cached tokens (random KV: values do not change the cost) and
 each step adds one token per row: plan + forward + log-softmax (Δ for two copies). All modes run
@@ -17,12 +18,16 @@ for "flex" includes compiling a new shape bucket).
 rows of ``context`` prompt tokens, once with distinct prompts and once with the first P tokens
 shared, and reports the proxy KV tokens held, the prompt tokens the first step would compute,
 and the decode step time.
+
+On CPU the process first takes on the allocator setting ``antidistill serve`` gives the engine
+(``server/cpu_platform.py``), so the step costs what it costs in the served worker.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import platform
 import statistics
 import time
@@ -34,10 +39,12 @@ from antidistill.benchmarks.report import write_json
 from antidistill.proxy_worker.core.config import ProxyConfig, parse_config
 from antidistill.proxy_worker.core.delta import finite_difference
 from antidistill.proxy_worker.core.model import StackedProxy
+from antidistill.proxy_worker.core.packed_linear import GEMM_PATHS
 from antidistill.proxy_worker.core.plan import ATTENTION_PATHS, AttentionPath, build_plan
 from antidistill.proxy_worker.core.weights import DTYPES
 from antidistill.proxy_worker.runtime.cache import ProxyKVCache
 from antidistill.proxy_worker.runtime.engine import ProxyEngine
+from antidistill.server.cpu_platform import TUNABLES_ENV, allocator_env, apply_engine_env
 
 SHAPES = {
     "smollm2-135m": dict(
@@ -216,13 +223,13 @@ def run(args: argparse.Namespace) -> dict:
     elem = torch.tensor([], dtype=dtype).element_size()
     bw, peak = machine_roofline(args.device, dtype)
     print(f"{args.shape} {args.dtype} on {args.device}: measured {bw / 1e9:.1f} GB/s, {peak / 1e9:.0f} GFLOP/s")
-    two = StackedProxy(cfg, random_params(cfg, 2, dtype, args.device), args.device)
+    two = StackedProxy(cfg, random_params(cfg, 2, dtype, args.device), args.device, args.gemm)
     if args.shared_prefix:
         points = shared_prefix_run(args, two)
         return dict(
             shape=args.shape, dtype=args.dtype, device=args.device, attention=args.attention[0], shared_prefix=points
         )
-    one = StackedProxy(cfg, random_params(cfg, 1, dtype, args.device), args.device)
+    one = StackedProxy(cfg, random_params(cfg, 1, dtype, args.device), args.device, args.gemm)
     base, *others = args.attention
     modes = {
         "one_copy": ([one], "reference"),
@@ -283,6 +290,8 @@ def run(args: argparse.Namespace) -> dict:
         device=args.device,
         machine=platform.processor() or platform.machine(),
         threads=torch.get_num_threads(),
+        gemm="packed" if two.linears else "matmul",
+        allocator=os.environ.get(TUNABLES_ENV) or os.environ.get("LD_PRELOAD") or "default",
         measured_bytes_per_s=bw,
         measured_flops=peak,
         points=points,
@@ -304,9 +313,13 @@ def main() -> None:
         default=["reference"],
         help="attention paths of the batched pass, side by side (the first is the baseline)",
     )
+    ap.add_argument("--gemm", choices=GEMM_PATHS, default="auto", help="linear weights: prepacked or plain")
     ap.add_argument("--shared-prefix", type=int, default=0, help="engine steps with/without this many shared tokens")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.device == "cpu":
+        for line in apply_engine_env(allocator_env(os.environ)):
+            print(line)
     result = run(args)
     write_json(args.out, result)
 

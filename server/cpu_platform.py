@@ -47,15 +47,22 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def cores_env(environ: Mapping[str, str], cpus: int) -> dict[str, str]:
+    """No core reserved for the scheduler on a box of at most ``SMALL_BOX_CPUS`` usable cores."""
+    return {RESERVED_ENV: "0"} if RESERVED_ENV not in environ and cpus <= SMALL_BOX_CPUS else {}
+
+
+def allocator_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """glibc keeps freed memory, unless an allocator is preloaded or the tunables are already set."""
+    preloaded = any(lib in environ.get("LD_PRELOAD", "") for lib in ("tcmalloc", "jemalloc", "mimalloc"))
+    if TUNABLES_ENV in environ or preloaded or platform.libc_ver()[0] != "glibc":
+        return {}
+    return {TUNABLES_ENV: ":".join(f"{k}={v}" for k, v in KEEP_FREED.items())}
+
+
 def engine_env(environ: Mapping[str, str], cpus: int) -> dict[str, str]:
     """The variables to add for a CPU engine on ``cpus`` usable cores (empty: nothing to change)."""
-    added = {}
-    if RESERVED_ENV not in environ and cpus <= SMALL_BOX_CPUS:
-        added[RESERVED_ENV] = "0"
-    preloaded = any(lib in environ.get("LD_PRELOAD", "") for lib in ("tcmalloc", "jemalloc", "mimalloc"))
-    if TUNABLES_ENV not in environ and not preloaded and platform.libc_ver()[0] == "glibc":
-        added[TUNABLES_ENV] = ":".join(f"{k}={v}" for k, v in KEEP_FREED.items())
-    return added
+    return cores_env(environ, cpus) | allocator_env(environ)
 
 
 def apply_engine_env(added: Mapping[str, str]) -> list[str]:

@@ -32,6 +32,7 @@ import yaml
 from antidistill.benchmarks.load import LoadConfig, run_load, summarize
 from antidistill.benchmarks.report import write_json
 from antidistill.benchmarks.workload import benchmark_gradient, chat_token_ids, mixed_requests, questions
+from antidistill.proxy_worker.core.plan import ATTENTION_PATHS
 from antidistill.server.cpu_platform import RESERVED_ENV, TUNABLES_ENV, apply_engine_env, engine_env, usable_cpus
 from antidistill.server.embedded_model import prepare_half_proxy, prepare_smollm2
 from antidistill.server.launch import free_port, running_server
@@ -53,7 +54,9 @@ def parameter_count(model_dir: Path) -> int:
     return total
 
 
-def start_servers(stack: ExitStack, teacher: Path, proxy: Path, grad: Path, lam: float, tmp: Path) -> dict:
+def start_servers(
+    stack: ExitStack, teacher: Path, proxy: Path, grad: Path, lam: float, tmp: Path, attention: str = "reference"
+) -> dict:
     """Plain vLLM and our server, both up for the whole run (same vLLM flags)."""
     common = [
         "--model",
@@ -100,6 +103,8 @@ def start_servers(stack: ExitStack, teacher: Path, proxy: Path, grad: Path, lam:
                 str(tmp / "tiers.yaml"),
                 "--audit-log",
                 str(tmp / "audit.jsonl"),
+                "--proxy-attention",
+                attention,
                 *common,
                 "--port",
                 str(ours_port),
@@ -189,6 +194,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--workloads", nargs="+", choices=("equal", "mixed"), default=["equal", "mixed"])
+    ap.add_argument("--proxy-attention", choices=ATTENTION_PATHS, default="reference", help="our server's")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -203,7 +209,7 @@ def main() -> None:
     loads = [workload(w, c, args.max_tokens) for w in args.workloads for c in args.concurrency]
     samples: dict[str, list[float]] = {}
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        targets = start_servers(stack, teacher, proxy, grad, args.lam, Path(tmp))
+        targets = start_servers(stack, teacher, proxy, grad, args.lam, Path(tmp), args.proxy_attention)
         names = list(targets)
         http_tokens_per_second(*targets["vanilla"], workload("equal", 1, 4))  # warm-up
         for load in loads:
@@ -254,6 +260,7 @@ def main() -> None:
             lam=args.lam,
             epsilon=args.epsilon,
             max_tokens=args.max_tokens,
+            proxy_attention=args.proxy_attention,
             usable_cpus=usable_cpus(),
             cpu_env={k: os.environ.get(k) for k in (RESERVED_ENV, TUNABLES_ENV, "LD_PRELOAD")},
             official_style_threads=usable_cpus(),

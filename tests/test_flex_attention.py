@@ -18,7 +18,7 @@ from antidistill.proxy_worker.core.config import ProxyConfig, parse_config
 from antidistill.proxy_worker.core.delta import finite_difference
 from antidistill.proxy_worker.core.model import StackedProxy, attention
 from antidistill.proxy_worker.core.paged_blocks import PagedBlocks
-from antidistill.proxy_worker.core.plan import PagedSlots, build_plan
+from antidistill.proxy_worker.core.plan import FLEX_MIN_KEYS, PagedSlots, build_plan
 from antidistill.proxy_worker.core.weights import expected_shapes, stack_copies
 from antidistill.proxy_worker.runtime.engine import ProxyEngine
 from torch._dynamo.utils import counters
@@ -136,6 +136,20 @@ def test_flex_plans_read_the_store_through_block_lists_only() -> None:
     # a plan without a cache has nothing paged to read: it stays on the reference path
     full = build_plan([[1, 2, 3]], [0], attention="flex")
     assert all(g.paged is None for g in full.groups)
+
+
+def test_auto_reads_in_place_only_decode_groups_big_enough_to_gain() -> None:
+    """``attention="auto"``: a decode group of FLEX_MIN_KEYS key cells gets block lists; one row fewer,
+    or a prefill chunk's group in the same pass, gathers (the reference path)."""
+    context, rows = 1024, FLEX_MIN_KEYS // 1024
+    per_row = context // BS
+    paged = PagedSlots([list(range(r * per_row, (r + 1) * per_row)) for r in range(rows + 1)], BS)
+    big = build_plan([[1]] * rows, [context - 1] * rows, paged, attention="auto")
+    assert [g.paged is not None for g in big.groups] == [True]
+    small = build_plan([[1]] * (rows - 1), [context - 1] * (rows - 1), paged, attention="auto")
+    assert [g.paged is not None for g in small.groups] == [False]
+    mixed = build_plan([[1] * 64] + [[1]] * rows, [context - 64] + [context - 1] * rows, paged, attention="auto")
+    assert sorted((g.query_index.shape[1], g.paged is not None) for g in mixed.groups) == [(1, True), (64, False)]
 
 
 def test_another_batch_of_the_same_bucket_does_not_compile_again() -> None:

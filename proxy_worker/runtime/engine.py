@@ -50,7 +50,8 @@ class ProxyEngine:
         attention: AttentionPath = "reference",
     ) -> None:
         """``attention``: "reference" gathers each row's prefix per layer; "flex" reads the paged
-        KV in place (compiled FlexAttention, the same Δ within rounding)."""
+        KV in place (compiled FlexAttention, the same Δ within rounding); "auto" reads it in place
+        for big decode groups only (``plan.FLEX_MIN_KEYS``)."""
         if model.copies != 2:
             raise ValueError("the engine needs exactly two copies: θ+εg and θ−εg")
         if not epsilon > 0:

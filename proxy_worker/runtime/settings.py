@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from antidistill.proxy_worker.core.plan import AttentionPath
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_VAR = "ANTIDISTILL_CONFIG"
@@ -56,8 +57,10 @@ class ProcessorSettings(BaseModel):
     epsilon: float = Field(1e-3, gt=0, description="finite-difference step ε (calibrate per proxy and dtype)")
     proxy_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     token_budget: int = Field(16384, ge=16, description="proxy KV tokens per profile, preallocated")
-    proxy_attention: Literal["reference", "flex"] = Field(
-        "reference", description="proxy attention: gather the paged KV per layer, or read it in place (FlexAttention)"
+    proxy_attention: AttentionPath = Field(
+        "reference",
+        description="proxy attention: gather the paged KV per layer, read it in place (FlexAttention), "
+        "or in place for big decode groups only (auto)",
     )
     max_lambda: float = Field(50.0, ge=0, description="largest ad_lambda a request may ask for")
     allowed_modes: list[Mode] = Field(default_factory=lambda: ["ad"])

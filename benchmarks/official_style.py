@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,35 +57,55 @@ def load_official_style(
     return models
 
 
-@torch.no_grad()
-def generate(
-    teacher: torch.nn.Module,
-    proxies: Sequence[torch.nn.Module],
-    prompts: Sequence[Sequence[int]],
-    lam: float,
-    epsilon: float,
-    max_new_tokens: int,
-    pad_id: int,
-    eos_id: int | None = None,
-) -> torch.Tensor:
-    """Greedy generation for every prompt in one static batch → the new tokens [B, ≤ max_new_tokens].
-    Without ``eos_id`` every row runs ``max_new_tokens``; with it the batch runs until its last row
-    stops (finished rows are padded, and still computed)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    processor = TwoProxyProcessor(proxies, mask.clone(), lam, epsilon)
-    out = teacher.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens if eos_id is None else 0,
-        do_sample=False,
-        logits_processor=LogitsProcessorList([processor]),
-        pad_token_id=pad_id,
-        eos_token_id=eos_id,
-    )
-    return out[:, width:]
+@dataclass(frozen=True)
+class OfficialStyle:
+    """The teacher, its two proxies and the sampler's constants: static-batch greedy generation."""
+
+    teacher: torch.nn.Module
+    proxies: Sequence[torch.nn.Module]
+    lam: float
+    epsilon: float
+    pad_id: int
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int | None = None
+    ) -> torch.Tensor:
+        """Greedy generation for every prompt in one static batch → the new tokens [B, ≤ max_new_tokens].
+        Without ``eos_id`` every row runs ``max_new_tokens``; with it the batch runs until its last row
+        stops (finished rows are padded, and still computed)."""
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        processor = TwoProxyProcessor(self.proxies, mask.clone(), self.lam, self.epsilon)
+        out = self.teacher.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens if eos_id is None else 0,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([processor]),
+            pad_token_id=self.pad_id,
+            eos_token_id=eos_id,
+        )
+        return out[:, width:]
+
+    def tokens_per_second(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> float:
+        """Greedy generation of ``max_new_tokens`` for every prompt in one static batch."""
+        start = time.perf_counter()
+        new = self.generate(prompts, max_new_tokens)
+        return new.numel() / (time.perf_counter() - start)
+
+    def mixed_tokens_per_second(
+        self, prompts: Sequence[Sequence[int]], budgets: Sequence[int], batch: int, eos_id: int
+    ) -> float:
+        """The mixed workload as a static-batch server runs it: requests in arrival order, ``batch``
+        at a time, each batch generating until its longest row stops (EOS or its largest budget)."""
+        tokens, start = 0, time.perf_counter()
+        for i in range(0, len(prompts), batch):
+            chunk = budgets[i : i + batch]
+            tokens += useful_tokens(self.generate(prompts[i : i + batch], max(chunk), eos_id), chunk, eos_id)
+        return tokens / (time.perf_counter() - start)
 
 
 def useful_tokens(new: torch.Tensor, budgets: Sequence[int], eos_id: int) -> int:
@@ -95,39 +116,3 @@ def useful_tokens(new: torch.Tensor, budgets: Sequence[int], eos_id: int) -> int
         row = row[:budget]
         total += row.index(eos_id) + 1 if eos_id in row else len(row)
     return total
-
-
-def tokens_per_second(
-    teacher: torch.nn.Module,
-    proxies: Sequence[torch.nn.Module],
-    prompts: Sequence[Sequence[int]],
-    lam: float,
-    epsilon: float,
-    max_new_tokens: int,
-    pad_id: int,
-) -> float:
-    """Greedy generation of ``max_new_tokens`` for every prompt in one static batch."""
-    start = time.perf_counter()
-    new = generate(teacher, proxies, prompts, lam, epsilon, max_new_tokens, pad_id)
-    return new.numel() / (time.perf_counter() - start)
-
-
-def mixed_tokens_per_second(
-    teacher: torch.nn.Module,
-    proxies: Sequence[torch.nn.Module],
-    prompts: Sequence[Sequence[int]],
-    budgets: Sequence[int],
-    batch: int,
-    lam: float,
-    epsilon: float,
-    pad_id: int,
-    eos_id: int,
-) -> float:
-    """The mixed workload as a static-batch server runs it: requests in arrival order, ``batch`` at a
-    time, each batch generating until its longest row stops (EOS or the largest budget in it)."""
-    tokens, start = 0, time.perf_counter()
-    for i in range(0, len(prompts), batch):
-        chunk = budgets[i : i + batch]
-        new = generate(teacher, proxies, prompts[i : i + batch], lam, epsilon, max(chunk), pad_id, eos_id)
-        tokens += useful_tokens(new, chunk, eos_id)
-    return tokens / (time.perf_counter() - start)

@@ -162,7 +162,7 @@ def official_tokens_per_second(
     teacher: Path, proxy: Path, grad: Path, lam: float, eps: float, loads: list[Workload]
 ) -> dict[tuple[str, int], float]:
     import torch
-    from antidistill.benchmarks.official_style import load_official_style, mixed_tokens_per_second, tokens_per_second
+    from antidistill.benchmarks.official_style import OfficialStyle, load_official_style
     from antidistill.proxy_worker.core.config import load_config
     from antidistill.proxy_worker.core.gradient_file import load_gradient
     from antidistill.proxy_worker.core.weights import load_proxy_state
@@ -174,13 +174,14 @@ def official_tokens_per_second(
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
     pad = AutoTokenizer.from_pretrained(teacher).pad_token_id or 0
     eos = GenerationConfig.from_pretrained(teacher).eos_token_id
+    official = OfficialStyle(model, proxies, lam, eps, pad)
     out = {}
     for load in loads:
         ids = chat_token_ids(teacher, load.prompts)
         if load.ignore_eos:  # one static batch of C rows, every row the same length
-            tps = tokens_per_second(model, proxies, ids[: load.concurrency], lam, eps, load.budgets[0], pad)
+            tps = official.tokens_per_second(ids[: load.concurrency], load.budgets[0])
         else:
-            tps = mixed_tokens_per_second(model, proxies, ids, load.budgets, load.concurrency, lam, eps, pad, eos)
+            tps = official.mixed_tokens_per_second(ids, load.budgets, load.concurrency, eos)
         print(f"{load.name:<6} concurrency {load.concurrency:>3} official  {tps:8.1f} tok/s", flush=True)
         out[load.name, load.concurrency] = tps
     return out

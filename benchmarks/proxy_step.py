@@ -5,14 +5,15 @@ other, over batch × context, with the bytes, FLOPs and roofline each step impli
     python -m antidistill.benchmarks.proxy_step --shape qwen2.5-0.5b --dtype bfloat16 --device cuda   # on a GPU
     python -m antidistill.benchmarks.proxy_step --shared-prefix 1000 --batches 32 --contexts 1024   # prefix sharing
     python -m antidistill.benchmarks.proxy_step --attention reference flex --out proxy_step-flex-cpu.json
-    python -m antidistill.benchmarks.proxy_step --gemm matmul   # the plain batched-matmul weight layout
+    python -m antidistill.benchmarks.proxy_step --gemm auto matmul   # prepacked linears beside plain matmuls
 
 Every row already holds ``context`` cached tokens (random KV: values do not change the cost) and
 each step adds one token per row: plan + forward + log-softmax (Δ for two copies). All modes run
 side by side in one process, so the ratios are meaningful on a noisy machine. ``--attention``
 names the attention paths of the two-copy batched pass (the first is the table's "batched";
 each further one adds its own column, its ratio to the first, and its first-call time, which
-for "flex" includes compiling a new shape bucket).
+for "flex" includes compiling a new shape bucket); ``--gemm`` does the same for the layout of the
+linear weights (``auto``: prepacked for oneDNN on CPU in fp32; ``matmul``: plain).
 
 ``--shared-prefix P`` instead runs whole engine steps (cache bookkeeping, plan, forward, Δ) over
 rows of ``context`` prompt tokens, once with distinct prompts and once with the first P tokens
@@ -223,27 +224,33 @@ def run(args: argparse.Namespace) -> dict:
     elem = torch.tensor([], dtype=dtype).element_size()
     bw, peak = machine_roofline(args.device, dtype)
     print(f"{args.shape} {args.dtype} on {args.device}: measured {bw / 1e9:.1f} GB/s, {peak / 1e9:.0f} GFLOP/s")
-    two = StackedProxy(cfg, random_params(cfg, 2, dtype, args.device), args.device, args.gemm)
+    base_gemm, *other_gemms = args.gemm
+    params = random_params(cfg, 2, dtype, args.device)
+    two = StackedProxy(cfg, params, args.device, base_gemm)
     if args.shared_prefix:
         points = shared_prefix_run(args, two)
         return dict(
             shape=args.shape, dtype=args.dtype, device=args.device, attention=args.attention[0], shared_prefix=points
         )
-    one = StackedProxy(cfg, random_params(cfg, 1, dtype, args.device), args.device, args.gemm)
+    one = StackedProxy(cfg, random_params(cfg, 1, dtype, args.device), args.device, base_gemm)
     base, *others = args.attention
     modes = {
         "one_copy": ([one], "reference"),
         "two_batched": ([two], base),
         "two_sequential": ([one, one], "reference"),
     }
-    modes |= {f"two_batched_{path}": ([two], path) for path in others}
+    # further variants of the batched pass: (its models, attention path, the baseline it is a ratio to)
+    variants = {path: ([two], path, base) for path in others}
+    variants |= {f"gemm_{g}": ([StackedProxy(cfg, params, args.device, g)], base, base_gemm) for g in other_gemms}
+    modes |= {f"two_batched_{v}": (models, path) for v, (models, path, _) in variants.items()}
+    ratio = {v: f"{v}_over_{baseline}" for v, (_, _, baseline) in variants.items()}
     points = []
-    extra = "".join(f" {path + ' ms':>10} {path + '/' + base:>8} {'1st s':>6}" for path in others)
+    extra = "".join(f" {v + ' ms':>10} {v + '/base':>8} {'1st s':>6}" for v in variants)
     header = (
         f"{'batch':>5} {'ctx':>5} {'one ms':>8} {'batched ms':>10} {'seq ms':>8} {'bat/seq':>7} {'bat/one':>7} "
         f"{'GB/step':>7} {'GFLOP':>6} {'roof ms':>8} {'% roof':>6}{extra}"
     )
-    print(f"batched = two copies, attention {base!r}")
+    print(f"batched = two copies, attention {base!r}, GEMMs {base_gemm!r}")
     print(header)
     for context in args.contexts:
         for batch in args.batches:
@@ -268,13 +275,13 @@ def run(args: argparse.Namespace) -> dict:
                 roofline_ms=roof_ms,
                 share_of_roofline=roof_ms / ms["two_batched"],
             )
-            for path in others:
-                point[f"{path}_over_{base}"] = ms[f"two_batched_{path}"] / ms["two_batched"]
-                point[f"{path}_first_call_s"] = first[f"two_batched_{path}"]
+            for v in variants:
+                point[ratio[v]] = ms[f"two_batched_{v}"] / ms["two_batched"]
+                point[f"{v}_first_call_s"] = first[f"two_batched_{v}"]
             points.append(point)
             cells = "".join(
-                f" {ms[f'two_batched_{p}']:>10.1f} {point[f'{p}_over_{base}']:>8.2f} {first[f'two_batched_{p}']:>6.1f}"
-                for p in others
+                f" {ms[f'two_batched_{v}']:>10.1f} {point[ratio[v]]:>8.2f} {first[f'two_batched_{v}']:>6.1f}"
+                for v in variants
             )
             print(
                 f"{batch:>5} {context:>5} {ms['one_copy']:>8.1f} {ms['two_batched']:>10.1f} "
@@ -291,6 +298,7 @@ def run(args: argparse.Namespace) -> dict:
         machine=platform.processor() or platform.machine(),
         threads=torch.get_num_threads(),
         gemm="packed" if two.linears else "matmul",
+        gemm_variants=other_gemms,
         allocator=os.environ.get(TUNABLES_ENV) or os.environ.get("LD_PRELOAD") or "default",
         measured_bytes_per_s=bw,
         measured_flops=peak,
@@ -313,7 +321,13 @@ def main() -> None:
         default=["reference"],
         help="attention paths of the batched pass, side by side (the first is the baseline)",
     )
-    ap.add_argument("--gemm", choices=GEMM_PATHS, default="auto", help="linear weights: prepacked or plain")
+    ap.add_argument(
+        "--gemm",
+        choices=GEMM_PATHS,
+        nargs="+",
+        default=["auto"],
+        help="linear weights (prepacked or plain) of the batched pass, side by side (the first is the baseline)",
+    )
     ap.add_argument("--shared-prefix", type=int, default=0, help="engine steps with/without this many shared tokens")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()

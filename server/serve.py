@@ -339,9 +339,6 @@ def serve(argv: Sequence[str]) -> None:
         raise StartupError(str(exc)) from None
 
     fresh_metrics_dir()
-    if on_cpu():
-        for line in apply_engine_env(engine_env(os.environ, usable_cpus())):
-            print(f"antidistill: {line}", file=sys.stderr, flush=True)
     import uvloop
     from vllm.entrypoints.launchers.api_server.entry import run_server
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
@@ -376,6 +373,9 @@ def serve(argv: Sequence[str]) -> None:
     validate_parsed_serve_args(args)
     for line in describe_tiers(tiers):
         print(f"antidistill: {line}", file=sys.stderr, flush=True)
+    if on_cpu():  # last, so a start-up error stays one line; before vLLM starts its processes
+        for line in apply_engine_env(engine_env(os.environ, usable_cpus())):
+            print(f"antidistill: {line}", file=sys.stderr, flush=True)
     uvloop.run(run_server(args))
     from antidistill.server.lifecycle import stopped_without_signal
 

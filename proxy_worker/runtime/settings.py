@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from antidistill.proxy_worker.core.plan import AttentionPath
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_VAR = "ANTIDISTILL_CONFIG"
@@ -57,7 +56,7 @@ class ProcessorSettings(BaseModel):
     epsilon: float = Field(1e-3, gt=0, description="finite-difference step ε (calibrate per proxy and dtype)")
     proxy_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     token_budget: int = Field(16384, ge=16, description="proxy KV tokens per profile, preallocated")
-    proxy_attention: AttentionPath = Field(
+    proxy_attention: Literal["reference", "flex", "auto"] = Field(  # core.plan.ATTENTION_PATHS (torch-free here)
         "reference",
         description="proxy attention: gather the paged KV per layer, read it in place (FlexAttention), "
         "or in place for big decode groups only (auto)",

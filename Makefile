@@ -46,7 +46,7 @@ test-unit: venv system-deps
 	$(PY) -m pytest -q -m unit
 
 bench-proxy: venv
-	$(PY) -m antidistill.benchmarks.proxy_step --attention reference auto flex --gemm auto matmul --out benchmarks/results/proxy_step-cpu.json
+	$(PY) -m antidistill.benchmarks.proxy_step --attention reference auto flex --gemm matmul packed --out benchmarks/results/proxy_step-cpu.json
 
 bench-overhead: venv
 	$(PY) -m antidistill.benchmarks.overhead --out benchmarks/results/overhead-cpu.json

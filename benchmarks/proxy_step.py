@@ -5,7 +5,7 @@ other, over batch × context, with the bytes, FLOPs and roofline each step impli
     python -m antidistill.benchmarks.proxy_step --shape qwen2.5-0.5b --dtype bfloat16 --device cuda   # on a GPU
     python -m antidistill.benchmarks.proxy_step --shared-prefix 1000 --batches 32 --contexts 1024   # prefix sharing
     python -m antidistill.benchmarks.proxy_step --attention reference flex --out proxy_step-flex-cpu.json
-    python -m antidistill.benchmarks.proxy_step --gemm auto matmul   # prepacked linears beside plain matmuls
+    python -m antidistill.benchmarks.proxy_step --gemm matmul packed   # prepacked linears beside plain matmuls
 
 Every row already holds ``context`` cached tokens (random KV: values do not change the cost) and
 each step adds one token per row: plan + forward + log-softmax (Δ for two copies). All modes run
@@ -13,7 +13,7 @@ side by side in one process, so the ratios are meaningful on a noisy machine. ``
 names the attention paths of the two-copy batched pass (the first is the table's "batched";
 each further one adds its own column, its ratio to the first, and its first-call time, which
 for "flex" includes compiling a new shape bucket); ``--gemm`` does the same for the layout of the
-linear weights (``auto``: prepacked for oneDNN on CPU in fp32; ``matmul``: plain).
+linear weights (``matmul``: plain, the default; ``packed``: prepacked for oneDNN, CPU fp32).
 
 ``--shared-prefix P`` instead runs whole engine steps (cache bookkeeping, plan, forward, Δ) over
 rows of ``context`` prompt tokens, once with distinct prompts and once with the first P tokens
@@ -325,7 +325,7 @@ def main() -> None:
         "--gemm",
         choices=GEMM_PATHS,
         nargs="+",
-        default=["auto"],
+        default=["matmul"],
         help="linear weights (prepacked or plain) of the batched pass, side by side (the first is the baseline)",
     )
     ap.add_argument("--shared-prefix", type=int, default=0, help="engine steps with/without this many shared tokens")

@@ -132,16 +132,16 @@ def test_two_copy_pass_equals_two_hf_models(model_dir, tmp_path):
     "family,kw", [("llama", {}), ("qwen2", {}), ("llama", {"tie": True})], ids=["llama", "qwen2-bias", "llama-tied"]
 )
 def test_prepacked_linears_match_the_matmul_layout(model_dir, family, kw):
-    """fp32 on CPU prepacks every linear for oneDNN (the serving default): the same logits as the
-    plain batched-matmul layout, from a cached decode as from a full forward, and no second copy
-    of the linear weights is kept."""
+    """``gemm="packed"`` prepacks every linear for oneDNN (fp32 on CPU): the same logits as the plain
+    batched-matmul layout (the default), from a cached decode as from a full forward, and no second
+    copy of the linear weights is kept."""
     path = model_dir(family, **kw)
     cfg = load_config(path)
     theta = load_proxy_state(path, cfg)
     gen = torch.Generator().manual_seed(5)
     grad = {k: torch.randn(v.shape, generator=gen) for k, v in theta.items()}
     params = stack_perturbed(theta, grad, (0.05, -0.05), cfg, torch.float32)
-    packed, plain = StackedProxy(cfg, params), StackedProxy(cfg, params, gemm="matmul")
+    packed, plain = StackedProxy(cfg, params, gemm="packed"), StackedProxy(cfg, params)
     names = {f"layers.{i}.{n}" for i in range(cfg.num_layers) for n in ("qkv", "o", "gate_up", "down")}
     assert set(packed.linears) == names | {"lm_head"} and not plain.linears
     assert not {"lm_head", "layers.0.qkv", "layers.0.qkv_bias"} & set(packed.params)
@@ -165,7 +165,7 @@ def test_prepacking_where_it_does_not_apply_is_refused(model_dir):
     cfg, theta, _ = one_copy(model_dir("llama"))
     with pytest.raises(ValueError, match="fp32 weights on a CPU"):
         StackedProxy(cfg, stack_copies([theta], cfg, torch.float64), gemm="packed")
-    assert not StackedProxy(cfg, stack_copies([theta], cfg, torch.float64)).linears  # auto: plain
+    assert not StackedProxy(cfg, stack_copies([theta], cfg, torch.float32)).linears  # the default: plain
 
 
 def test_tied_copies_share_one_embedding_tensor(model_dir):

@@ -209,13 +209,13 @@ def transformer_forward(
 class StackedProxy:
     """The proxy's C weight copies in the serving dtype, ready to run batched passes.
 
-    ``gemm="auto"`` prepacks the linear weights for oneDNN where that applies (fp32 on CPU,
-    ``packed_linear.py``) and then keeps only the packed copy of them; embeddings and norms stay
-    plain tensors in ``params``. ``"matmul"`` keeps every weight plain (the reference layout).
+    ``gemm="packed"`` prepacks the linear weights for oneDNN (fp32 on CPU, ``packed_linear.py``)
+    and keeps only the packed copy of them; embeddings and norms stay plain tensors in ``params``.
+    The default, ``"matmul"``, keeps every weight plain.
     """
 
     def __init__(
-        self, cfg: ProxyConfig, params: Params, device: torch.device | str = "cpu", gemm: GemmPath = "auto"
+        self, cfg: ProxyConfig, params: Params, device: torch.device | str = "cpu", gemm: GemmPath = "matmul"
     ) -> None:
         self.cfg = cfg
         self.device = torch.device(device)

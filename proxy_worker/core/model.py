@@ -168,7 +168,7 @@ def transformer_forward(
 
     With ``kv`` the new keys/values are written into the paged store and attention reads each
     row's whole prefix from it; without, the pass attends over its own tokens (full forward).
-    ``linears`` replaces the named linear weights of ``params`` (prepacked serving weights).
+    ``linears`` replaces the named linear weights of ``params`` (prepacked weights).
     """
     embed = params["embed"]
     dtype = embed.dtype

@@ -10,8 +10,8 @@ for a few dozen rows). torch ships the same oneDNN prepack vLLM uses (``mkldnn._
 Not the serving default: oneDNN caches a primitive per input shape, and a served step's row count
 changes all the time. Measured on this CPU: 396 row counts through two packed linears grew the
 process by ≈ 1 GB (≈ 3.7 GB on a second pass), and a 2-minute soak of the served worker grew
-58–137 MiB against 26 MiB with plain matmuls, while end to end at 32 streams the packed step was no
-faster (λ>0: 71.9 tok/s packed, 73.3 plain). It stays selectable for fixed-shape use (benchmarks).
+58–137 MiB against 26 MiB with plain matmuls, for ≈ 10 % more λ>0 throughput at 32 streams (71.9 vs
+65.5 tok/s, two runs). Selectable for fixed-shape use (benchmarks) until the shapes are bounded.
 """
 
 from __future__ import annotations

@@ -25,8 +25,9 @@ ATTENTION_PATHS: tuple[AttentionPath, ...] = ("reference", "flex", "auto")
 FLEX_MIN_KEYS = 4096
 """``attention="auto"``: a decode group (one query per row) with at least this many key cells
 (rows × its longest context, in whole blocks) reads the store in place; smaller groups and prefill
-chunks gather. On this project's 2-core CPU the compiled kernel's fixed cost loses below it (1 row:
-1.09–1.18× the gather's step time) and wins above (8 rows × 1k: 0.85×; 32 × 1k: 0.76×)."""
+chunks gather. On this project's 2-core CPU (``make bench-proxy``) the compiled kernel's fixed cost
+loses below it (1 row: 1.19–1.25× the gather's step time) and wins above (8 rows × 1k: 0.87×;
+32 × 1k: 0.69×; 128 × 128: 0.89×)."""
 
 PAD_SLACK = 2
 """A row's padded attention grid is at most this many times its own (queries × keys)."""

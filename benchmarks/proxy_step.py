@@ -314,20 +314,17 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--contexts", type=int, nargs="+", default=[128, 1024])
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument(
-        "--attention",
-        choices=ATTENTION_PATHS,
-        nargs="+",
-        default=["reference"],
-        help="attention paths of the batched pass, side by side (the first is the baseline)",
-    )
-    ap.add_argument(
-        "--gemm",
-        choices=GEMM_PATHS,
-        nargs="+",
-        default=["matmul"],
-        help="linear weights (prepacked or plain) of the batched pass, side by side (the first is the baseline)",
-    )
+    for flag, choices, what in (
+        ("--attention", ATTENTION_PATHS, "attention paths"),
+        ("--gemm", GEMM_PATHS, "weight layouts"),
+    ):
+        ap.add_argument(
+            flag,
+            choices=choices,
+            nargs="+",
+            default=[choices[0]],
+            help=f"{what} of the batched pass, side by side (the first is the baseline)",
+        )
     ap.add_argument("--shared-prefix", type=int, default=0, help="engine steps with/without this many shared tokens")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()

@@ -11,9 +11,9 @@ Memory. A decode step allocates tens of MB of transients (gathered keys, scores,
 serves blocks over its mmap threshold (≤ 32 MB) with fresh mappings and unmaps them on free, so
 whether such a block page-faults again on every layer of every step depends on the order of
 earlier frees: at 32 rows × 1k context the proxy step ran 3× slower after a change of allocation
-order (prepacked linears). vLLM's CPU images preload
-tcmalloc for this reason; where no allocator is preloaded we ask glibc (``GLIBC_TUNABLES``) to
-serve everything from its heap and keep up to 1 GiB of freed memory for reuse.
+order (prepacked linears). vLLM's CPU images preload tcmalloc for this reason; where no allocator
+is preloaded we ask glibc (``GLIBC_TUNABLES``) to serve everything from its heap and keep up to
+1 GiB of freed memory for reuse.
 
 An operator's own setting of either variable always wins.
 """

@@ -32,7 +32,7 @@ import yaml
 from antidistill.benchmarks.load import LoadConfig, run_load, summarize
 from antidistill.benchmarks.report import write_json
 from antidistill.benchmarks.workload import benchmark_gradient, chat_token_ids, mixed_requests, questions
-from antidistill.proxy_worker.core.plan import ATTENTION_PATHS
+from antidistill.proxy_worker.core.plan import ATTENTION_PATHS, AttentionPath
 from antidistill.server.cpu_platform import RESERVED_ENV, TUNABLES_ENV, apply_engine_env, engine_env, usable_cpus
 from antidistill.server.embedded_model import prepare_half_proxy, prepare_smollm2
 from antidistill.server.launch import free_port, running_server
@@ -55,7 +55,13 @@ def parameter_count(model_dir: Path) -> int:
 
 
 def start_servers(
-    stack: ExitStack, teacher: Path, proxy: Path, grad: Path, lam: float, tmp: Path, attention: str = "reference"
+    stack: ExitStack,
+    teacher: Path,
+    proxy: Path,
+    grad: Path,
+    lam: float,
+    tmp: Path,
+    attention: AttentionPath = "reference",
 ) -> dict:
     """Plain vLLM and our server, both up for the whole run (same vLLM flags)."""
     common = [
@@ -264,7 +270,6 @@ def main() -> None:
             proxy_attention=args.proxy_attention,
             usable_cpus=usable_cpus(),
             cpu_env={k: os.environ.get(k) for k in (RESERVED_ENV, TUNABLES_ENV, "LD_PRELOAD")},
-            official_style_threads=usable_cpus(),
             samples=samples,
             rows=rows,
         ),

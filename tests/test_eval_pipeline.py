@@ -15,6 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 from antidistill.benchmarks.distillation import summary
+from antidistill.benchmarks.distillation.budget import budget_strength
 from antidistill.benchmarks.distillation.cli import main as eval_main
 from antidistill.benchmarks.distillation.config import (
     CONFIG_DIR,
@@ -52,6 +53,7 @@ class ResumedRun:
     """The killed run run again to its end in the same directory."""
 
     killed: KilledRun
+    cfg: EvalConfig  # the config as the run went on with it: the grid placed by its sweep
     executed: list[str]
     model_mtimes: dict[Path, int]  # the same files, after the resumed run
     report: Path
@@ -86,9 +88,9 @@ def resumed_run(tmp_path_factory) -> ResumedRun:
     killed = run_killed_in_the_gradient_stage(load_eval_config("micro"), tmp_path_factory.mktemp("micro") / "run")
     second = Pipeline(killed.cfg, killed.root)
     report = second.run()
-    runs = [run_name(*p) for p in killed.cfg.grid.points()]
+    runs = [run_name(*p) for p in second.cfg.grid.points()]
     registry = read_jsonl(report / "registry.jsonl")
-    return ResumedRun(killed, second.executed, model_mtimes(killed.root), report, registry, runs)
+    return ResumedRun(killed, second.cfg, second.executed, model_mtimes(killed.root), report, registry, runs)
 
 
 def test_a_killed_stage_leaves_its_outputs_but_no_sentinel(resumed_run):
@@ -99,13 +101,31 @@ def test_a_killed_stage_leaves_its_outputs_but_no_sentinel(resumed_run):
 
 def test_a_rerun_resumes_at_the_killed_stage_without_retraining_the_models(resumed_run):
     runs = resumed_run.runs
-    assert resumed_run.executed == ["gradient", "traces", *[f"student/{r}" for r in runs], "report"]
+    assert resumed_run.executed == ["gradient", "sweep", "traces", *[f"student/{r}" for r in runs], "report"]
     before = resumed_run.killed.model_mtimes
     assert {p: resumed_run.model_mtimes[p] for p in before} == before  # teacher, proxy not retrained
 
 
+def test_the_sweep_places_the_budget_point_before_any_trace_is_sampled(resumed_run):
+    """The grid's ``budget`` point is the largest swept b within the teacher budget, measured on the
+    distill prompts against λ = 0 on the same random stream; the report shows the sweep."""
+    cfg, root = resumed_run.killed.cfg, resumed_run.killed.root
+    swept = json.loads((root / "sweep.json").read_text())
+    assert [p["b"] for p in swept["points"]] == [0.0, *cfg.sweep.values]
+    assert swept["problems"] == cfg.sweep.problems and swept["budget"] == cfg.sweep.budget
+    accuracy = [p["teacher_accuracy"] for p in swept["points"]]
+    assert swept["b_budget"] == budget_strength(cfg.sweep.values, accuracy[1:], accuracy[0], cfg.sweep.budget) > 0
+    assert resumed_run.cfg.grid.antidistillation == [swept["b_budget"]]
+    assert resumed_run.cfg.grid.key_points == [point_name("antidistillation", swept["b_budget"])]
+    ad_runs = [r for r in resumed_run.registry if r["mode"] == "antidistillation"]
+    assert {r["value"] for r in ad_runs} == {swept["b_budget"]} and len(ad_runs) == cfg.grid.key_seeds
+    page = (resumed_run.report / "summary.md").read_text()
+    assert f"the budget's b is **{swept['b_budget']:g}**" in page
+    assert json.loads((resumed_run.report / "summary.json").read_text())["sweep"] == swept
+
+
 def test_the_resumed_run_reports_every_grid_run(resumed_run):
-    cfg, root, report, runs = resumed_run.killed.cfg, resumed_run.killed.root, resumed_run.report, resumed_run.runs
+    cfg, root, report, runs = resumed_run.cfg, resumed_run.killed.root, resumed_run.report, resumed_run.runs
     grad = json.loads((root / "gradient.json").read_text())
     assert grad["scale"] > 0 and grad["epsilon"] in cfg.sampling.epsilons
     assert [run_name(r["mode"], r["value"], r["seed"]) for r in resumed_run.registry] == runs
@@ -165,9 +185,10 @@ def test_students_in_worker_processes_rerun_the_same_stages_with_the_same_result
 def test_a_new_grid_point_samples_and_distils_only_itself(resumed_run, tmp_path):
     """The other runs' traces and students are kept (on a copy of the finished run's directory)."""
     cfg, runs = resumed_run.killed.cfg, resumed_run.runs
+    assert cfg.grid.permutation == [2]
     root = shutil.copytree(resumed_run.killed.root, tmp_path / "run")
     traces_before = {p: p.read_bytes() for p in (root / "traces").glob("*.jsonl")}
-    grown = cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"permutation": [2, 4]})})
+    grown = cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"permutation": [2.0, 4.0]})})
     fifth = Pipeline(grown, root)
     fifth.run()
     assert fifth.executed == ["traces", "student/permutation@4#0", "report"]
@@ -180,7 +201,7 @@ def test_every_mode_at_a_seed_draws_the_same_random_stream(resumed_run, tmp_path
     """Common random numbers: antidistillation at b = 0 is temperature sampling at the same τ, so with
     the same (seed, split, problem) seeds its traces are the temperature run's, token for token —
     while the AD run's second seed draws another stream."""
-    cfg = resumed_run.killed.cfg
+    cfg = resumed_run.cfg
     tau = cfg.sampling.temperature
     assert tau in cfg.grid.temperature
     root = shutil.copytree(resumed_run.killed.root, tmp_path / "run")
@@ -304,7 +325,7 @@ def test_packaged_configs_are_valid(name):
     cfg = load_eval_config(name)
     assert cfg.name == name
     assert cfg.task.kind in GENERATORS
-    points = cfg.grid.points()
+    points = (cfg.grid.resolve(0.1) if cfg.grid.needs_sweep else cfg.grid).points()
     assert {mode for mode, _, _ in points} == set(MODES)
     assert len(points) == len(set(points))
 
@@ -314,6 +335,44 @@ def test_a_bad_config_names_its_field(tmp_path):
     bad.write_text(re.sub(r"key_seeds: \d+", "key_seeds: 0", (CONFIG_DIR / "toy.yaml").read_text()))
     with pytest.raises(ConfigError, match=r"bad.yaml: grid.key_seeds: .*greater than or equal to 1"):
         load_eval_config(str(bad))
+
+
+def test_the_budget_strength_is_the_largest_b_within_the_budget_with_every_smaller_b():
+    values = [0.05, 0.1, 0.2, 0.5]
+    assert budget_strength(values, [0.70, 0.69, 0.68, 0.50], 0.70, 0.02) == 0.2  # 2.0 points: inside
+    assert budget_strength(values, [0.70, 0.66, 0.69, 0.50], 0.70, 0.02) == 0.05  # a dip ends it
+    assert budget_strength(values, [0.60, 0.60, 0.60, 0.60], 0.70, 0.02) == 0.0  # none within
+    assert budget_strength(values, [0.71, 0.70, 0.70, 0.69], 0.70, 0.02) == 0.5  # all within
+
+
+def test_budget_fractions_resolve_to_b_values_and_rename_their_key_points():
+    raw = load_eval_config("micro").model_dump(mode="json", exclude_none=True)
+    raw["grid"] |= {
+        "antidistillation": ["0.25*budget", "0.5*budget", "budget", 0.03],
+        "permutation": ["budget"],
+        "key_points": ["antidistillation@budget", "permutation@budget", "temperature@0.8"],
+    }
+    grid = EvalConfig.model_validate(raw).grid
+    with pytest.raises(ValueError, match="resolve it with the sweep"):
+        grid.points()
+    placed = grid.resolve(0.12)
+    assert placed.antidistillation == [0.03, 0.06, 0.12]  # 0.25 × 0.12 merged with the explicit 0.03
+    assert placed.permutation == [0.12]
+    assert placed.key_points == ["antidistillation@0.12", "permutation@0.12", "temperature@0.8"]
+    assert not placed.needs_sweep and grid.resolve(0.0737).antidistillation[0] == 0.0184  # 3 significant
+
+
+def test_budget_fractions_need_a_sweep_and_a_well_formed_name():
+    raw = load_eval_config("micro").model_dump(mode="json", exclude_none=True)
+    with pytest.raises(ValueError, match="add a sweep section"):
+        EvalConfig.model_validate({k: v for k, v in raw.items() if k != "sweep"})
+    bad = {**raw, "grid": {**raw["grid"], "antidistillation": ["half*budget"], "key_points": []}}
+    with pytest.raises(ValueError, match="'half\\*budget' is neither a number nor"):
+        EvalConfig.model_validate(bad)
+    with pytest.raises(ValueError, match=r"sweep.problems \(4096\) exceeds task.distill"):
+        EvalConfig.model_validate({**raw, "sweep": {"values": [1], "problems": 4096}})
+    with pytest.raises(ValueError, match="strictly ascending"):
+        EvalConfig.model_validate({**raw, "sweep": {"values": [2, 1]}})
 
 
 def test_verdict_compares_at_matched_teacher_accuracy():

@@ -4,10 +4,16 @@ Grid strengths are given as b = λ·s, where s is the proxy's Δ scale (the mean
 deviation of Δ over the vocabulary, measured on the holdout traces in the ``gradient`` stage): b = 1
 moves logits by about one standard deviation whatever the proxy or gradient, so one grid serves
 retrained models. The registry records both b and the λ actually sent.
+
+An AD or permutation value may also be written relative to the teacher budget: ``budget`` or
+``0.5*budget`` is that fraction of the largest b whose teacher-accuracy loss stays within the
+budget, as measured by the ``sweep`` stage before any trace is sampled, so the key points land
+inside the budget by construction rather than by a guess made for another proxy.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 CONFIG_DIR = Path(__file__).parent / "configs"
 MODES = ("temperature", "antidistillation", "permutation")
 Mode = Literal["temperature", "antidistillation", "permutation"]
+TEACHER_LOSS_ALLOWED = 0.02  # the target's teacher budget: accuracy lost against plain sampling
+BUDGET_VALUE = re.compile(r"^(?:(\d+(?:\.\d*)?|\.\d+)\*)?budget$")
+Strength = float | str  # a b value, or a fraction of the swept budget ("budget", "0.5*budget")
 
 
 class ConfigError(ValueError):
@@ -104,16 +113,70 @@ class SamplingSpec(Strict):
     processor: dict[str, Any] = Field(default_factory=dict, description="more processor settings (proxy_dtype…)")
 
 
+def budget_fraction(value: Strength) -> float | None:
+    """The fraction of the swept budget a grid value names (``0.5*budget`` → 0.5); None for a b value."""
+    if not isinstance(value, str):
+        return None
+    match = BUDGET_VALUE.match(value)
+    if match is None:
+        raise ValueError(f"{value!r} is neither a number nor 'budget' / '<fraction>*budget'")
+    return float(match.group(1) or 1.0)
+
+
+def resolved_strength(value: Strength, b_budget: float) -> float:
+    """A grid value as b: a budget fraction times ``b_budget``, rounded to 3 significant digits so
+    the point's name stays readable (``antidistillation@0.0375``)."""
+    fraction = budget_fraction(value)
+    return float(value) if fraction is None else float(f"{fraction * b_budget:.3g}")
+
+
+class SweepSpec(Strict):
+    """Teacher accuracy against b, measured before the grid is sampled: ``values`` (ascending b) at
+    sampling.temperature on the first ``problems`` distill prompts, every value on the same random
+    stream (common random numbers), against the same prompts sampled with λ = 0. The budget's b is
+    the largest value whose loss, and every smaller value's, stays within ``budget``."""
+
+    values: list[float] = Field(min_length=1, description="candidate b values, ascending, > 0")
+    problems: int = Field(1024, gt=0, description="distill prompts sampled per value (not the test split)")
+    budget: float = Field(TEACHER_LOSS_ALLOWED, gt=0, lt=1, description="teacher accuracy (fraction) allowed lost")
+
+    @model_validator(mode="after")
+    def _ascending(self) -> SweepSpec:
+        if self.values[0] <= 0 or any(b <= a for a, b in zip(self.values, self.values[1:], strict=False)):
+            raise ValueError("sweep.values must be positive and strictly ascending")
+        return self
+
+
 class GridSpec(Strict):
     temperature: list[float] = Field(description="τ values sampled with λ = 0")
-    antidistillation: list[float] = Field(description="b = λ·scale values at sampling.temperature")
-    permutation: list[float] = Field(description="b values of the permutation control")
+    antidistillation: list[Strength] = Field(
+        description="b = λ·scale values at sampling.temperature, or budget fractions ('budget', '0.5*budget')"
+    )
+    permutation: list[Strength] = Field(description="b values (or budget fractions) of the permutation control")
     seeds: int = Field(1, ge=1, description="replicates of every point")
     key_points: list[str] = Field(default_factory=list, description="'mode@value' points with key_seeds")
     key_seeds: int = Field(3, ge=1)
 
+    @property
+    def needs_sweep(self) -> bool:
+        return any(isinstance(v, str) for mode in MODES for v in getattr(self, mode))
+
+    def resolve(self, b_budget: float) -> GridSpec:
+        """This grid with budget fractions replaced by b values (duplicates merged, key points renamed)."""
+        update: dict[str, Any] = {}
+        renamed: dict[str, str] = {}
+        for mode in ("antidistillation", "permutation"):
+            values = getattr(self, mode)
+            resolved = [resolved_strength(v, b_budget) for v in values]
+            renamed |= {point_name(mode, v): point_name(mode, r) for v, r in zip(values, resolved, strict=True)}
+            update[mode] = list(dict.fromkeys(resolved))
+        update["key_points"] = list(dict.fromkeys(renamed.get(k, k) for k in self.key_points))
+        return self.model_copy(update=update)
+
     def points(self) -> list[tuple[Mode, float, int]]:
-        """(mode, value, seed) for every run, in a stable order."""
+        """(mode, value, seed) for every run, in a stable order (of a resolved grid: see ``resolve``)."""
+        if self.needs_sweep:
+            raise ValueError("the grid names budget fractions: resolve it with the sweep's b first")
         out: list[tuple[Mode, float, int]] = []
         for mode in MODES:
             for value in getattr(self, mode):
@@ -123,6 +186,9 @@ class GridSpec(Strict):
 
     @model_validator(mode="after")
     def _keys_exist(self) -> GridSpec:
+        for mode in ("antidistillation", "permutation"):
+            for value in getattr(self, mode):
+                budget_fraction(value)  # a bad string is named here, at load time
         names = {point_name(m, v) for m in MODES for v in getattr(self, m)}
         missing = [k for k in self.key_points if k not in names]
         if missing:
@@ -156,6 +222,7 @@ class EvalConfig(Strict):
     answer_tokens: int = Field(64, description="greedy tokens when scoring the student")
     sampling: SamplingSpec = SamplingSpec()
     mechanism: MechanismSpec = MechanismSpec()
+    sweep: SweepSpec | None = Field(None, description="teacher accuracy vs b before the grid (see SweepSpec)")
     grid: GridSpec
 
     @model_validator(mode="after")
@@ -165,11 +232,15 @@ class EvalConfig(Strict):
             raise ValueError("proxy.origin student_prior trains on student.pretrain_task, which is not set")
         if proxy.origin == "student_base" and student.path is not None and self.teacher.path != student.path:
             raise ValueError("proxy.origin student_base needs a student that shares the teacher's tokenizer")
+        if self.grid.needs_sweep and self.sweep is None:
+            raise ValueError("the grid names budget fractions ('budget', '<f>*budget'): add a sweep section")
+        if self.sweep is not None and self.sweep.problems > self.task.distill:
+            raise ValueError(f"sweep.problems ({self.sweep.problems}) exceeds task.distill ({self.task.distill})")
         return self
 
 
-def point_name(mode: str, value: float) -> str:
-    return f"{mode}@{value:g}"
+def point_name(mode: str, value: Strength) -> str:
+    return f"{mode}@{value}" if isinstance(value, str) else f"{mode}@{value:g}"
 
 
 def resolve(name_or_path: str) -> Path:

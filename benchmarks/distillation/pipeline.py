@@ -4,14 +4,15 @@ before it. A rerun skips stages whose sentinel matches, so a killed run redoes o
 killed in (and those after it), and a config edit redoes only the stages it affects: a new grid
 reuses the trained teacher, proxy and gradient, and the traces and students of the runs it keeps.
 
-    data → tokenizer → teacher → student_base → proxy → holdout → gradient → traces
+    data → tokenizer → teacher → student_base → proxy → holdout → gradient → [sweep] → traces
          → student/<mode>@<value>#<seed> (one per grid run) → report
 
 The proxy comes after the student base because it stands where the student stands before
 distillation (``proxy.origin``): trained on the student's prior data, or the student base itself.
 
 ``holdout`` samples the teacher with plain sampling (λ = 0) through HF — no processor is involved —
-while ``traces`` samples every grid point through the vLLM processor we serve with. The students are
+while ``sweep`` (teacher accuracy against b, which places the grid's budget fractions: config.py)
+and ``traces`` (every grid point) sample through the vLLM processor we serve with, in one engine. The students are
 independent of each other; with ``workers`` > 1 they run side by side in processes.
 """
 
@@ -25,20 +26,22 @@ import multiprocessing
 import shutil
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from antidistill.benchmarks.distillation import models, sampling, scoring, summary
-from antidistill.benchmarks.distillation.config import EvalConfig, ModelSpec, point_name
+from antidistill.benchmarks.distillation.budget import budget_strength
+from antidistill.benchmarks.distillation.config import EvalConfig, ModelSpec, budget_fraction, point_name
 from antidistill.benchmarks.distillation.tasks import Problem, make_splits, prompt_of
 from antidistill.benchmarks.distillation.training import completion_nll, fine_tune
 from antidistill.proxy_worker.core.answers import extract_answer
 from antidistill.proxy_worker.core.trace_quality import trace_quality
-from antidistill.proxy_worker.runtime.offline import TraceRequest, offline_engine
+from antidistill.proxy_worker.runtime.offline import OfflineEngine, TraceRequest, offline_engine
 from antidistill.proxy_worker.tools.traces import TokenizedTrace, tokenize_trace
 from pydantic import BaseModel
 
@@ -51,6 +54,10 @@ Point = tuple[str, float, int]  # (mode, value, seed) of one grid run
 
 class RunDirBusy(RuntimeError):
     """Another process is running a pipeline in the same directory."""
+
+
+class SweepFailed(RuntimeError):
+    """The sweep found no b within the teacher budget: the grid's budget fractions cannot be placed."""
 
 
 def fingerprint(after: str, reads: Sequence[Any]) -> str:
@@ -101,6 +108,8 @@ class Pipeline:
         self.cfg = cfg
         self.root = root
         self.executed: list[str] = []
+        self._engines: ExitStack | None = None
+        self._engine: OfflineEngine | None = None
         root.mkdir(parents=True, exist_ok=True)
 
     # --- bookkeeping -------------------------------------------------------------------------
@@ -178,12 +187,72 @@ class Pipeline:
         fp = self.stage("holdout", [self.path("holdout.jsonl")], self.make_holdout, fp, [c.sampling, c.task.holdout])
         gradient = [self.path("gradient.safetensors"), self.path("gradient.json")]
         fp = self.stage("gradient", gradient, self.make_gradient, fp, [])
-        # traces are kept per grid run (see make_traces): a grid edit samples only the new runs
-        self.stage("traces", [], partial(self.make_traces, fingerprint(fp, [TRACE_SEEDS, TRACE_RECORD])), fp, [c.grid])
+        with self.shared_engine():
+            swept = ""
+            if c.sweep is not None:
+                reads = [c.sweep, c.sampling, TRACE_SEEDS]
+                swept = self.stage("sweep", [self.path("sweep.json")], self.make_sweep, fp, reads)
+                # the run goes on with the grid placed by the sweep (the workers get it too)
+                self.cfg = c = c.model_copy(update={"grid": c.grid.resolve(self.swept()["b_budget"])})
+            # traces are kept per grid run (see make_traces): a grid edit samples only the new runs
+            upstream = fingerprint(fp, [TRACE_SEEDS, TRACE_RECORD])
+            self.stage("traces", [], partial(self.make_traces, upstream), fp, [c.grid])
         fp = fingerprint(fp, [base_fp])
         students = self.run_students(fp)
-        self.stage("report", [self.path("report")], self.make_report, fingerprint(fp, students), [c.grid])
+        self.stage("report", [self.path("report")], self.make_report, fingerprint(fp, [*students, swept]), [c.grid])
         return self.path("report")
+
+    @contextmanager
+    def shared_engine(self) -> Iterator[None]:
+        """The scope of the one offline engine the sweep and traces stages share (``engine``): started
+        on first use, so a run whose sampling stages are done starts none; shut down before the
+        students, which need the memory."""
+        with ExitStack() as stack:
+            self._engines = stack
+            try:
+                yield
+            finally:
+                self._engines, self._engine = None, None
+
+    def engine(self) -> OfflineEngine:
+        """The teacher in vLLM with the processor, the proxy and g (inside ``shared_engine``)."""
+        if self._engine is not None:
+            return self._engine
+        if self._engines is None:
+            raise RuntimeError("engine() is only available inside shared_engine()")
+        grad = json.loads(self.path("gradient.json").read_text())
+        s = self.cfg.sampling
+        settings = (
+            sampling.processor_settings(
+                self.path("models", "proxy"),
+                self.path("gradient.safetensors"),
+                grad["epsilon"],
+                self.largest_strength() / grad["scale"] + 1.0,
+                s.proxy_token_budget,
+            )
+            | s.processor
+        )
+        engine_args = {
+            "dtype": s.dtype,
+            "enforce_eager": s.enforce_eager,
+            "max_model_len": s.max_model_len,
+            "max_num_seqs": s.max_num_seqs,
+            "kv_cache_gib": s.kv_cache_gib,
+            **s.engine_args,
+        }
+        teacher = self.path("models", "teacher")
+        started = offline_engine(teacher, settings, seed=self.cfg.seed, engine_args=engine_args)
+        self._engine = self._engines.enter_context(started)
+        return self._engine
+
+    def largest_strength(self) -> float:
+        """The largest b any stage of this config can request (budget fractions ≤ 1 of a swept value)."""
+        grid, sweep = self.cfg.grid, self.cfg.sweep
+        values = [v for mode in ("antidistillation", "permutation") for v in getattr(grid, mode)]
+        numbers = [float(v) for v in values if not isinstance(v, str)]
+        fractions = [budget_fraction(v) or 0.0 for v in values if isinstance(v, str)]
+        swept = max(sweep.values) * max([1.0, *fractions]) if sweep is not None else 0.0
+        return max([0.0, swept, *numbers])
 
     def student_stage(self, point: Point, after: str, quiet: bool = False) -> str:
         """The attack on one grid run as a stage (fine-tune the student base on its traces, score it)."""
@@ -338,6 +407,50 @@ class Pipeline:
         self.path("gradient.json").write_text(json.dumps(info, indent=2))
         return {k: info[k] for k in ("epsilon", "scale", "mean_loss", "traces", "trace_tokens")}
 
+    def make_sweep(self) -> dict[str, Any]:
+        """Teacher accuracy against b on the first ``sweep.problems`` distill prompts (SweepSpec), and
+        the budget's b: the largest swept value within ``sweep.budget`` of the λ = 0 accuracy."""
+        sweep, s = self.cfg.sweep, self.cfg.sampling
+        assert sweep is not None
+        scale = json.loads(self.path("gradient.json").read_text())["scale"]
+        problems = self.problems("distill")[: sweep.problems]
+        tok = self.tokenizer()
+        prompts = [tok(prompt_of(p))["input_ids"] for p in problems]
+        values = [0.0, *sweep.values]
+        requests = [
+            TraceRequest(ids, s.temperature, b / scale, "ad", request_seed(self.cfg.seed, 0, "sweep", i))
+            for b in values
+            for i, ids in enumerate(prompts)
+        ]
+        texts = [c.text for c in self.engine().generate(requests, top_p=s.top_p, max_tokens=s.max_tokens)]
+        n = len(problems)
+        accuracy = [scoring.accuracy(texts[k * n : (k + 1) * n], problems) for k in range(len(values))]
+        b_budget = budget_strength(sweep.values, accuracy[1:], accuracy[0], sweep.budget)
+        result = {
+            "temperature": s.temperature,
+            "problems": n,
+            "budget": sweep.budget,
+            "scale": scale,
+            "points": [
+                {"b": b, "lambda": b / scale, "teacher_accuracy": a} for b, a in zip(values, accuracy, strict=True)
+            ],
+            "b_budget": b_budget,
+            "bracketed": b_budget < sweep.values[-1],
+        }
+        self.path("sweep.json").write_text(json.dumps(result, indent=2))
+        if b_budget == 0:
+            raise SweepFailed(
+                f"sweep: the smallest b ({sweep.values[0]:g}) already costs the teacher "
+                f"{100 * (accuracy[0] - accuracy[1]):.1f} points (budget {100 * sweep.budget:g}): "
+                "add smaller values to sweep.values"
+            )
+        if not result["bracketed"]:
+            log.warning("sweep: every value is within the budget; add larger values to find its edge")
+        return {"b_budget": b_budget, "base_accuracy": accuracy[0], "bracketed": result["bracketed"]}
+
+    def swept(self) -> dict[str, Any]:
+        return json.loads(self.path("sweep.json").read_text())
+
     def grid_requests(
         self, tok: Any, scale: float, points: Sequence[Point]
     ) -> tuple[list[TraceRequest], list[tuple[str, str, int]]]:
@@ -381,31 +494,12 @@ class Pipeline:
         tok = self.tokenizer()
         requests, labels = self.grid_requests(tok, grad["scale"], missing)
         s = self.cfg.sampling
-        settings = (
-            sampling.processor_settings(
-                self.path("models", "proxy"),
-                self.path("gradient.safetensors"),
-                grad["epsilon"],
-                max(r.lam for r in requests) + 1.0,
-                s.proxy_token_budget,
-            )
-            | s.processor
+        engine = self.engine()
+        completions = engine.generate(requests, top_p=s.top_p, max_tokens=s.max_tokens)
+        scored = [j for j, (_, split, _) in enumerate(labels) if split == "distill"]  # what students see
+        logprobs = engine.token_logprobs(
+            [requests[j].prompt_ids for j in scored], [completions[j].token_ids for j in scored]
         )
-        engine_args = {
-            "dtype": s.dtype,
-            "enforce_eager": s.enforce_eager,
-            "max_model_len": s.max_model_len,
-            "max_num_seqs": s.max_num_seqs,
-            "kv_cache_gib": s.kv_cache_gib,
-            **s.engine_args,
-        }
-        teacher = self.path("models", "teacher")
-        with offline_engine(teacher, settings, seed=self.cfg.seed, engine_args=engine_args) as engine:
-            completions = engine.generate(requests, top_p=s.top_p, max_tokens=s.max_tokens)
-            scored = [j for j, (_, split, _) in enumerate(labels) if split == "distill"]  # what students see
-            logprobs = engine.token_logprobs(
-                [requests[j].prompt_ids for j in scored], [completions[j].token_ids for j in scored]
-            )
         scores = dict(zip(scored, logprobs, strict=True))
         problems = {split: self.problems(split) for split in ("distill", "test")}
         by_run: dict[str, dict[str, list]] = {}
@@ -506,6 +600,7 @@ class Pipeline:
         report.mkdir()
         write_jsonl(report / "registry.jsonl", results)
         names = ["data", "tokenizer", "teacher", "proxy", "holdout", "gradient", "traces", "student_base"]
+        names += ["sweep"] if self.cfg.sweep is not None else []
         names += [f"student/{run_name(*p)}" for p in self.cfg.grid.points()]
         sentinels = {name: json.loads(self.sentinel(name).read_text()) for name in names}
         timings = {name: s["seconds"] for name, s in sentinels.items()}
@@ -520,8 +615,9 @@ class Pipeline:
             p: json.loads(self.path("traces", f"{run_name(*p)}.json").read_text()) for p in self.cfg.grid.points()
         }
         quality = summary.trace_quality_by_point(traces)
+        swept = self.swept() if self.cfg.sweep is not None else None
         verdict = summary.write_report(
-            self.cfg, results, base["student_accuracy"], timings, wall, report, holdout, quality
+            self.cfg, results, base["student_accuracy"], timings, wall, report, holdout, quality, swept
         )
         return {"target_met": verdict["target_met"]}
 

@@ -19,9 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from antidistill.benchmarks.distillation.config import MODES, EvalConfig, point_name
+from antidistill.benchmarks.distillation.config import MODES, TEACHER_LOSS_ALLOWED, EvalConfig, point_name
 
-TEACHER_LOSS_ALLOWED = 0.02
 TARGET_GAP = 0.10
 MIN_SEEDS = 3  # seeds the deciding AD point needs before the target can count as met
 # two-sided 95% Student-t quantiles by degrees of freedom (more seeds: normal approximation)
@@ -257,9 +256,10 @@ def write_report(
     out: Path,
     holdout: tuple[int | None, int | None] = (None, None),
     quality: dict[str, dict[str, Any]] | None = None,
+    sweep: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``holdout``: the traces and completion tokens g was computed on (None: not recorded);
-    ``quality``: ``trace_quality_by_point``."""
+    ``quality``: ``trace_quality_by_point``; ``sweep``: the sweep stage's sweep.json, if it ran."""
     stats = aggregate(results)
     v = verdict(stats, cfg.sampling.temperature)
     plot(stats, undistilled, f"{cfg.name}: teacher vs distilled student", out / "tradeoff.png")
@@ -271,6 +271,7 @@ def write_report(
         "paired": paired,
         "holdout": {"traces": holdout[0], "completion_tokens": holdout[1]},
         "trace_quality": quality or {},
+        "sweep": sweep,
     }
     times = {"stage_seconds": timings, "students_wall_seconds": students_wall}
     (out / "summary.json").write_text(json.dumps({**payload, **times}, indent=2))
@@ -282,6 +283,7 @@ def write_report(
         "",
         f"Gradient g: {_count(holdout[0])} holdout traces, {_count(holdout[1])} completion tokens "
         f"(τ = {cfg.sampling.holdout_temperature:g}{', greedy' if cfg.sampling.holdout_temperature == 0 else ''}).",
+        *sweep_lines(sweep),
         "",
         table(stats),
         "",
@@ -324,6 +326,27 @@ def write_report(
     lines += ["", "Stage times (s):", "", *timing_lines(timings, students_wall)]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return v
+
+
+def sweep_lines(sweep: dict[str, Any] | None) -> list[str]:
+    """The sweep that placed the grid's budget fractions: teacher accuracy against b, and its choice."""
+    if sweep is None:
+        return []
+    base = sweep["points"][0]["teacher_accuracy"]
+    lines = [
+        "",
+        f"Strength sweep (teacher accuracy on {sweep['problems']} distill prompts at τ = {sweep['temperature']:g}, "
+        f"one random stream for every b): the budget's b is **{sweep['b_budget']:g}**, the largest b costing "
+        f"≤ {100 * sweep['budget']:g} points, as does every smaller b"
+        + ("." if sweep["bracketed"] else " (every swept b was within it: the edge lies further out)."),
+        "",
+        "| b | λ | teacher acc (%) | loss (pts) |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for p in sweep["points"]:
+        acc = p["teacher_accuracy"]
+        lines.append(f"| {p['b']:g} | {p['lambda']:.4g} | {100 * acc:.1f} | {100 * (base - acc):.1f} |")
+    return lines
 
 
 QUALITY_FIGURES = ("teacher_nll", "degenerate_rate", "mean_tokens")

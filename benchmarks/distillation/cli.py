@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from antidistill.benchmarks.distillation.config import ConfigError, load_eval_config
-from antidistill.benchmarks.distillation.pipeline import Pipeline, RunDirBusy
+from antidistill.benchmarks.distillation.pipeline import Pipeline, RunDirBusy, SweepFailed
 
 DEFAULT_ROOT = Path("runs")
 
@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_eval_config(args.config)
         report = Pipeline(cfg, args.out or DEFAULT_ROOT / cfg.name).run()
-    except (ConfigError, RunDirBusy) as exc:
+    except (ConfigError, RunDirBusy, SweepFailed) as exc:
         print(f"antidistill eval: {exc}")
         return 2
     print(f"report: {report / 'summary.md'}")

@@ -246,7 +246,7 @@ class Pipeline:
         return self._engine
 
     def largest_strength(self) -> float:
-        """The largest b any stage of this config can request (budget fractions ≤ 1 of a swept value)."""
+        """The largest b any stage of this config can request (a budget fraction times at most the largest swept b)."""
         grid, sweep = self.cfg.grid, self.cfg.sweep
         values = [v for mode in ("antidistillation", "permutation") for v in getattr(grid, mode)]
         numbers = [float(v) for v in values if not isinstance(v, str)]

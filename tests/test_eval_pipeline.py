@@ -113,6 +113,8 @@ def test_the_sweep_places_the_budget_point_before_any_trace_is_sampled(resumed_r
     swept = json.loads((root / "sweep.json").read_text())
     assert [p["b"] for p in swept["points"]] == [0.0, *cfg.sweep.values]
     assert swept["problems"] == cfg.sweep.problems and swept["budget"] == cfg.sweep.budget
+    scale = json.loads((root / "gradient.json").read_text())["scale"]
+    assert swept["scale"] == scale and all(p["lambda"] == pytest.approx(p["b"] / scale) for p in swept["points"])
     accuracy = [p["teacher_accuracy"] for p in swept["points"]]
     assert swept["b_budget"] == budget_strength(cfg.sweep.values, accuracy[1:], accuracy[0], cfg.sweep.budget) > 0
     assert resumed_run.cfg.grid.antidistillation == [swept["b_budget"]]

@@ -434,6 +434,24 @@ def test_paired_gaps_use_each_seeds_own_temperature_curve():
     assert line.startswith("- antidistillation@2: +14.0 ± 2.5 pts over 3 paired seeds")
 
 
+def test_paired_verdict_needs_the_gap_on_five_paired_seeds_within_the_budget():
+    rows = []
+    for seed in range(5):
+        rows += [run_row("temperature", 0.8, seed, 0.90, 0.60), run_row("temperature", 1.5, seed, 0.70, 0.40)]
+        rows.append(run_row("antidistillation", 1.0, seed, 0.89, 0.47 + 0.01 * (seed % 2)))  # gap ≈ 12 pts
+        rows.append(run_row("antidistillation", 4.0, seed, 0.80, 0.10))  # 10 teacher points lost: not eligible
+    keys = ["temperature@0.8", "antidistillation@1", "antidistillation@4"]
+    v = summary.paired_verdict(summary.paired_by_key(rows, keys), summary.aggregate(rows), base_temperature=0.8)
+    assert v["point"] == "antidistillation@1" and v["seeds"] == 5 and v["target_met"]
+    assert v["gap"] == pytest.approx(0.59 - 0.474)  # the curve at teacher 0.89 is 0.59 on every seed
+    assert "+11.6 ±" in summary.verdict_line(v) and "over 5 seeds" in summary.verdict_line(v)
+    four = [r for r in rows if r["seed"] < 4]
+    v = summary.paired_verdict(summary.paired_by_key(four, keys), summary.aggregate(four), base_temperature=0.8)
+    assert v["gap"] == pytest.approx(0.115) and not v["target_met"]  # the same gap on 4 seeds does not count
+    v = summary.paired_verdict(summary.paired_by_key(rows, keys[:1]), summary.aggregate(rows), base_temperature=0.8)
+    assert v["point"] is None and not v["target_met"]
+
+
 def test_busy_seconds_is_the_union_of_intervals():
     assert summary.busy_seconds([]) == 0
     assert summary.busy_seconds([(0, 10), (5, 12), (20, 21)]) == 13  # two overlapping, one apart

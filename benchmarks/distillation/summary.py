@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -86,19 +86,29 @@ def key_point_differences(results: Sequence[dict[str, Any]], key_points: Sequenc
     return lines
 
 
-def paired_gaps(results: Sequence[dict[str, Any]], mode: str, value: float) -> dict[int, float]:
-    """Per seed: the temperature student at this point's teacher accuracy (interpolated on that
-    seed's own temperature curve) minus this point's student. Every mode at a seed draws the same
+def student_accuracy(row: dict[str, Any]) -> float | None:
+    return row["student_accuracy"]
+
+
+def paired_gaps(
+    results: Sequence[dict[str, Any]],
+    mode: str,
+    value: float,
+    metric: Callable[[dict[str, Any]], float | None] = student_accuracy,
+) -> dict[int, float]:
+    """Per seed: ``metric`` of the temperature student at this point's teacher accuracy (interpolated
+    on that seed's own temperature curve) minus this point's. Every mode at a seed draws the same
     random stream (pipeline.request_seed), so the seed-to-seed noise the two share cancels here,
-    where an unpaired (Welch) difference carries it twice. Seeds lacking a temperature curve are left out."""
+    where an unpaired (Welch) difference carries it twice. Seeds lacking a temperature curve, and
+    rows whose metric is None, are left out."""
     curves: dict[int, list[tuple[float, float]]] = {}
     for r in results:
-        if r["mode"] == "temperature":
-            curves.setdefault(r["seed"], []).append((r["teacher_accuracy"], r["student_accuracy"]))
+        if r["mode"] == "temperature" and metric(r) is not None:
+            curves.setdefault(r["seed"], []).append((r["teacher_accuracy"], metric(r)))
     return {
-        r["seed"]: interpolate(curves[r["seed"]], r["teacher_accuracy"]) - r["student_accuracy"]
+        r["seed"]: interpolate(curves[r["seed"]], r["teacher_accuracy"]) - metric(r)
         for r in results
-        if r["mode"] == mode and r["value"] == value and r["seed"] in curves
+        if r["mode"] == mode and r["value"] == value and r["seed"] in curves and metric(r) is not None
     }
 
 

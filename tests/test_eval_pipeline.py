@@ -328,7 +328,10 @@ def test_packaged_configs_are_valid(name):
     assert cfg.name == name
     assert cfg.task.kind in GENERATORS
     points = (cfg.grid.resolve(0.1) if cfg.grid.needs_sweep else cfg.grid).points()
-    assert {mode for mode, _, _ in points} == set(MODES)
+    modes = {mode for mode, _, _ in points}
+    # the verdict needs the temperature curve and AD; comparison variants may leave out the control
+    assert {"temperature", "antidistillation"} <= modes <= set(MODES)
+    assert "permutation" in modes or cfg.name.startswith("toy-slips-")
     assert len(points) == len(set(points))
 
 

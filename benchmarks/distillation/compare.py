@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from antidistill.benchmarks.distillation.config import EvalConfig, budget_fraction, resolved_strength
+from antidistill.benchmarks.distillation.pipeline import read_jsonl
 from antidistill.benchmarks.distillation.summary import paired_gaps, t_interval
 
 
@@ -34,7 +35,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     cfg = EvalConfig.model_validate_json((run_dir / "config.json").read_text())
     sweep_path = run_dir / "sweep.json"
     sweep = json.loads(sweep_path.read_text()) if sweep_path.exists() else None
-    rows = [json.loads(line) for line in (run_dir / "report" / "registry.jsonl").read_text().splitlines() if line]
+    rows = read_jsonl(run_dir / "report" / "registry.jsonl")
     scale = json.loads((run_dir / "gradient.json").read_text())["scale"]
     return {"dir": str(run_dir), "cfg": cfg, "sweep": sweep, "rows": rows, "scale": scale}
 

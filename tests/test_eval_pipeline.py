@@ -25,7 +25,7 @@ from antidistill.benchmarks.distillation.config import (
     load_eval_config,
     point_name,
 )
-from antidistill.benchmarks.distillation.models import Shape, scratch_model, train_tokenizer
+from antidistill.benchmarks.distillation.models import PRETRAINED, Shape, scratch_model, train_tokenizer
 from antidistill.benchmarks.distillation.pipeline import Pipeline, read_jsonl, request_seed, run_name
 from antidistill.benchmarks.distillation.tasks import GENERATORS
 from antidistill.benchmarks.distillation.training import TrainSpec, collate, completion_nll, fine_tune
@@ -331,8 +331,11 @@ def test_packaged_configs_are_valid(name):
     modes = {mode for mode, _, _ in points}
     # the verdict needs the temperature curve and AD; comparison variants may leave out the control
     assert {"temperature", "antidistillation"} <= modes <= set(MODES)
-    assert "permutation" in modes or cfg.name.startswith("toy-slips-")
+    assert "permutation" in modes or cfg.name.startswith(("toy-slips-", "smollm2-tiny-task"))
     assert len(points) == len(set(points))
+    # a checkpoint named by a word must be one the pipeline can build offline
+    for spec in (cfg.teacher, cfg.proxy, cfg.student):
+        assert spec.path is None or spec.path in {"teacher", *PRETRAINED} or Path(spec.path).is_absolute()
 
 
 def test_a_bad_config_names_its_field(tmp_path):

@@ -49,7 +49,9 @@ class TaskSpec(Strict):
 
 
 class ModelSpec(Strict):
-    """A model trained from scratch (``shape``) or loaded (``path``; ``smollm2`` = the embedded one)."""
+    """A model trained from scratch (``shape``) or loaded (``path``: a checkpoint directory, ``teacher``
+    for the run's trained teacher, or a packaged one: ``smollm2`` = the embedded SmolLM2-135M-Instruct,
+    ``gemma3-270m`` = the base Gemma-3-270M, models.PRETRAINED)."""
 
     shape: Shape | None = None
     path: str | None = None

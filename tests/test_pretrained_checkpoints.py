@@ -25,13 +25,16 @@ def test_a_complete_checkpoint_is_reused_without_reading_the_gguf(tmp_path):
 
 
 def test_a_failed_build_leaves_nothing_that_looks_complete(tmp_path):
+    """The GGUF is fetched into a scratch directory beside ``out``, never into ``out`` itself, so a
+    file that does not parse leaves no ``out`` for the next start to take as built."""
     out = tmp_path / "ckpt"
 
-    def missing(scratch):
-        raise FileNotFoundError("no gguf")
+    def corrupt(scratch):
+        (scratch / "model.gguf").write_bytes(b"not a gguf")
+        return scratch / "model.gguf"
 
-    with pytest.raises(FileNotFoundError):
-        dequantise_gguf(missing, out)
+    with pytest.raises(ValueError, match="GGUF"):
+        dequantise_gguf(corrupt, out)
     assert not out.exists()
 
 

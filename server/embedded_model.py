@@ -41,7 +41,8 @@ def dequantise_gguf(locate: Callable[[Path], Path], out: Path, **tokenizer_optio
     """A plain fp32 HF checkpoint (config, model.safetensors, tokenizer) at ``out`` made from the GGUF
     that ``locate(scratch_dir)`` returns, unless ``out`` is complete already. vLLM and the proxy
     load the plain copy in seconds; the GGUF takes a minute to read. Written beside ``out`` and
-    renamed into place, so an interrupted build leaves nothing that looks complete.
+    renamed into place, so an interrupted build leaves nothing that looks complete; the scratch
+    directory (where a packaged GGUF is assembled) is removed either way.
     ``tokenizer_options`` restore what the GGUF's tokenizer loses (Gemma's ``add_bos_token``)."""
     if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
         return out
@@ -49,24 +50,27 @@ def dequantise_gguf(locate: Callable[[Path], Path], out: Path, **tokenizer_optio
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     start = time.time()
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    src = locate(tmp)
-    log.info("dequantising %s (about a minute)", src.name)
-    cfg = AutoConfig.from_pretrained(src.parent, gguf_file=src.name)
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    quantised = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    model.load_state_dict(quantised.state_dict(), strict=False)
-    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name, **tokenizer_options)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if src.parent == tmp:
-        src.unlink()
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    scratch, tmp = out.with_name(out.name + ".gguf"), out.with_name(out.name + ".partial")
+    for path in (scratch, tmp):
+        shutil.rmtree(path, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        src = locate(scratch)
+        log.info("dequantising %s (about a minute)", src.name)
+        cfg = AutoConfig.from_pretrained(src.parent, gguf_file=src.name)
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        quantised = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model.load_state_dict(quantised.state_dict(), strict=False)
+        tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name, **tokenizer_options)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    finally:
+        for path in (scratch, tmp):
+            shutil.rmtree(path, ignore_errors=True)
     log.info("prepared %s in %.0f s", out, time.time() - start)
     return out
 

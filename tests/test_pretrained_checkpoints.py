@@ -26,7 +26,7 @@ def test_a_complete_checkpoint_is_reused_without_reading_the_gguf(tmp_path):
 
 def test_a_failed_build_leaves_nothing_that_looks_complete(tmp_path):
     """The GGUF is fetched into a scratch directory beside ``out``, never into ``out`` itself, so a
-    file that does not parse leaves no ``out`` for the next start to take as built."""
+    file that does not parse leaves no ``out`` for the next start to take as built, and no scratch."""
     out = tmp_path / "ckpt"
 
     def corrupt(scratch):
@@ -36,6 +36,7 @@ def test_a_failed_build_leaves_nothing_that_looks_complete(tmp_path):
     with pytest.raises(ValueError, match="GGUF"):
         dequantise_gguf(corrupt, out)
     assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # nor the scratch GGUF (Gemma's is 240 MB)
 
 
 def test_the_gemma_student_names_its_package_when_it_is_missing(tmp_path, monkeypatch):

@@ -43,6 +43,7 @@ from antidistill.proxy_worker.core.answers import extract_answer
 from antidistill.proxy_worker.core.trace_quality import trace_quality
 from antidistill.proxy_worker.runtime.offline import OfflineEngine, TraceRequest, offline_engine
 from antidistill.proxy_worker.tools.traces import TokenizedTrace, tokenize_trace
+from antidistill.server.embedded_model import DEFAULT_CACHE
 from pydantic import BaseModel
 
 log = logging.getLogger("antidistill.eval")
@@ -303,8 +304,6 @@ class Pipeline:
 
     def model_path(self, spec: ModelSpec) -> Path:
         if spec.path in models.PRETRAINED:
-            from antidistill.server.embedded_model import DEFAULT_CACHE
-
             return models.PRETRAINED[spec.path](DEFAULT_CACHE)
         if spec.path == "teacher":
             return self.path("models", "teacher")

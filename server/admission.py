@@ -8,6 +8,8 @@ sampling parameters, so a value cannot mean one thing here and another to the en
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from typing import Any
 
 from antidistill.server.policy import PolicyError, decide, find_smuggled
 from antidistill.server.request import GenerationRequest, Parsed
-from antidistill.server.tiers import Tier
+from antidistill.server.tiers import SideChannels, Tier
 from vllm.entrypoints.generate.base.protocol import StreamOptions
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
@@ -24,6 +26,9 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 PROTECTED_REFUSED = {"use_beam_search": "beam search", "prompt_embeds": "prompt embeddings"}
 # set by a disaggregated-prefill router, never by a client: they reach the engine's KV connectors
 ROUTER_ONLY = ("kv_transfer_params", "ec_transfer_params")
+# the only vllm_xargs key a client may send: vLLM reads others (kv_transfer_params) from there too,
+# and a custom processor's arguments are the operator's to set
+CLIENT_XARGS = ("ad_lambda",)
 
 
 @dataclass(frozen=True)
@@ -35,13 +40,26 @@ class Admission:
     profile: str | None
     stream: bool
     hide_usage: bool  # usage is reported for exact counting; the client did not ask for it
-    budget: int  # tokens counted against the tier's tpm: prompt estimate + output limit × n
+    running_usage: bool  # the client asked for every chunk's usage (continuous_usage_stats) itself
+    budget: int  # tokens counted against the tier's tpm: prompts + output limit × prompts × n
+    weight: int  # requests counted against rpm and in-flight limits: prompts × n
+    output_budget: int  # the most output tokens vLLM may produce for it (charged when nothing is known)
 
 
 def admit(
-    parsed: Parsed, tier_name: str, tier: Tier, lambda_header: str | None, escalated: float | None = None
+    parsed: Parsed,
+    tier_name: str,
+    tier: Tier,
+    lambda_header: str | None,
+    escalated: float | None = None,
+    *,
+    max_model_len: int | None = None,
+    tenant_key: bytes | None = None,
+    tenant: str = "",
 ) -> Admission:
-    """Decide on ``parsed`` for a caller of ``tier``; raises PolicyError (403 or 400)."""
+    """Decide on ``parsed`` for a caller of ``tier``; raises PolicyError (403 or 400). With
+    ``tenant_key``, the ``tenant``'s salt separates its prefix caches, the teacher's and the
+    proxy's, from every other tenant's; ``max_model_len`` bounds output that no cap limits."""
     smuggled = find_smuggled(parsed.raw)
     if smuggled:
         raise PolicyError(403, f"{smuggled}: antidistillation arguments go in vllm_xargs only", smuggled)
@@ -51,25 +69,61 @@ def admit(
             raise PolicyError(403, f"{name} is set by a prefill/decode router, not by clients", name)
     xargs = dict(req.vllm_xargs or {})
     decision = decide(tier_name, tier, xargs, lambda_header, escalated)
+    for key in xargs:
+        if key not in CLIENT_XARGS:
+            allowed = ", ".join(CLIENT_XARGS)
+            raise PolicyError(400, f"vllm_xargs.{key}: not accepted by this server (allowed: {allowed})", key)
+    if req.priority and not tier.allow_priority:
+        raise PolicyError(403, f"priority is not available on tier {tier_name!r} (allow_priority)", "priority")
     limit, update = output_limit(req, parsed.raw, tier)
-    check_logprobs(req, tier)
+    check_logprobs(req, tier.side_channels(decision.lam, escalated is not None))
     if decision.lam > 0:
         for name, what in PROTECTED_REFUSED.items():
             if vars(req).get(name) not in (None, False):  # a model field (chat has no prompt_embeds)
                 raise PolicyError(403, f"{what} ({name}) is not available on protected (λ > 0) requests", name)
     stream = bool(req.stream)
     asked_usage = bool(req.stream_options and req.stream_options.include_usage)
-    if stream:  # exact token counts for metrics, audit and escalation
-        continuous = req.stream_options.continuous_usage_stats if req.stream_options else False
-        update["stream_options"] = StreamOptions(include_usage=True, continuous_usage_stats=continuous)
-    new_xargs: dict[str, Any] = {k: v for k, v in xargs.items() if not k.startswith("ad_")}
-    new_xargs["ad_lambda"] = decision.lam
+    running_usage = asked_usage and bool(req.stream_options.continuous_usage_stats)
+    if stream:  # every chunk carries its choice's running count: a dropped stream is charged what it got
+        update["stream_options"] = StreamOptions(include_usage=True, continuous_usage_stats=True)
+    new_xargs: dict[str, Any] = {"ad_lambda": decision.lam}
     if decision.profile:
         new_xargs["ad_profile"] = decision.profile
+    if tenant_key is not None:
+        salt = tenant_salt(tenant_key, tenant, req.cache_salt)
+        update["cache_salt"] = salt
+        new_xargs["ad_salt"] = salt
     update["vllm_xargs"] = new_xargs
     admitted = req.model_copy(update=update)
-    budget = approx_prompt_tokens(admitted) + max(limit or 0, 0) * max(req.n or 1, 1)
-    return Admission(admitted, decision.lam, decision.profile, stream, stream and not asked_usage, budget)
+    prompts = prompt_tokens(admitted)
+    weight = len(prompts) * max(req.n or 1, 1)
+    per_choice = [_output_room(limit, max_model_len, p) for p in prompts]
+    output = sum(per_choice) * max(req.n or 1, 1)
+    return Admission(
+        admitted,
+        decision.lam,
+        decision.profile,
+        stream,
+        stream and not asked_usage,
+        running_usage,
+        sum(prompts) + output,
+        weight,
+        output,
+    )
+
+
+def tenant_salt(key: bytes, tenant: str, client_salt: str | None = None) -> str:
+    """The ``cache_salt`` of a tenant's requests: a keyed digest, so no tenant can name another's
+    (or guess it from its name), folded with the client's own salt, which still splits its cache."""
+    message = f"{tenant}\n{client_salt or ''}".encode()
+    return "t" + hmac.new(key, message, hashlib.sha256).hexdigest()[:40]
+
+
+def _output_room(limit: int | None, max_model_len: int | None, prompt: int) -> int:
+    """Output tokens one choice may produce: its limit, else what the context leaves after the prompt."""
+    if limit is not None:
+        return max(limit, 0)
+    return max((max_model_len or 0) - prompt, 1)
 
 
 def output_limit(req: GenerationRequest, raw: dict[str, Any], tier: Tier) -> tuple[int | None, dict[str, int]]:
@@ -87,19 +141,20 @@ def output_limit(req: GenerationRequest, raw: dict[str, Any], tier: Tier) -> tup
     return next((v for v in values.values() if v is not None), None), {}
 
 
-def check_logprobs(req: GenerationRequest, tier: Tier) -> None:
-    """The logprobs side channels per tier. Sampled-token logprobs describe the protected
+def check_logprobs(req: GenerationRequest, allowed: SideChannels) -> None:
+    """The logprobs side channels for the decided λ. Sampled-token logprobs describe the protected
     distribution (processed mode) but still hand a distiller soft labels; prompt logprobs are
     always computed from the raw teacher (vLLM's prompt scoring skips logits processors)."""
+    cap = allowed.max_logprobs
     sampled = sampled_logprobs(req)
-    if sampled is not None and (tier.max_logprobs == 0 or sampled > tier.max_logprobs):
-        raise PolicyError(403, f"logprobs are limited to {tier.max_logprobs} on this tier (max_logprobs)", "logprobs")
+    if sampled is not None and (cap == 0 or sampled > cap):
+        raise PolicyError(403, f"logprobs are limited to {cap} on this request (max_logprobs)", "logprobs")
     prompt = prompt_logprobs(req)
-    if prompt is not None and not tier.allow_prompt_logprobs:
-        message = "prompt logprobs are not allowed on this tier (allow_prompt_logprobs)"
+    if prompt is not None and not allowed.prompt_logprobs:
+        message = "prompt logprobs are not allowed on this request (allow_prompt_logprobs)"
         raise PolicyError(403, message, "prompt_logprobs")
-    if prompt is not None and prompt > tier.max_logprobs:
-        message = f"prompt_logprobs are limited to {tier.max_logprobs} on this tier (max_logprobs)"
+    if prompt is not None and prompt > cap:
+        message = f"prompt_logprobs are limited to {cap} on this request (max_logprobs)"
         raise PolicyError(403, message, "prompt_logprobs")
 
 
@@ -129,14 +184,14 @@ def prompt_logprobs(req: GenerationRequest) -> float | None:
     return None if fallback is None else _count(fallback)
 
 
-def approx_prompt_tokens(req: GenerationRequest) -> int:
-    """A cheap upper-ish estimate for the tokens-per-minute budget: 4 characters of text per token,
-    one per token id."""
+def prompt_tokens(req: GenerationRequest) -> list[int]:
+    """A cheap upper-ish estimate of each prompt's tokens (4 characters of text per token, one per
+    token id): one entry per prompt vLLM will run, so a list of prompts is counted per prompt."""
     if isinstance(req, ChatCompletionRequest):
-        return len(json.dumps(req.messages, default=str)) // 4 + 1
+        return [len(json.dumps(req.messages, default=str)) // 4 + 1]
     prompt = req.prompt
     parts = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
-    return sum(len(p or "") // 4 + 1 if isinstance(p, str) or p is None else len(p) for p in parts)
+    return [len(p or "") // 4 + 1 if isinstance(p, str) or p is None else len(p) for p in parts]
 
 
 def _count(value: int) -> float:

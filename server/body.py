@@ -34,11 +34,14 @@ async def read_body(receive: Receive, scope: Scope, override: int | None = None)
 
 
 def body_limit(scope: Scope, override: int | None = None) -> int:
-    """``override`` (--max-body-bytes), else derived from the served model's max_model_len (from
-    vLLM's app state: --max-model-len, or the model's own)."""
+    """``override`` (--max-body-bytes), else derived from the served model's max_model_len."""
+    return max_body_bytes(served_max_model_len(scope), override)
+
+
+def served_max_model_len(scope: Scope) -> int | None:
+    """The served model's context length, from vLLM's app state (--max-model-len, or the model's own)."""
     config = getattr(getattr(scope.get("app"), "state", None), "vllm_config", None)
-    max_model_len = getattr(getattr(config, "model_config", None), "max_model_len", None)
-    return max_body_bytes(max_model_len, override)
+    return getattr(getattr(config, "model_config", None), "max_model_len", None)
 
 
 def _too_large(limit: int) -> PolicyError:

@@ -36,6 +36,7 @@ from antidistill.proxy_worker.runtime.settings import one_line
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 ANONYMOUS = "anonymous"
+DEFAULT_MAX_LOGPROBS = 20  # unprotected (λ = 0) requests on a tier that sets no max_logprobs
 KEY_PREFIX = "ad-"
 
 
@@ -53,6 +54,14 @@ class Escalation(BaseModel):
     decay_minutes: float = Field(60.0, gt=0, description="how long escalation lasts after volume drops")
 
 
+@dataclass(frozen=True)
+class SideChannels:
+    """The raw-distribution channels one request may use (logprobs per token, prompt logprobs)."""
+
+    max_logprobs: int
+    prompt_logprobs: bool
+
+
 class Tier(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -67,10 +76,13 @@ class Tier(BaseModel):
     tpm: int | None = Field(None, gt=0, description="tokens (prompt + max_tokens) per minute per key")
     max_tokens: int | None = Field(None, gt=0, description="cap on a request's max_tokens")
     max_concurrent: int | None = Field(None, gt=0, description="in-flight requests per key")
-    max_logprobs: int | None = Field(None, ge=0, description="cap on logprobs/top_logprobs (default 0 if protected)")
-    allow_prompt_logprobs: bool | None = Field(
-        None, description="prompt_logprobs / echo+logprobs (default: unprotected only)"
+    max_logprobs: int | None = Field(
+        None, ge=0, description="cap on logprobs/top_logprobs (default: 0 at λ > 0, 20 at λ = 0; 0 while escalated)"
     )
+    allow_prompt_logprobs: bool | None = Field(
+        None, description="prompt_logprobs / echo+logprobs (default: at λ = 0 only; never while escalated)"
+    )
+    allow_priority: bool = Field(False, description="clients may set vLLM's scheduling priority (priority ≠ 0)")
     escalation: Escalation | None = None
     on_protection_failure: Literal["refuse", "degrade"] = Field(
         "refuse",
@@ -89,11 +101,17 @@ class Tier(BaseModel):
             raise ValueError(
                 f"need min_lambda ≤ lambda ≤ max_lambda, got {self.min_lambda}, {self.lambda_}, {self.max_lambda}"
             )
-        if self.max_logprobs is None:
-            self.max_logprobs = 0 if self.min_lambda > 0 else 20
-        if self.allow_prompt_logprobs is None:
-            self.allow_prompt_logprobs = self.min_lambda == 0
         return self
+
+    def side_channels(self, lam: float, escalated: bool) -> SideChannels:
+        """What a request served at ``lam`` may read of the teacher's distribution. The defaults follow
+        the decided λ, not the tier's floor: a floor-0 tier's request at λ > 0 gets the protected
+        defaults, and an escalated key (suspected harvesting) gets none of them whatever the tier says."""
+        if escalated:
+            return SideChannels(0, False)
+        logprobs = self.max_logprobs if self.max_logprobs is not None else (0 if lam > 0 else DEFAULT_MAX_LOGPROBS)
+        prompt = self.allow_prompt_logprobs if self.allow_prompt_logprobs is not None else lam == 0
+        return SideChannels(logprobs, prompt)
 
     def _from_strength(self, scales: ProfileScales) -> None:
         """Set the λ fields from the strength fields: λ = strength / s of this tier's profile."""
@@ -176,6 +194,12 @@ class Caller:
     tier_name: str
     tier: Tier | None  # None only for rejected (401) callers, which are audited too
     account: str | None = None  # the account whose limits and escalation the key shares
+    digest: str = ""  # full-length id of the key (limit state's name for it); "" → key_id
+
+    @property
+    def scope_id(self) -> str:
+        """The key's name in the limit state: the full digest, so no two keys can share a budget."""
+        return self.digest or self.key_id
 
 
 class TierTable:
@@ -199,7 +223,7 @@ class TierTable:
         entry = self._by_hash.get(hash_key(key))
         if entry is None or entry.revoked:
             return None
-        return Caller(entry.sha256[:12], entry.tier, self.spec.tiers[entry.tier], entry.account)
+        return Caller(entry.sha256[:12], entry.tier, self.spec.tiers[entry.tier], entry.account, entry.sha256)
 
     def account(self, name: str | None) -> Account | None:
         """The limits of account ``name`` (None: no account, or one the tiers file does not define)."""

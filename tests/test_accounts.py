@@ -32,7 +32,8 @@ def test_keys_of_an_account_share_its_limits_and_escalation(tmp_path):
     c1, c2 = table.identify(k1), table.identify(k2)
     assert c1.account == c2.account == "acme" and c1.key_id != c2.key_id
     s1, s2 = (scopes_for(c, table.account(c.account)) for c in (c1, c2))
-    assert [s.id for s in s1] == [f"key:{c1.key_id}", "account:acme"] and s1[1] == s2[1]
+    assert [s.id for s in s1] == [f"key:{c1.scope_id}", "account:acme"] and s1[1] == s2[1]
+    assert len(c1.scope_id) == 64, "a key's limits are named by its full digest: no two keys share them"
 
     async def body():
         state = MemoryState()

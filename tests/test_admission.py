@@ -213,12 +213,12 @@ def test_forwarded_request_is_what_was_decided(case, tier):
             params = seen.to_sampling_params(requested or 8, {})
         except (ValueError, VLLMValidationError):
             return  # vLLM refuses it (400) before it reaches the engine
-    t = TIERS[tier]
+    t = TIERS[tier].side_channels(admitted.lam, escalated=False)
     if params.logprobs is not None:
         assert t.max_logprobs > 0 and 0 <= params.logprobs <= t.max_logprobs
     assert len(params.logprob_token_ids or []) <= t.max_logprobs
     if params.prompt_logprobs is not None:
-        assert t.allow_prompt_logprobs and 0 <= params.prompt_logprobs <= t.max_logprobs
+        assert t.prompt_logprobs and 0 <= params.prompt_logprobs <= t.max_logprobs
     assert (params.output_kind == RequestOutputKind.DELTA) == admitted.stream
     assert params.extra_args["ad_lambda"] == admitted.lam
 

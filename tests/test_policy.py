@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from antidistill.server.policy import PolicyError, decide, find_smuggled
-from antidistill.server.tiers import Tier, TiersError, hash_key, load_tiers, new_key
+from antidistill.server.tiers import SideChannels, Tier, TiersError, hash_key, load_tiers, new_key
 
 
 def tier(**kw) -> Tier:
@@ -53,9 +53,13 @@ def test_keys_are_hashed_and_revocable(tmp_path):
 
 
 def test_defaults_close_side_channels_for_protected_tiers():
-    assert tier().max_logprobs == 0 and tier().allow_prompt_logprobs is False
-    clean = Tier.model_validate({"lambda": 0})
-    assert clean.max_logprobs > 0 and clean.allow_prompt_logprobs is True
+    assert tier().side_channels(tier().lambda_, escalated=False) == SideChannels(0, False)
+    clean = Tier.model_validate({"lambda": 0, "max_lambda": 2})
+    assert clean.side_channels(0, escalated=False) == SideChannels(20, True)
+    assert clean.side_channels(1.0, escalated=False) == SideChannels(0, False), "defaults follow the decided λ"
+    scored = Tier.model_validate({"lambda": 0, "max_logprobs": 5, "allow_prompt_logprobs": True})
+    assert scored.side_channels(0, escalated=False) == SideChannels(5, True), "the operator's explicit values"
+    assert scored.side_channels(0, escalated=True) == SideChannels(0, False), "an escalated key gets none"
 
 
 def test_policy_floor_range_and_defaults():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ DRAIN_ENV, MAX_BODY_ENV = "ANTIDISTILL_DRAIN_TIMEOUT", "ANTIDISTILL_MAX_BODY_BYT
 STATE_ENV, LEASE_ENV = "ANTIDISTILL_STATE", "ANTIDISTILL_STATE_LEASE_SECONDS"
 STATE_TIMEOUT_ENV = "ANTIDISTILL_STATE_TIMEOUT"
 SCALES_ENV = "ANTIDISTILL_PROFILE_SCALES"  # JSON: each gradient profile's Δ scale (tiers' strength → λ)
+TENANT_SALT_ENV = "ANTIDISTILL_TENANT_SALT_KEY"  # "off": no per-tenant cache_salt; unset: a key of this process
 GATEWAY_SKEW_ENV = "ANTIDISTILL_GATEWAY_MAX_SKEW"  # the secret travels in trusted_gateway.SECRET_ENV
 
 
@@ -47,6 +49,14 @@ def check_state_url(url: str) -> str:
     return url
 
 
+def _salt_key(value: str | None) -> bytes | None:
+    """The tenant salt key from its variable: ``off`` → none, unset → a fresh one (this process's
+    own: prefix caches still split per tenant, only not shared with the server's other processes)."""
+    if value == "off":
+        return None
+    return secrets.token_bytes(32) if not value else bytes.fromhex(value)
+
+
 class GatewayConfigError(ValueError):
     """A gateway setting that cannot work; the server does not start."""
 
@@ -65,6 +75,8 @@ class GatewayConfig:
     state_lease_seconds: float = 30.0  # in-flight leases of a dead replica expire after this
     state_timeout: float = 0.1  # per Redis socket operation; a call is bounded by twice this
     scales: ProfileScales = field(default_factory=ProfileScales)  # the gradients' Δ scales (strength tiers)
+    # keys each tenant's cache_salt (teacher and proxy prefix caches); None: tenants share the caches
+    tenant_salt_key: bytes | None = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
 
     def export(self, env: MutableMapping[str, str] = os.environ) -> None:
         """Hand the configuration to the middleware vLLM will build in this process (tests pass
@@ -82,6 +94,7 @@ class GatewayConfig:
             LEASE_ENV: str(self.state_lease_seconds),
             STATE_TIMEOUT_ENV: str(self.state_timeout),
             SCALES_ENV: json.dumps(self.scales.to_json()),
+            TENANT_SALT_ENV: "off" if self.tenant_salt_key is None else self.tenant_salt_key.hex(),
         }
         for name, value in values.items():
             if value is None:
@@ -112,6 +125,7 @@ class GatewayConfig:
                 state_lease_seconds=float(env.get(LEASE_ENV, cls.state_lease_seconds)),
                 state_timeout=check_state_timeout(float(env.get(STATE_TIMEOUT_ENV, cls.state_timeout))),
                 scales=ProfileScales.from_json(json.loads(env[SCALES_ENV])) if env.get(SCALES_ENV) else ProfileScales(),
+                tenant_salt_key=_salt_key(env.get(TENANT_SALT_ENV)),
             )
         except ValueError as exc:  # json.JSONDecodeError is one
             raise GatewayConfigError(f"gateway configuration: {exc}") from None

@@ -13,16 +13,18 @@ Lifecycle (drain on SIGTERM, reload on SIGHUP) is server/lifecycle.py; configura
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
 from typing import Any
 
 from antidistill.proxy_worker.runtime.failure_ledger import FailureLedger
 from antidistill.server.accounting import Accounting, Exchange
 from antidistill.server.admission import admit
-from antidistill.server.body import read_body, replay
+from antidistill.server.body import read_body, replay, served_max_model_len
 from antidistill.server.config import GatewayConfig
 from antidistill.server.cpu_platform import on_cpu
 from antidistill.server.credentials import bearer
@@ -45,6 +47,7 @@ Send = Callable[[Message], Awaitable[None]]
 GENERATE = ("/v1/completions", "/v1/chat/completions")
 OPEN = ("/health", "/metrics", "/ping")
 EXPOSED = (*GENERATE, *OPEN, "/v1/models", "/version")
+INLINE_PARSE_BYTES = 64 * 1024  # larger bodies are parsed off the event loop (Redis deadlines, other streams)
 SEED_UNSUPPORTED = (
     "per-request seed is not supported on this (CPU) server: vLLM's CPU build crashes the engine when a "
     "seeded request is prefilled in chunks"
@@ -141,7 +144,7 @@ class AntidistillationMiddleware:
         payload = json.dumps(body).encode()
         headers_out = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         scope = {**scope, "headers": [*headers_out, (b"content-length", str(len(payload)).encode())]}
-        labelled = self.accounting.labelled(send, ex)
+        labelled = self.accounting.labelled(send, ex, partial(self.limits.charge, lease))
         try:
             with self.lifecycle.request():
                 if ex.watch is None:
@@ -154,30 +157,41 @@ class AntidistillationMiddleware:
             if ex.watch is not None:
                 self.watcher.close(ex.watch)
             self.accounting.finish(ex)
-            await self.limits.release(lease, ex.completion_tokens)
+            await self.limits.release(lease, ex.completion_tokens - ex.charged)
 
     async def _admit(self, ex: Exchange, raw: bytes, scope: Scope) -> tuple[dict, Lease]:
         """Parse the body once with vLLM's model for the route, decide on it, count it against the
         key's and account's limits, and return the JSON object vLLM is sent (its canonical
         serialisation) with the request's lease; raises PolicyError (400/403/429)."""
-        parsed = parse(ex.path, raw)
+        parsed = await asyncio.to_thread(parse, ex.path, raw) if len(raw) > INLINE_PARSE_BYTES else parse(ex.path, raw)
         if parsed.request.seed is not None and self.seed_unsafe:
             raise PolicyError(400, SEED_UNSUPPORTED, "seed")
-        tier, header = ex.caller.tier, _lambda_header(scope)
-        scopes = scopes_for(ex.caller, self.tiers.account(ex.caller.account))
+        caller = ex.caller
+        scopes = scopes_for(caller, self.tiers.account(caller.account))
+        decide = partial(
+            admit,
+            parsed,
+            caller.tier_name,
+            caller.tier,
+            _lambda_header(scope),
+            max_model_len=served_max_model_len(scope),
+            tenant_key=self.config.tenant_salt_key,
+            tenant=f"account:{caller.account}" if caller.account is not None else scopes[0].id,
+        )
         known = self.limits.known_escalation(scopes)
-        decided = admit(parsed, ex.caller.tier_name, tier, header, known)
-        grant = await self.limits.admit(scopes, decided.budget)  # one round trip: windows, leases, escalation
+        decided = decide(known)
+        grant = await self.limits.admit(scopes, decided.budget, decided.weight)  # one round trip
         escalated = _higher(known, grant.escalated)  # never lower than what this process knew
         if escalated != known:  # the shared state knew of an escalation this process did not
             try:
-                decided = admit(parsed, ex.caller.tier_name, tier, header, escalated)
+                decided = decide(escalated)
             except PolicyError:
                 await self.limits.release(grant.lease, 0, refund=True)
                 raise
         ex.lam, ex.profile, ex.escalated = decided.lam, decided.profile, escalated is not None
         ex.strength = self.tiers.scales.strength(decided.lam, decided.profile)
         ex.stream, ex.hide_usage = decided.stream, decided.hide_usage
+        ex.hide_running_usage, ex.output_budget = not decided.running_usage, decided.output_budget
         body = canonical(decided.request)
         ex.prompt_text = (body.get("messages") or body.get("prompt")) if self.accounting.audit_text else None
         return body, grant.lease

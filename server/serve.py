@@ -14,6 +14,7 @@ import argparse
 import atexit
 import json
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -100,6 +101,12 @@ def serve_parser() -> argparse.ArgumentParser:
         help="append one JSON line per request to this file; '-' is stderr (default: %(default)s)",
     )
     ap.add_argument("--audit-text", action="store_true", help="include prompt text in audit lines")
+    ap.add_argument(
+        "--shared-prefix-cache",
+        action="store_true",
+        help="let tenants share the teacher's and the proxy's prefix caches (default: a keyed cache_salt per "
+        "account, so no tenant can probe another's prompts through cache hits)",
+    )
     ap.add_argument(
         "--max-body-bytes",
         type=int,
@@ -366,6 +373,7 @@ def serve(argv: Sequence[str]) -> None:
         state_lease_seconds=ours.state_lease_seconds,
         state_timeout=ours.state_timeout,
         scales=scales,
+        tenant_salt_key=None if ours.shared_prefix_cache else secrets.token_bytes(32),
     ).export()
     args.additional_config = {**(args.additional_config or {}), CONFIG_KEY: config}
     args.logits_processors = with_our_processor(args.logits_processors or [], processor_for(engine_config(args)))

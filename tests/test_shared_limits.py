@@ -268,3 +268,64 @@ def test_config_carries_the_state_url(tmp_path):
         GatewayConfig.from_env(env)
     env[STATE_TIMEOUT_ENV] = "1.5"
     assert GatewayConfig.from_env(env).state_timeout == 1.5
+
+
+def test_redis_memory_is_flat_over_ten_thousand_requests(fresh):
+    """A harvester's flood of ``max_tokens: 1`` requests must not fill the store (compose's Redis is
+    256 MB ``noeviction``; once full, every replica falls back to local limits). Windows are buckets
+    written only where a limit reads them: 10,000 requests of a rate-limited, escalating key leave
+    the same handful of keys and fields as 1,000 do."""
+    now = [10_000.0]
+
+    async def body():
+        state = RedisState(fresh.url, clock=lambda: now[0])
+        scopes = (key("flood", rpm=10**6, tpm=10**9, max_concurrent=8, escalation=ESC), key("bare"))
+        client = fresh.client()
+
+        async def requests(count: int) -> None:
+            for _ in range(count):
+                grant = await state.admit(scopes, 2)
+                await state.charge(grant.lease, 1)
+                await state.release(grant.lease, 0)
+                now[0] += 0.35  # 10,000 requests span about an hour of the windows
+
+        def footprint() -> tuple[int, int]:
+            keys = client.keys("*")
+            fields = sum(client.hlen(k) for k in keys if client.type(k) == b"hash")
+            return len(keys), fields
+
+        await requests(1000)
+        after_1k = footprint()
+        await requests(9000)
+        after_10k = footprint()
+        assert after_10k[0] == after_1k[0] <= 4, "req, tok, out and nothing else (no lease left, no bare key)"
+        assert after_10k[1] <= 60 + 60 + 61, after_10k
+        assert not client.exists("{antidistill}:req:key:bare"), "a scope without limits writes nothing"
+        assert (await state.admit(scopes, 2)).escalated == 4, "and the volume is still counted"
+        await state.close()
+
+    run(body())
+
+
+def test_output_missed_in_an_outage_reaches_the_store_when_it_answers(fresh):
+    """A replica that admits and releases while Redis is down owes that output to the shared
+    escalation: it is sent once Redis answers, so another replica escalates the key too."""
+
+    async def body():
+        a = RedisState(fresh.url, lease_seconds=1, backoff=0.2)
+        b = RedisState(fresh.url)
+        scopes = (key("owed", escalation=ESC),)
+        grant = await a.admit(scopes, 1)  # starts a's renewer, which also sends what is owed
+        fresh.stop()
+        await a.release(grant.lease, 150)  # > 100 per hour, counted nowhere but here
+        assert a.owed_tokens() == 150
+        fresh.start()
+        deadline = time.monotonic() + 10
+        while a.owed_tokens() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert a.owed_tokens() == 0, "the renewer sent the output once Redis answered"
+        assert (await b.admit(scopes, 1)).escalated == 4, "the other replica sees the volume"
+        await a.close()
+        await b.close()
+
+    run(body())

@@ -94,9 +94,12 @@ def rss_summary(samples: list[RssSample], which: str, warmup: float) -> dict:
     }
 
 
-def kv_tokens_used(base: str) -> float:
-    """Sum of antidistill_proxy_kv_tokens_used over profiles on the server's /metrics."""
-    text = httpx.get(base + "/metrics", timeout=10).text
+def kv_tokens_used(base: str, metrics_key: str) -> float:
+    """Sum of antidistill_proxy_kv_tokens_used over profiles on the server's /metrics (which needs
+    the server's metrics key: a refusal raises, it never reads as an idle pool)."""
+    res = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {metrics_key}"}, timeout=10)
+    res.raise_for_status()
+    text = res.text
     return sum(
         s.value
         for family in text_string_to_metric_families(text)
@@ -105,13 +108,13 @@ def kv_tokens_used(base: str) -> float:
     )
 
 
-def wait_kv_idle(base: str, timeout: float = 30) -> tuple[float, float]:
+def wait_kv_idle(base: str, metrics_key: str, timeout: float = 30) -> tuple[float, float]:
     """Poll the proxy KV gauge until it reads 0; returns (last value, seconds waited)."""
     start = time.monotonic()
-    used = kv_tokens_used(base)
+    used = kv_tokens_used(base, metrics_key)
     while used and time.monotonic() - start < timeout:
         time.sleep(0.5)
-        used = kv_tokens_used(base)
+        used = kv_tokens_used(base, metrics_key)
     return used, time.monotonic() - start
 
 
@@ -125,6 +128,8 @@ def soak(
     max_tokens: int = 24,
     sample_every: float = 3.0,
     rss_bound_mib: float = 64.0,
+    *,
+    metrics_key: str,
 ) -> dict:
     """Run the load for ``seconds`` while sampling memory; the result says whether it passed."""
     sampler = RssSampler(server_pid, sample_every)
@@ -143,7 +148,7 @@ def soak(
         prompts=SOAK_PROMPTS,
     )
     samples, elapsed = asyncio.run(run_load(cfg))
-    kv_after, waited = wait_kv_idle(base)
+    kv_after, waited = wait_kv_idle(base, metrics_key)
     sampler.stopped.set()
     sampler.join()
     load = summarize(samples, elapsed)
@@ -175,6 +180,7 @@ def soak(
 def main() -> None:
     from antidistill.benchmarks.tiny.serving import antidistill_serve_args, build_models, write_tiers
     from antidistill.server.launch import free_port, server_process
+    from antidistill.server.metrics_key import write_metrics_key
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=30)
@@ -190,6 +196,8 @@ def main() -> None:
         keys = write_tiers(root / "tiers.yaml", SOAK_TIERS)
         port = free_port()
         serve = antidistill_serve_args(models, root / "tiers.yaml", root / "audit.jsonl", port, ("math", "code"))
+        metrics_key = write_metrics_key(root / "metrics.key")  # the KV gauge is read on /metrics
+        serve += ["--metrics-key-file", str(root / "metrics.key")]
         with server_process(serve, {"VLLM_CPU_KVCACHE_SPACE": "1"}, root / "server.log", port) as (base, proc):
             result = soak(
                 base,
@@ -201,6 +209,7 @@ def main() -> None:
                 args.max_tokens,
                 args.sample_every,
                 args.rss_bound_mib,
+                metrics_key=metrics_key,
             )
     summary = {k: v for k, v in result.items() if k != "series"}
     print(yaml.safe_dump(summary, sort_keys=False))

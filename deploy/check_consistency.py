@@ -11,6 +11,10 @@ RENDERED_DIR holds one ``<overlay>.yaml`` per rendered Kustomize overlay. Checke
 * ``--state`` is passed everywhere and its URL (from the Secret, or compose's default) names the Redis
   Service/service shipped beside it, which only the server pods may reach (NetworkPolicy);
 * ``--trust-gateway`` never carries the secret itself: it comes from a Secret / the environment;
+* the metrics key reaches the server and its scraper from one place: the Secret the Deployment's
+  ``ANTIDISTILL_METRICS_KEY`` reads is the ServiceMonitor's scrape credential; in compose the operator's
+  ``ANTIDISTILL_METRICS_KEY`` is both the server's variable and the secret Prometheus's
+  ``credentials_file`` names;
 * selectors and names line up: Deployment/Service/PDB/ServiceMonitor labels and ports, the probes on
   /health at the served port, the ScaledObject's target and queue-depth query, mounts and volumes;
 * GPUs requested = ``--tensor-parallel-size``; image tags = the project version (``-cpu`` on CPU);
@@ -42,7 +46,9 @@ ROOT = DEPLOY.parent
 sys.path.insert(0, str(ROOT))
 
 from antidistill.server.config import check_state_url  # noqa: E402
+from antidistill.server.metrics_key import METRICS_KEY_ENV  # noqa: E402
 from antidistill.server.serve import serve_parser  # noqa: E402
+from antidistill.server.tier_checks import TierCheckError, check_profiles_and_lambda  # noqa: E402
 from antidistill.server.tiers import TiersError, load_tiers  # noqa: E402
 from antidistill.server.trusted_gateway import SECRET_ENV  # noqa: E402
 
@@ -132,10 +138,12 @@ def check_tiers_text(c: Checks, where: str, text: str, ours: argparse.Namespace)
         except TiersError as exc:
             c.expect(False, where, f"tiers file invalid: {exc}")
             return
-    profiles = [g.partition("=")[0] for g in ours.gradient] or ["math"]  # embedded default: profile math
-    for name, tier in table.spec.tiers.items():
-        c.expect(tier.max_lambda <= ours.max_lambda, where, f"tier {name}: max_lambda > --max-lambda")
-        c.expect(tier.profile in (None, *profiles), where, f"tier {name}: profile {tier.profile} not loaded")
+    profiles = tuple(g.partition("=")[0] for g in ours.gradient) or ("math",)  # embedded default: profile math
+    try:  # the server's own start-up (and reload) check
+        check_profiles_and_lambda(table, profiles, ours.max_lambda)
+        c.expect(True, where, "tiers servable")
+    except TierCheckError as exc:
+        c.expect(False, where, f"tiers not servable: {exc}")
 
 
 def is_state_object(doc: dict[str, Any]) -> bool:
@@ -208,6 +216,33 @@ def check_gateway_secret(c: Checks, where: str, env: dict[str, dict], ours: argp
         return
     c.expect(ours.trust_gateway == "", where, "--trust-gateway SECRET in the args: use the Secret")
     c.expect("secretKeyRef" in env.get(SECRET_ENV, {}).get("valueFrom", {}), where, f"{SECRET_ENV} not from a Secret")
+
+
+def check_metrics_key(c: Checks, where: str, env: dict[str, dict], monitors: list[dict], ours: argparse.Namespace):
+    """The server's metrics key comes from a Secret (never the args), and every ServiceMonitor endpoint
+    scrapes with that same Secret key: a scraper with another key gets 401s, one with none 403s."""
+    ref = env.get(METRICS_KEY_ENV, {}).get("valueFrom", {}).get("secretKeyRef")
+    c.expect(ref is not None and ours.metrics_key_file is None, where, f"{METRICS_KEY_ENV} not from a Secret")
+    for sm in monitors:
+        for endpoint in sm["spec"]["endpoints"]:
+            auth = endpoint.get("authorization") or {}
+            same = ref is not None and auth.get("credentials") == {"name": ref["name"], "key": ref["key"]}
+            c.expect(auth.get("type", "Bearer") == "Bearer" and same, where, "ServiceMonitor scrapes without the key")
+
+
+def check_compose_metrics_key(c: Checks, compose: dict[str, Any], prom: dict[str, Any]) -> None:
+    """compose.yaml: the operator's ANTIDISTILL_METRICS_KEY is the server's variable and the secret that
+    Prometheus's credentials_file reads (one value: nothing to keep in step)."""
+    where = "compose.yaml"
+    services = compose.get("services", {})
+    env = services.get("antidistill", {}).get("environment", {})
+    c.expect(str(env.get(METRICS_KEY_ENV, "")).startswith("${" + METRICS_KEY_ENV + ":?"), where, "metrics key env")
+    secrets = {n: s for n, s in (compose.get("secrets") or {}).items() if s.get("environment") == METRICS_KEY_ENV}
+    mounted = [n for n in services.get("prometheus", {}).get("secrets", []) if n in secrets]
+    c.expect(len(mounted) == 1, where, f"Prometheus is not given the secret from {METRICS_KEY_ENV}")
+    for job in prom["scrape_configs"]:
+        creds = (job.get("authorization") or {}).get("credentials_file")
+        c.expect(bool(mounted) and creds == f"/run/secrets/{mounted[0]}", "prometheus.yml", f"{job['job_name']} key")
 
 
 def check_overlay(c: Checks, name: str, docs: list[dict[str, Any]], vllm: argparse.ArgumentParser, version: str):
@@ -283,7 +318,9 @@ def check_overlay(c: Checks, name: str, docs: list[dict[str, Any]], vllm: argpar
     c.expect("subPath" not in mounts.get(tiers_mount or "", {}), where, "tiers mounted with subPath: no updates")
     check_tiers_text(c, where, base64.b64decode(secret["data"]["tiers.yaml"]).decode(), ours)
     check_state(c, where, container, pod_labels, ours, state_docs)
-    check_gateway_secret(c, where, {e["name"]: e for e in container.get("env", [])}, ours)
+    env = {e["name"]: e for e in container.get("env", [])}
+    check_gateway_secret(c, where, env, ours)
+    check_metrics_key(c, where, env, by_kind.get("ServiceMonitor", []), ours)
 
     for sm in by_kind.get("ServiceMonitor", []):
         c.expect(subset(sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"]), where, "ServiceMonitor sel")
@@ -308,8 +345,19 @@ def check_overlay(c: Checks, name: str, docs: list[dict[str, Any]], vllm: argpar
         c.expect(rule["spec"] == wanted, where, "PrometheusRule spec differs from deploy/prometheus/rules.yml")
 
 
+class Reset(list):
+    """Compose's ``!reset []``: an override file drops what the base file set for that key."""
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """YAML as compose reads it: ``!reset`` marks a sequence as replacing the base file's."""
+
+
+ComposeLoader.add_constructor("!reset", lambda loader, node: Reset(loader.construct_sequence(node, deep=True)))
+
+
 def compose_services(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text()).get("services", {})
+    return yaml.load(path.read_text(), Loader=ComposeLoader).get("services", {})
 
 
 def expand_default(value: str) -> str:
@@ -323,6 +371,8 @@ def check_compose_gateway(c: Checks, services: dict[str, Any], server: dict, our
     where = "compose.litellm.yaml"
     env = server.get("environment", {})
     c.expect(ours.trust_gateway == "", where, "--trust-gateway SECRET in the command: use the environment")
+    published = server.get("ports")
+    c.expect(isinstance(published, Reset) and not published, where, "antidistill's port published: ports: !reset []")
     c.expect(str(env.get(SECRET_ENV, "")).startswith("${"), where, f"{SECRET_ENV} must come from the environment")
     litellm = services.get("litellm", {})
     lenv = litellm.get("environment", {})
@@ -378,6 +428,7 @@ def check_compose(c: Checks, vllm: argparse.ArgumentParser, version: str) -> Non
             targets_in = [expand_default(v).split(":")[1] for v in server["volumes"]]
             c.expect(under(ours.tiers, targets_in), where, "--tiers not on a mounted volume")
     c.expect("8000:8000" in services["antidistill"]["ports"], "compose.yaml", "API published on 8000")
+    check_compose_metrics_key(c, yaml.safe_load(base.read_text()), prom)
     datasources = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yaml").read_text())
     ds = datasources["datasources"][0]
     c.expect(ds["url"] == "http://prometheus:9090" and "prometheus" in services, "grafana", "datasource URL")

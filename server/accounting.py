@@ -93,7 +93,7 @@ class Accounting:
         failure, unprotected = None, 0
         if watch is not None and not watch.protected:
             failure = "unverifiable" if watch.unverifiable else (watch.reason.label if watch.reason else "error")
-            unprotected = 0 if watch.refuse else min(watch.failed_steps, tokens)
+            unprotected = min(watch.failed_steps, tokens)  # steps served with Δ = 0 (degrade), 0 if refused at once
             metrics.record_protection_failure(tier, failure, watch.refuse, unprotected)
         line = {
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),

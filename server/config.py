@@ -13,6 +13,8 @@ from pathlib import Path
 
 from antidistill.proxy_worker.core.strength import ProfileScales
 from antidistill.proxy_worker.runtime.failure_ledger import ENV_VAR as LEDGER_ENV
+from antidistill.server.metrics_key import METRICS_KEY_ENV, check_metrics_key
+from antidistill.server.tier_checks import EngineLimits
 from antidistill.server.trusted_gateway import DEFAULT_MAX_SKEW, SECRET_ENV, check_skew, resolve_secret
 
 TIERS_ENV, AUDIT_ENV, AUDIT_TEXT_ENV = "ANTIDISTILL_TIERS", "ANTIDISTILL_AUDIT_LOG", "ANTIDISTILL_AUDIT_TEXT"
@@ -22,6 +24,7 @@ STATE_TIMEOUT_ENV = "ANTIDISTILL_STATE_TIMEOUT"
 SCALES_ENV = "ANTIDISTILL_PROFILE_SCALES"  # JSON: each gradient profile's Δ scale (tiers' strength → λ)
 TENANT_SALT_ENV = "ANTIDISTILL_TENANT_SALT_KEY"  # "off": no per-tenant cache_salt; unset: a key of this process
 GATEWAY_SKEW_ENV = "ANTIDISTILL_GATEWAY_MAX_SKEW"  # the secret travels in trusted_gateway.SECRET_ENV
+ENGINE_ENV = "ANTIDISTILL_ENGINE_LIMITS"  # JSON: what a reloaded tiers file is checked against (tier_checks.py)
 
 
 STATE_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -77,6 +80,8 @@ class GatewayConfig:
     scales: ProfileScales = field(default_factory=ProfileScales)  # the gradients' Δ scales (strength tiers)
     # keys each tenant's cache_salt (teacher and proxy prefix caches); None: tenants share the caches
     tenant_salt_key: bytes | None = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    metrics_key: str | None = field(default=None, repr=False)  # /metrics for its bearer only; None: 403
+    engine: EngineLimits | None = None  # None: not started by `antidistill serve`; reloads then skip its checks
 
     def export(self, env: MutableMapping[str, str] = os.environ) -> None:
         """Hand the configuration to the middleware vLLM will build in this process (tests pass
@@ -95,6 +100,8 @@ class GatewayConfig:
             STATE_TIMEOUT_ENV: str(self.state_timeout),
             SCALES_ENV: json.dumps(self.scales.to_json()),
             TENANT_SALT_ENV: "off" if self.tenant_salt_key is None else self.tenant_salt_key.hex(),
+            METRICS_KEY_ENV: self.metrics_key,
+            ENGINE_ENV: None if self.engine is None else json.dumps(self.engine.to_json()),
         }
         for name, value in values.items():
             if value is None:
@@ -126,6 +133,8 @@ class GatewayConfig:
                 state_timeout=check_state_timeout(float(env.get(STATE_TIMEOUT_ENV, cls.state_timeout))),
                 scales=ProfileScales.from_json(json.loads(env[SCALES_ENV])) if env.get(SCALES_ENV) else ProfileScales(),
                 tenant_salt_key=_salt_key(env.get(TENANT_SALT_ENV)),
+                metrics_key=check_metrics_key(env[METRICS_KEY_ENV]) if env.get(METRICS_KEY_ENV) else None,
+                engine=EngineLimits.from_json(json.loads(env[ENGINE_ENV])) if env.get(ENGINE_ENV) else None,
             )
         except ValueError as exc:  # json.JSONDecodeError is one
             raise GatewayConfigError(f"gateway configuration: {exc}") from None

@@ -6,7 +6,8 @@ output exists.
   2. proxy: the teacher's first 15 layers (same tokenizer; see ``prepare_half_proxy``)
   3. holdout traces: the teacher's own answers to reasoning-gym ``gsm_symbolic`` problems (vLLM)
   4. gradient of the proxy's completion NLL on those traces
-  5. demo tiers file (free / pro / internal) with fresh keys, printed once
+  5. demo tiers file (free / pro / internal) with fresh keys, printed once; ``serve`` adds a metrics
+     key (``metrics-key.txt``, printed once) unless the operator gave one
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import yaml
 from antidistill.server.embedded_model import DEFAULT_CACHE, prepare_half_proxy, prepare_smollm2
+from antidistill.server.metrics_key import METRICS_KEY_ENV, write_metrics_key
 from antidistill.server.tiers import new_key
 
 HOLDOUT_PROBLEMS = 48
@@ -126,6 +128,18 @@ def demo_tiers(path: Path) -> Path:
     return path
 
 
+def demo_metrics_key(path: Path) -> Path:
+    """The demo's metrics key file (0600, beside the demo keys), so the quick start has /metrics:
+    the key is printed when it is made, and where it is on every start."""
+    if path.is_file():
+        print(f"      metrics key in {path} (/metrics needs Authorization: Bearer <it>)")
+        return path
+    key = write_metrics_key(path)
+    print(f"      metrics key (shown once; also in {path}): {key}")
+    print(f'      curl -H "Authorization: Bearer $(cat {path})" http://127.0.0.1:8000/metrics')
+    return path
+
+
 @dataclass(frozen=True)
 class Embedded:
     """The prepared embedded default: what ``serve`` and ``tune`` run on."""
@@ -165,6 +179,8 @@ def prepare() -> Embedded:
 def embedded_default(ours: argparse.Namespace, rest: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Prepare every stage and return serve arguments pointing at the results."""
     ready = prepare()
+    if ours.metrics_key_file is None and not os.environ.get(METRICS_KEY_ENV):
+        ours.metrics_key_file = str(demo_metrics_key(ready.cache / "metrics-key.txt"))
     print("      starting the server on http://127.0.0.1:8000", flush=True)
     ours.proxy = ours.proxy or str(ready.proxy)
     ours.gradient = ours.gradient or [f"math={ready.gradient}"]

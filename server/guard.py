@@ -1,17 +1,19 @@
 """Fail closed at the gateway: a protected request whose Δ the worker could not compute is refused.
 
-The worker writes a failing row's ticket to the failure ledger (proxy_worker/failure_ledger.py)
-before that step's token is sampled, and withholds the row (its logits flattened) so nothing it
-samples from then on carries the teacher. This module is the other half, in the API-server
-process: ``FailureWatcher`` reads the ledger for the tickets of live requests (on every response
-message, and every few milliseconds while any is live), and ``ProtectionGuard`` sits between vLLM
-and the client for one request:
+The worker records a failing row's ticket in the failure ledger (proxy_worker/runtime/failure_ledger.py)
+before that step's token is sampled, and withholds a row it refuses (its logits flattened) so
+nothing it samples from then on carries the teacher. This module is the other half, in the
+API-server process: ``FailureWatcher`` reads the ledger for the tickets of live requests (on every
+response message, and every few milliseconds while any is live), and ``ProtectionGuard`` sits
+between vLLM and the client for one request:
 
 - the response start is held until the first body message, so a refusal found by then becomes a
-  503 with an OpenAI-style error and ``Retry-After`` (streamed or not);
+  503 (400 for a token the proxy lacks) with an OpenAI-style error and ``Retry-After``;
 - a stream refused later gets one error event and ends: no further tokens;
 - a refused request is aborted in the engine (its receive channel reports a disconnect);
-- in ``degrade`` mode nothing is refused; the failed steps are counted and flagged instead.
+- a ``degrade`` request is refused only when the worker refused its row (a sticky failure, or more
+  transient ones than it may be served through); until then its steps served with Δ = 0 are
+  counted, as the worker last recorded them, and flagged (a header, or an SSE comment in-band).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from antidistill.proxy_worker.runtime.failure_ledger import FailureLedger, Reason
+from antidistill.proxy_worker.runtime.failure_ledger import FailureLedger, Reason, Record
 from antidistill.proxy_worker.runtime.settings import MAX_TICKET
 from antidistill.server.errors import error_body, respond
 
@@ -53,16 +55,41 @@ class Watch:
     """One protected request's ticket and what the worker said about it."""
 
     ticket: int
-    refuse: bool
-    reason: Reason | None = None
-    unverifiable: bool = False  # the ledger overflowed while this request was live
-    failed_steps: int = 0
-    failed: asyncio.Event = field(default_factory=asyncio.Event)
+    refuse: bool  # refused at any failure (a refuse tier), or since the worker refused the row
+    reason: Reason | None = None  # the refusal's, else the first failure's
+    unverifiable: bool = False  # the ledger overflowed, or overwrote a record, while this request was live
+    failed_steps: int = 0  # steps the worker served with Δ = 0: the largest count it recorded
+    stop: asyncio.Event = field(default_factory=asyncio.Event)  # set once the request must be refused
+    degraded: dict[int, Record] = field(default_factory=dict)  # seq → a record whose count may still grow
 
     @property
     def protected(self) -> bool:
         """Every emitted token had λ·Δ applied (what the audit line reports)."""
-        return self.failed_steps == 0 and not self.unverifiable
+        return self.reason is None and not self.unverifiable
+
+    @property
+    def refused(self) -> bool:
+        return self.stop.is_set()
+
+    def take(self, record: Record) -> None:
+        """What one of this request's ledger records says (again, when re-read)."""
+        self.failed_steps = max(self.failed_steps, record.served)
+        if self.reason is None or (record.refused and not self.refused):
+            self.reason = record.reason
+        self.refuse = self.refuse or record.refused
+        if not record.refused:
+            self.degraded[record.seq] = record
+        self._check()
+
+    def lost(self) -> None:
+        """Some of this request's records may be gone (overflow): its protection cannot be verified."""
+        self.unverifiable = True
+        self._check()
+
+    def _check(self) -> None:
+        if self.refuse and (self.reason is not None or self.unverifiable):
+            self.stop.set()
+            self.degraded.clear()
 
     def message(self) -> str:
         why = OVERFLOW if self.unverifiable else WHY[self.reason or Reason.ERROR]
@@ -98,20 +125,26 @@ class FailureWatcher:
         self.live.pop(watch.ticket, None)
 
     def poll(self) -> None:
+        """New records, then the degraded ones again (the worker revises their counts in place)."""
         if self.ledger is None:
             return
         batch = self.ledger.read()
         if batch.overflowed:
             log.error("failure ledger overflowed: %d live protected requests cannot be verified", len(self.live))
             for watch in self.live.values():
-                watch.unverifiable = True
-                watch.failed.set()
+                watch.lost()
         for record in batch.records:
             watch = self.live.get(record.ticket)
             if watch is not None:
-                watch.reason = watch.reason or record.reason
-                watch.failed_steps += 1
-                watch.failed.set()
+                watch.take(record)
+        for watch in self.live.values():
+            for record in list(watch.degraded.values()):
+                current = self.ledger.reread(record)
+                if current is None:  # the ring overwrote it: a later revision may be lost with it
+                    del watch.degraded[record.seq]
+                    watch.lost()
+                else:
+                    watch.take(current)
 
     async def _poll_while_live(self) -> None:
         while self.live:
@@ -132,16 +165,14 @@ class ProtectionGuard:
 
     @property
     def refused(self) -> bool:
-        return self.watch.refuse and self.watch.failed.is_set()
+        return self.watch.refused
 
     async def receive(self) -> Message:
         """The app's receive channel, reporting a disconnect once the request is refused: vLLM aborts it."""
         if self.refused:
             return {"type": "http.disconnect"}
         inner = asyncio.ensure_future(self._receive())
-        if not self.watch.refuse:
-            return await inner
-        stop = asyncio.ensure_future(self.watch.failed.wait())
+        stop = asyncio.ensure_future(self.watch.stop.wait())
         done, _ = await asyncio.wait({inner, stop}, return_when=asyncio.FIRST_COMPLETED)
         if inner in done:
             stop.cancel()

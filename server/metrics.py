@@ -1,13 +1,23 @@
 """Server-side Prometheus metrics (API-server process): who asked, at which λ, what came back.
 
 Exported on vLLM's own ``/metrics`` (the same registry vLLM collects; multiprocess mode when
-``PROMETHEUS_MULTIPROC_DIR`` is set, as ``antidistill serve`` does). Every name starts with
+``PROMETHEUS_MULTIPROC_DIR`` is set, as ``antidistill serve`` does), which answers only the holder
+of the metrics key (``serve_metrics``; why: server/metrics_key.py). Every name starts with
 ``antidistill_``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from antidistill.server.errors import error_body, respond
+from antidistill.server.metrics_key import metrics_refusal
 from prometheus_client import Counter, Gauge, Histogram
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 LAMBDA_BUCKETS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
@@ -42,6 +52,24 @@ STATE_MODE = Gauge(
     multiprocess_mode="livesum",
 )
 STATE_MODES = ("memory", "redis", "local")
+METRICS_REFUSALS = Counter(
+    "antidistill_metrics_refusals",
+    "Requests for /metrics refused: 401 without the metrics key or with another key (API keys included), "
+    "403 while no metrics key is configured, 400 for more than one credential.",
+    ["code"],
+)
+
+
+async def serve_metrics(app: Callable, scope: Scope, receive: Receive, send: Send, key: str | None) -> None:
+    """``/metrics`` from ``app`` for the bearer of the metrics ``key``; anyone else gets the refusal
+    (401 with ``WWW-Authenticate: Bearer``, 403 while no key is configured) and it is counted here.
+    No audit line: a scraper without its key would write one every scrape interval."""
+    refusal = metrics_refusal(scope, key)
+    if refusal is None:
+        return await app(scope, receive, send)
+    METRICS_REFUSALS.labels(str(refusal.status)).inc()
+    extra = [(b"www-authenticate", b"Bearer")] * (refusal.status == 401)
+    await respond(send, refusal.status, error_body(refusal.status, refusal.message), extra)
 
 
 def set_state_mode(mode: str) -> None:

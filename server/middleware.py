@@ -5,8 +5,9 @@ own module; this one only puts them in order for a request:
     → admission (tier policy, λ) → guard (fail closed) → accounting (labels, counts, audit)
 
 Only the routes in ``EXPOSED`` are reachable; everything else vLLM mounts answers 404 (see
-docs/security.md). ``/health`` and ``/metrics`` need no key (orchestrators and Prometheus scrape
-them; they carry no model output); everything else needs a key or an ``anonymous`` tier.
+docs/security.md). ``/health`` and ``/ping`` need no key (orchestrators probe them; they carry no
+model output); ``/metrics`` needs the metrics key, which no API key is (its counters follow every
+tenant's traffic: server/metrics_key.py); everything else needs a key or an ``anonymous`` tier.
 Lifecycle (drain on SIGTERM, reload on SIGHUP) is server/lifecycle.py; configuration is one
 ``GatewayConfig`` (server/config.py).
 """
@@ -32,10 +33,14 @@ from antidistill.server.errors import error_body, respond
 from antidistill.server.guard import FailureWatcher, ProtectionGuard
 from antidistill.server.lifecycle import Lifecycle
 from antidistill.server.limits import Lease, scopes_for
+from antidistill.server.metrics import serve_metrics
+from antidistill.server.metrics_key import METRICS_PATH
+from antidistill.server.nonces import open_nonces
 from antidistill.server.policy import LAMBDA_HEADER, PolicyError
 from antidistill.server.request import canonical, parse
 from antidistill.server.shared_limits import open_state
-from antidistill.server.tiers import Caller, TiersError, hash_key, load_tiers
+from antidistill.server.tier_checks import load_servable
+from antidistill.server.tiers import Caller, TiersError, hash_key
 from antidistill.server.trusted_gateway import GatewayVerifier
 
 log = logging.getLogger("antidistill.server.gateway")
@@ -45,8 +50,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 GENERATE = ("/v1/completions", "/v1/chat/completions")
-OPEN = ("/health", "/metrics", "/ping")
-EXPOSED = (*GENERATE, *OPEN, "/v1/models", "/version")
+OPEN = ("/health", "/ping")
+EXPOSED = (*GENERATE, *OPEN, METRICS_PATH, "/v1/models", "/version")
 INLINE_PARSE_BYTES = 64 * 1024  # larger bodies are parsed off the event loop (Redis deadlines, other streams)
 SEED_UNSUPPORTED = (
     "per-request seed is not supported on this (CPU) server: vLLM's CPU build crashes the engine when a "
@@ -60,10 +65,11 @@ class AntidistillationMiddleware:
     def __init__(self, app: Callable, config: GatewayConfig | None = None) -> None:
         self.app = app
         self.config = config or GatewayConfig.from_env()
-        self.tiers = load_tiers(self.config.tiers, self.config.scales)
+        self.tiers = load_servable(self.config.tiers, self.config.scales, self.config.engine)
         self.limits = open_state(self.config.state, self.config.state_lease_seconds, self.config.state_timeout)
         secret = self.config.gateway_secret
-        self.gateway = GatewayVerifier(secret, self.config.gateway_max_skew) if secret else None
+        nonces = open_nonces(self.config.state, self.config.state_timeout) if secret else None
+        self.gateway = GatewayVerifier(secret, self.config.gateway_max_skew, nonces=nonces) if secret else None
         self.watcher = FailureWatcher(FailureLedger(self.config.ledger))
         self.accounting = Accounting(self.config.audit_log, self.config.audit_text)
         self.lifecycle = Lifecycle(self.config.drain_timeout, self.reload)
@@ -73,9 +79,10 @@ class AntidistillationMiddleware:
         _use_vllm_logging()
 
     def reload(self) -> bool:
-        """Re-read the tiers file; a bad file keeps the old table (in-flight requests are untouched)."""
+        """Re-read the tiers file and run the start-up checks on it (server/tier_checks.py); a file
+        that fails any keeps the old table (in-flight requests are untouched)."""
         try:
-            self.tiers = load_tiers(self.tiers.source, self.tiers.scales)
+            self.tiers = load_servable(self.tiers.source, self.tiers.scales, self.config.engine)
         except TiersError as exc:
             log.error("tiers reload failed, keeping the previous tiers: %s", exc)
             return False
@@ -94,7 +101,9 @@ class AntidistillationMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        if self.lifecycle.draining and path != "/metrics":
+        if path == METRICS_PATH:  # also while draining: the scraper sees the drain through
+            return await serve_metrics(self.app, scope, receive, send, self.config.metrics_key)
+        if self.lifecycle.draining:
             message = "server is shutting down; retry on another replica"
             extra = [(b"retry-after", b"1"), (b"connection", b"close")]
             return await respond(send, 503, error_body(503, message), extra)
@@ -106,8 +115,23 @@ class AntidistillationMiddleware:
         if caller is None:
             return
         if path not in GENERATE or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
+            return await self._pass(scope, receive, send, caller)
         await self._generate(scope, receive, send, caller)
+
+    async def _pass(self, scope: Scope, receive: Receive, send: Send, caller: Caller) -> None:
+        """A route vLLM answers as it is (GET /v1/models). In trusted-gateway mode its body (normally
+        none) is read and bound to the signature first, so that no signed header set is served twice
+        on any route; a refusal is sent and audited as in ``_generate``."""
+        if self.gateway is not None:
+            try:
+                raw = await read_body(receive, scope, self.config.max_body_bytes)
+                await self.gateway.bind(scope, raw)
+            except PolicyError as err:
+                extra = [(b"retry-after", str(err.retry_after).encode())] if err.retry_after else []
+                await respond(send, err.status, error_body(err.status, err.message, err.param), extra)
+                return self.accounting.finish(Exchange(caller, scope["path"], time.monotonic(), status=err.status))
+            receive = replay(raw, receive)
+        await self.app(scope, receive, send)
 
     async def _authenticate(self, scope: Scope, send: Send) -> Caller | None:
         """The caller of the request's one credential; None once a refusal (400: more than one
@@ -132,7 +156,10 @@ class AntidistillationMiddleware:
     async def _generate(self, scope: Scope, receive: Receive, send: Send, caller: Caller) -> None:
         ex = Exchange(caller, scope["path"], time.monotonic())
         try:
-            body, lease = await self._admit(ex, await read_body(receive, scope, self.config.max_body_bytes), scope)
+            raw = await read_body(receive, scope, self.config.max_body_bytes)
+            if self.gateway is not None:  # the exact bytes received, before anything is decided on them
+                await self.gateway.bind(scope, raw)
+            body, lease = await self._admit(ex, raw, scope)
         except PolicyError as err:
             ex.status = err.status
             extra = [(b"retry-after", str(err.retry_after).encode())] if err.retry_after else []

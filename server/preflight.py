@@ -3,7 +3,8 @@
 vLLM reports a missing or corrupt local model as a long traceback from a spawned worker (or tries a
 model hub); an operator should see one line naming the file instead. Only headers are read (cheap).
 The same holds for tiers the engine could not serve and for a logprobs mode that would leak the raw
-teacher: each problem is a ``StartupError`` whose message is the one line printed.
+teacher (server/tier_checks.py, shared with the gateway's tiers reload): each problem is a
+``StartupError`` whose message is the one line printed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from antidistill.proxy_worker.core.weights import (
     safetensors_files,
 )
 from antidistill.proxy_worker.runtime.settings import ProcessorSettings
+from antidistill.server import tier_checks
+from antidistill.server.tier_checks import TierCheckError, check_profiles_and_lambda
 from antidistill.server.tiers import TierTable
 from safetensors import safe_open
 
@@ -132,30 +135,20 @@ def describe_tiers(tiers: TierTable) -> list[str]:
 
 
 def check_tiers(tiers: TierTable, settings: ProcessorSettings) -> None:
-    """Every tier must be servable: its profile loaded, its λ range within the engine's maximum."""
-    for name, tier in tiers.spec.tiers.items():
-        if tier.profile and tier.profile not in settings.profiles:
-            raise StartupError(
-                f"{tiers.source}: tiers.{name}.profile: {tier.profile!r} is not a loaded --gradient "
-                f"profile ({', '.join(settings.profiles)})"
-            )
-        if tier.max_lambda > settings.max_lambda:
-            raise StartupError(
-                f"{tiers.source}: tiers.{name}.max_lambda {tier.max_lambda:g} exceeds "
-                f"--max-lambda {settings.max_lambda:g}"
-            )
+    """Every tier must be servable: its profile loaded, its λ within the engine's maximum (the rules
+    live in server/tier_checks.py, which the gateway's reload runs too)."""
+    try:
+        check_profiles_and_lambda(tiers, tuple(settings.profiles), settings.max_lambda)
+    except TierCheckError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def check_logprobs_mode(mode: str, tiers: TierTable) -> None:
     """Raw logprobs are the unprotected teacher's distribution: no protected tier may return them."""
-    if not mode.startswith("raw"):
-        return
-    for name, tier in tiers.spec.tiers.items():
-        if (tier.max_lambda > 0 or tier.escalation is not None) and tier.max_logprobs:
-            raise StartupError(
-                f"--logprobs-mode {mode} would hand protected tier {name!r} the raw teacher's logprobs "
-                f"(max_logprobs {tier.max_logprobs}); use processed_logprobs or set its max_logprobs to 0"
-            )
+    try:
+        tier_checks.check_logprobs_mode(tiers, mode)
+    except TierCheckError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def check_teacher_args(vllm_args: Sequence[str]) -> None:

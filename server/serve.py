@@ -33,6 +33,8 @@ from antidistill.proxy_worker.runtime.settings import (
 )
 from antidistill.server.config import DRAIN_ENV, GatewayConfig, check_state_timeout, check_state_url
 from antidistill.server.cpu_platform import apply_engine_env, engine_env, on_cpu, usable_cpus
+from antidistill.server.metrics_key import METRICS_KEY_ENV, MetricsKeyError, resolve_metrics_key
+from antidistill.server.metrics_key import startup_line as metrics_line
 from antidistill.server.preflight import (
     StartupError,
     check_checkpoints,
@@ -42,6 +44,7 @@ from antidistill.server.preflight import (
     describe_tiers,
     profile_scales,
 )
+from antidistill.server.tier_checks import EngineLimits
 from antidistill.server.tiers import TiersError, load_tiers
 from antidistill.server.trusted_gateway import (
     DEFAULT_MAX_SKEW,
@@ -147,6 +150,13 @@ def serve_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="with --state: bound on each Redis operation; slower answers fall back to this process's own "
         f"limits for a second (default {GatewayConfig.state_timeout:g})",
+    )
+    ap.add_argument(
+        "--metrics-key-file",
+        metavar="PATH",
+        help="/metrics answers only Authorization: Bearer <the key in this file> (or set "
+        f"{METRICS_KEY_ENV}); without a metrics key /metrics answers 403: its counters follow every tenant's "
+        "traffic (docs/metrics.md)",
     )
     ap.add_argument(
         "--embedded-default",
@@ -267,12 +277,16 @@ def with_our_processor(processors: list, ours: str = PROCESSOR_PATH) -> list:
 
 def fresh_failure_ledger() -> Path:
     """The file through which the worker tells the gateway which protected requests lost Δ: a new
-    one per start (an operator's ``ANTIDISTILL_FAILURE_LEDGER`` path is created afresh), removed on exit."""
-    from antidistill.proxy_worker.runtime.failure_ledger import ENV_VAR, create
+    one per start, removed on exit. An operator's ``ANTIDISTILL_FAILURE_LEDGER`` path replaces a
+    ledger an earlier start left there; anything else at that path (a symlink, another file) stops start-up."""
+    from antidistill.proxy_worker.runtime.failure_ledger import ENV_VAR, LedgerPathTaken, create, recreate
 
     given = os.environ.get(ENV_VAR)
     if given:
-        return create(given)
+        try:
+            return recreate(given)
+        except LedgerPathTaken as exc:
+            raise StartupError(f"{ENV_VAR}: {exc}") from None
     root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     folder = tempfile.mkdtemp(prefix="antidistill-ledger-", dir=root)
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
@@ -344,6 +358,10 @@ def serve(argv: Sequence[str]) -> None:
         check_state_timeout(ours.state_timeout)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
+    try:
+        metrics_key = resolve_metrics_key(ours.metrics_key_file, os.environ)
+    except MetricsKeyError as exc:
+        raise StartupError(str(exc)) from None
 
     fresh_metrics_dir()
     import uvloop
@@ -356,7 +374,8 @@ def serve(argv: Sequence[str]) -> None:
     args = make_arg_parser(FlexibleArgumentParser(prog="antidistill serve")).parse_args(rest)
     if not any(a.startswith(("--logprobs-mode", "--logprobs_mode")) for a in rest):
         args.logprobs_mode = "processed_logprobs"  # logprobs describe the protected distribution
-    check_logprobs_mode(str(args.logprobs_mode), tiers)
+    engine = EngineLimits(tuple(settings.profiles), settings.max_lambda, str(args.logprobs_mode))
+    check_logprobs_mode(engine.logprobs_mode, tiers)
     settings = couple_capacity(args, ours, settings)
     config = settings.model_dump()
     os.environ[ENV_VAR] = json.dumps({CONFIG_KEY: config})
@@ -374,12 +393,17 @@ def serve(argv: Sequence[str]) -> None:
         state_timeout=ours.state_timeout,
         scales=scales,
         tenant_salt_key=None if ours.shared_prefix_cache else secrets.token_bytes(32),
+        metrics_key=metrics_key,
+        engine=engine,  # a SIGHUP reload runs this function's tiers checks again, against these limits
     ).export()
     args.additional_config = {**(args.additional_config or {}), CONFIG_KEY: config}
     args.logits_processors = with_our_processor(args.logits_processors or [], processor_for(engine_config(args)))
     args.middleware = [*(args.middleware or []), MIDDLEWARE]
     validate_parsed_serve_args(args)
-    for line in describe_tiers(tiers):
+    lines = describe_tiers(tiers)
+    if (shut := metrics_line(metrics_key)) is not None:  # one line: /metrics stays shut
+        lines.append(shut)
+    for line in lines:
         print(f"antidistill: {line}", file=sys.stderr, flush=True)
     if on_cpu():  # last, so a start-up error stays one line; before vLLM starts its processes
         for line in apply_engine_env(engine_env(os.environ, usable_cpus())):

@@ -146,6 +146,9 @@ class Account(BaseModel):
     tpm: int | None = Field(None, gt=0, description="tokens (prompt + max_tokens) per minute, all keys together")
     max_concurrent: int | None = Field(None, gt=0, description="in-flight requests, all keys together")
     escalation: Escalation | None = None
+    tiers: list[str] | None = Field(
+        None, description="trusted-gateway mode: the only tiers a gateway may sign for this account (403 otherwise)"
+    )
 
 
 class KeyEntry(BaseModel):
@@ -173,6 +176,12 @@ class TiersFile(BaseModel):
             if key.account is not None and key.account not in self.accounts:
                 defined = ", ".join(self.accounts) or "none"
                 raise ValueError(f"keys.{i}.account: unknown account {key.account!r} (defined: {defined})")
+        for name, account in self.accounts.items():
+            unknown = [t for t in account.tiers or () if t not in self.tiers]
+            if unknown:
+                raise ValueError(
+                    f"accounts.{name}.tiers: unknown tier {unknown[0]!r} (defined: {', '.join(self.tiers)})"
+                )
         return self
 
 

@@ -1,5 +1,6 @@
 """What the end-to-end tests share: a real `antidistill serve` on the tiny models, the request
-bodies they send it, and reading its /metrics. Test modules import from here, never from each other."""
+bodies they send it, and reading its /metrics (with the server's metrics key: no API key opens it).
+Test modules import from here, never from each other."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import httpx
 import pytest
 from antidistill.benchmarks.tiny.serving import ADModels, antidistill_serve_args, build_models, write_tiers
 from antidistill.server.launch import free_port, server_process
+from antidistill.server.metrics_key import write_metrics_key
 from prometheus_client.parser import text_string_to_metric_families
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -37,7 +39,7 @@ def engine_fixture(*, scope: str = "module", slow: bool = False) -> Callable[[F]
 
 @dataclass(frozen=True)
 class Server:
-    """A running `antidistill serve`: where it listens, one API key per tier, and its files."""
+    """A running `antidistill serve`: where it listens, one API key per tier, its metrics key, and its files."""
 
     base: str  # http://127.0.0.1:<port>
     port: int
@@ -47,6 +49,7 @@ class Server:
     audit: Path
     log: Path  # the server's stdout and stderr
     process: subprocess.Popen
+    metrics_key: str  # Authorization: Bearer <it> reads /metrics (metrics_key_args)
 
     @property
     def model(self) -> str:
@@ -56,6 +59,12 @@ class Server:
     def auth(self, tier: str | None) -> dict[str, str]:
         """The Authorization header of that tier's key; no header for ``None``."""
         return {"Authorization": f"Bearer {self.keys[tier]}"} if tier else {}
+
+
+def metrics_key_args(root: Path) -> tuple[str, list[str]]:
+    """A fresh metrics key in ``root``/metrics.key and the `antidistill serve` flags that name it."""
+    path = root / "metrics.key"
+    return write_metrics_key(path), ["--metrics-key-file", str(path)]
 
 
 @contextmanager
@@ -69,15 +78,16 @@ def tiny_server(
     write: Callable[[Path, Mapping[str, Any]], dict[str, str]] = write_tiers,
 ) -> Iterator[Server]:
     """Build the tiny models under ``root``, write the tiers file with ``write`` (one fresh key per
-    tier by default), start `antidistill serve` with ``extra_args`` and stop it on exit."""
+    tier by default), start `antidistill serve` with a metrics key and ``extra_args``, stop it on exit."""
     models = build_models(root)
     tiers_file = root / "tiers.yaml"
     keys = write(tiers_file, tiers)
     audit, log = root / "audit.jsonl", root / "server.log"
     port = free_port()
-    args = [*antidistill_serve_args(models, tiers_file, audit, port, tuple(profiles)), *extra_args]
+    metrics_key, metrics_args = metrics_key_args(root)
+    args = [*antidistill_serve_args(models, tiers_file, audit, port, tuple(profiles)), *metrics_args, *extra_args]
     with server_process(args, {"VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}, log, port) as (base, process):
-        yield Server(base, port, keys, models, tiers_file, audit, log, process)
+        yield Server(base, port, keys, models, tiers_file, audit, log, process, metrics_key)
 
 
 def completion(srv: Server, **fields: Any) -> dict[str, Any]:
@@ -106,10 +116,17 @@ def audit_until(srv: Server, done: Callable[[list[dict[str, Any]]], bool], secon
     return lines
 
 
-def scrape(base: str) -> Samples:
-    """Every sample on ``base``/metrics, keyed by (name, labels)."""
+def metrics_text(base: str, key: str) -> str:
+    """``base``/metrics read with the metrics ``key`` (a refusal fails here, not as missing samples)."""
+    res = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    res.raise_for_status()
+    return res.text
+
+
+def scrape(base: str, key: str) -> Samples:
+    """Every sample on ``base``/metrics (read with the metrics ``key``), keyed by (name, labels)."""
     samples = {}
-    for family in text_string_to_metric_families(httpx.get(base + "/metrics").text):
+    for family in text_string_to_metric_families(metrics_text(base, key)):
         for s in family.samples:
             samples[(s.name, frozenset(s.labels.items()))] = s.value
     return samples

@@ -1,12 +1,13 @@
 """The proxy KV cache's prefix sharing on its own: which blocks a row takes, what it registers,
-when blocks are freed, and that a failed reservation changes nothing."""
+when blocks are freed, that a failed reservation changes nothing, and that sharing stays within a
+tenant (a salt)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from antidistill.proxy_worker.core.config import parse_config
-from antidistill.proxy_worker.runtime.cache import ROOT, ProxyBudgetExceeded, ProxyKVCache, block_digest
+from antidistill.proxy_worker.runtime.cache import ROOT, ProxyBudgetExceeded, ProxyKVCache, block_digest, chain_root
 
 CFG = parse_config(
     dict(
@@ -77,3 +78,49 @@ def test_failed_reservation_changes_nothing_and_last_reference_frees():
     assert cache.used_tokens == 3 * 4 and cache.registered_blocks == 2
     cache.remove(2)
     assert cache.used_tokens == 0 and cache.registered_blocks == 0 and cache.free_blocks == 3
+
+
+def reserved(cache: ProxyKVCache, index: int, tokens: list[int], salt: str | None) -> list[int]:
+    """Add a row, reserve its whole history and mark it written (as a finished pass would)."""
+    cache.add(index, tokens, salt=salt)
+    row = cache.rows[index]
+    cache.reserve(row, len(tokens))
+    cache.mark_written(row, 0, len(tokens))
+    return row.blocks
+
+
+def test_rows_of_different_tenants_never_share_a_block():
+    """A harvester replaying another tenant's prompt must not land on its proxy KV (a faster first
+    token would tell it the prompt was seen): the same tokens under another salt take nothing."""
+    cache = pool(blocks=12)
+    tokens = list(range(1, 10))
+    first = reserved(cache, 0, tokens, "tenant-a")
+    other = reserved(cache, 1, list(tokens), "tenant-b")
+    unsalted = reserved(cache, 2, list(tokens), None)
+    assert cache.rows[1].shared == 0 and not set(first) & set(other)
+    assert cache.rows[2].shared == 0 and not set(unsalted) & (set(first) | set(other))
+    assert cache.registered_blocks == 3 * 2, "each tenant's chain is registered apart"
+
+
+def test_rows_of_the_same_tenant_still_share():
+    cache = pool(blocks=12)
+    tokens = list(range(1, 10))
+    first = reserved(cache, 0, tokens, "tenant-a")
+    again = reserved(cache, 1, list(tokens), "tenant-a")
+    assert cache.rows[1].shared == 2 and again[:2] == first[:2]
+    plain = reserved(cache, 2, list(tokens), None)
+    plain_again = reserved(cache, 3, list(tokens), None)
+    assert cache.rows[3].shared == 2 and plain_again[:2] == plain[:2], "unsalted rows share as before"
+
+
+def test_the_salted_root_is_its_own_domain():
+    assert chain_root(None) == ROOT
+    roots = {chain_root(s) for s in ("a", "b", "tenant-a")}
+    assert len(roots) == 3 and ROOT not in roots and chain_root("a") == chain_root("a")
+    assert chain_root("a") != block_digest(ROOT, []), "a salt's root is no block's digest"
+    cache = pool()
+    cache.add(0, [1, 2, 3, 4, 5], salt="a")
+    cache.reserve(cache.rows[0], 5)
+    assert cache.rows[0].digests[0] == block_digest(chain_root("a"), [1, 2, 3, 4])
+    cache.rebuild(0)
+    assert cache.rows[0].root == chain_root("a"), "a rebuilt row stays in its tenant's chain"

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from antidistill.benchmarks.tiny.reference import ReferenceSampler
 from antidistill.benchmarks.tiny.serving import EPSILONS
+from antidistill.proxy_worker.runtime.protection import DEGRADE_STEPS
 
 from tests.helpers import Server, audit_lines, audit_until, engine_fixture, scrape, tiny_server, total
 
@@ -110,7 +111,7 @@ def test_overflowing_proxy_pool_refuses_and_never_serves_raw(faulty):
     models = faulty.models
     cases = prompts(models, 8)
     payloads = [body(faulty, p, stream=i % 2 == 1) for i, p in enumerate(cases)]
-    before = total(scrape(faulty.base), "antidistill_protection_failures_total", reason="budget")
+    before = total(scrape(faulty.base, faulty.metrics_key), "antidistill_protection_failures_total", reason="budget")
     audited = len(guarded(audit_lines(faulty)))
     results = asyncio.run(_concurrent(faulty, "guarded", payloads))
     # a request's audit line and metrics are written just after its response: wait for all eight
@@ -131,7 +132,7 @@ def test_overflowing_proxy_pool_refuses_and_never_serves_raw(faulty):
         else:
             assert status == 503 and ids == [], "refused before its first token: a plain 503"
     assert refused >= 1, "the pool cannot hold 8 requests of ~80 tokens: some must be refused"
-    after = total(scrape(faulty.base), "antidistill_protection_failures_total", reason="budget")
+    after = total(scrape(faulty.base, faulty.metrics_key), "antidistill_protection_failures_total", reason="budget")
     assert after - before == refused
     assert len(lines) == 8
     assert sum(line["protection_failure"] == "budget" for line in lines) == refused
@@ -148,7 +149,12 @@ def test_injected_faults_are_refused_counted_and_audited(faulty, token, reason, 
     models = faulty.models
     prompt = (token, *prompts(models, 1)[0])
     good = prompts(models, 2)[1]
-    before = total(scrape(faulty.base), "antidistill_protection_failures_total", reason=reason, action="refused")
+    before = total(
+        scrape(faulty.base, faulty.metrics_key),
+        "antidistill_protection_failures_total",
+        reason=reason,
+        action="refused",
+    )
     audited = len(audit_lines(faulty))
     payloads = [body(faulty, prompt, stream, 16), body(faulty, good, stream, 16)]
     (status, ids, error), (good_status, good_ids, good_error) = asyncio.run(_concurrent(faulty, "guarded", payloads))
@@ -157,29 +163,40 @@ def test_injected_faults_are_refused_counted_and_audited(faulty, token, reason, 
     assert good_status == 200 and good_error is None, "the other request in the batch is unaffected"
     assert good_ids == reference(models, LAMBDA, good, 16)
     lines = audit_until(faulty, lambda lines: len(lines) >= audited + 2)[audited:]
-    after = total(scrape(faulty.base), "antidistill_protection_failures_total", reason=reason, action="refused")
+    after = total(
+        scrape(faulty.base, faulty.metrics_key),
+        "antidistill_protection_failures_total",
+        reason=reason,
+        action="refused",
+    )
     assert after == before + 1
     [line] = [line for line in lines if line["status"] == 503]
     assert line["protected"] is False and line["protection_failure"] == reason and line["unprotected_tokens"] == 0
 
 
 def test_degrade_tier_serves_delta_zero_and_flags_it(faulty):
+    """A transient fault on a degrade tier is served with Δ = 0 and flagged for DEGRADE_STEPS tokens;
+    past that the request is refused (making the proxy fail is no way to harvest raw text)."""
     models = faulty.models
     prompt = (NAN_TOKEN, *prompts(models, 1)[0])
-    before = total(scrape(faulty.base), "antidistill_unprotected_tokens_total", tier="lenient")
+    before = total(scrape(faulty.base, faulty.metrics_key), "antidistill_unprotected_tokens_total", tier="lenient")
     audited = len(audit_lines(faulty))
     headers = faulty.auth("lenient")
     res = httpx.post(
-        f"{faulty.base}/v1/completions", json=body(faulty, prompt, False, 16), headers=headers, timeout=120
+        f"{faulty.base}/v1/completions", json=body(faulty, prompt, False, DEGRADE_STEPS), headers=headers, timeout=120
     )
     assert res.status_code == 200 and res.headers["x-antidistillation-protection"] == "degraded"
-    assert res.json()["choices"][0]["token_ids"] == reference(models, 0.0, prompt, 16), "Δ = 0 at every step"
+    raw = reference(models, 0.0, prompt, DEGRADE_STEPS)
+    assert res.json()["choices"][0]["token_ids"] == raw, "Δ = 0 at every step"
     [line] = audit_until(faulty, lambda lines: len(lines) > audited)[audited:]
-    assert (
-        line["protected"] is False and line["protection_failure"] == "non_finite" and line["unprotected_tokens"] == 16
-    )
-    after = total(scrape(faulty.base), "antidistill_unprotected_tokens_total", tier="lenient")
-    assert after == before + 16
+    assert line["protected"] is False and line["protection_failure"] == "non_finite"
+    assert line["unprotected_tokens"] == DEGRADE_STEPS and line["refused"] is False
+    ((status, ids, error),) = asyncio.run(_concurrent(faulty, "lenient", [body(faulty, prompt, True, 16)]))
+    assert status == 200 and ids == raw and error is not None and error["code"] == 503, "then refused"
+    [line] = audit_until(faulty, lambda lines: len(lines) > audited + 1)[audited + 1 :]
+    assert line["refused"] is True and line["unprotected_tokens"] == DEGRADE_STEPS, "what was sent raw, counted"
+    after = total(scrape(faulty.base, faulty.metrics_key), "antidistill_unprotected_tokens_total", tier="lenient")
+    assert after == before + 2 * DEGRADE_STEPS
 
 
 @engine_fixture(scope="module")
@@ -201,7 +218,7 @@ def test_coupled_capacity_serves_the_overflowing_load_fully_protected(coupled):
     for prompt, (status, ids, error) in zip(cases, results, strict=True):
         assert status == 200 and error is None, error
         assert ids == reference(models, LAMBDA, prompt)
-    metrics = scrape(coupled.base)
+    metrics = scrape(coupled.base, coupled.metrics_key)
     assert total(metrics, "antidistill_delta_fallbacks_total") == 0
     assert total(metrics, "antidistill_protection_failures_total") == 0
 
@@ -218,9 +235,10 @@ def test_shared_prefix_is_held_once_and_stays_exact(coupled):
     async def load() -> list:
         nonlocal peak
         task = asyncio.ensure_future(_concurrent(coupled, "guarded", [body(coupled, p, False, 24) for p in cases]))
-        async with httpx.AsyncClient(base_url=coupled.base, timeout=30) as client:
+        headers = {"Authorization": f"Bearer {coupled.metrics_key}"}
+        async with httpx.AsyncClient(base_url=coupled.base, headers=headers, timeout=30) as client:
             while not task.done():
-                text = (await client.get("/metrics")).text
+                text = (await client.get("/metrics")).raise_for_status().text
                 for line in text.splitlines():
                     if line.startswith("antidistill_proxy_kv_tokens_used{"):
                         peak = max(peak, float(line.rsplit(" ", 1)[1]))

@@ -1,18 +1,32 @@
-"""Fail closed, unit level: the failure ledger between processes, the worker withholding a row that
-has no Δ (budget, non-finite, exception, unreadable arguments), degrade mode, and the capacity
+"""Fail closed, unit level: the failure ledger between processes (and how its file is created), the
+worker withholding a row that has no Δ (budget, non-finite, exception, unreadable arguments),
+degrade mode's bounds (sticky failures refused, at most ``DEGRADE_STEPS`` steps served with Δ = 0,
+a bounded number of ledger records), the gateway's guard reading all of that, and the capacity
 arithmetic that keeps the proxy pool at least as large as what vLLM can schedule."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
+import os
+import stat
+from collections.abc import Callable
 
 import pytest
 import torch
 from antidistill.benchmarks.tiny.serving import build_models
 from antidistill.proxy_worker.runtime import capacity
-from antidistill.proxy_worker.runtime.failure_ledger import FailureLedger, Reason, create
-from antidistill.proxy_worker.runtime.protection import Protection
+from antidistill.proxy_worker.runtime.failure_ledger import (
+    FailureLedger,
+    LedgerPathTaken,
+    Reason,
+    RowFailure,
+    create,
+    recreate,
+)
+from antidistill.proxy_worker.runtime.protection import DEGRADE_STEPS, Protection
 from antidistill.proxy_worker.runtime.settings import RequestArgs, parse_settings
+from antidistill.server.guard import POLL_SECONDS, FailureWatcher, ProtectionGuard, Watch
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +42,9 @@ def ledger(tmp_path):
 def _append_in_child(path: str, tickets: list[int]) -> None:
     writer = FailureLedger(path)
     for ticket in tickets:
-        writer.append(ticket, Reason.BUDGET, ticket)
+        seq = writer.append(ticket, Reason.NON_FINITE, 1)
+        writer.revise(seq, ticket, ticket)
+    writer.append(tickets[0], Reason.NON_FINITE, tickets[0], refused=True)
 
 
 def test_ledger_carries_records_across_processes(ledger):
@@ -37,8 +53,58 @@ def test_ledger_carries_records_across_processes(ledger):
     child.start()
     child.join(60)
     batch = reader.read()
-    assert [(r.ticket, r.reason, r.detail) for r in batch.records] == [(7, Reason.BUDGET, 7), (9, Reason.BUDGET, 9)]
+    got = [(r.ticket, r.reason, r.served, r.refused) for r in batch.records]
+    assert got == [(7, Reason.NON_FINITE, 7, False), (9, Reason.NON_FINITE, 9, False), (7, Reason.NON_FINITE, 7, True)]
     assert not batch.overflowed and reader.read().records == []
+
+
+def test_a_revised_record_is_reread_until_the_ring_overwrites_it(ledger):
+    reader = FailureLedger(ledger.path)
+    seq = ledger.append(5, Reason.ERROR, 1)
+    [record] = reader.read().records
+    assert ledger.revise(seq, 5, 4) and reader.reread(record).served == 4 and not reader.reread(record).refused
+    assert reader.read().records == [], "a revision is no new record"
+    for ticket in range(100, 100 + ledger.capacity):
+        ledger.append(ticket, Reason.ERROR)
+    assert reader.reread(record) is None and not ledger.revise(seq, 5, 5), "overwritten: the writer must append"
+
+
+def test_ledger_is_never_created_through_a_symlink_or_over_a_file(tmp_path):
+    target = tmp_path / "victim"
+    target.write_bytes(b"precious")
+    link = tmp_path / "ledger.bin"
+    link.symlink_to(target)
+    with pytest.raises(LedgerPathTaken, match="symlink"):
+        create(link)
+    with pytest.raises(LedgerPathTaken, match="symlink"):
+        recreate(link)
+    assert target.read_bytes() == b"precious" and link.is_symlink()
+    with pytest.raises(LedgerPathTaken):
+        create(target)
+    with pytest.raises(LedgerPathTaken):
+        recreate(target)  # not a ledger: an operator's path naming some other file is not removed
+    assert target.read_bytes() == b"precious"
+    dangling = tmp_path / "dangling.bin"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(LedgerPathTaken):
+        create(dangling)
+    assert not (tmp_path / "nowhere").exists(), "a dangling symlink is not followed to create its target"
+    with pytest.raises(OSError):
+        FailureLedger(link)  # the reader and the worker do not follow one either
+
+
+def test_ledger_is_private_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        path = create(tmp_path / "ledger.bin", records=8)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    FailureLedger(path).append(3, Reason.ERROR)
+    again = recreate(path, records=8)  # a restart with the operator's fixed path: a fresh, empty ledger
+    assert stat.S_IMODE(again.stat().st_mode) == 0o600
+    fresh = FailureLedger(again)
+    assert int(fresh.words[2]) == 0 and fresh.capacity == 8
 
 
 def test_ledger_reader_starts_at_the_present_and_detects_overflow(ledger):
@@ -112,23 +178,126 @@ def test_exception_in_the_step_withholds_every_row_of_that_profile(models, ledge
     assert [(r.ticket, r.reason) for r in reader.read().records] == [(21, Reason.ERROR)]
 
 
-def test_non_finite_delta_degrade_serves_raw_and_counts_every_step(models, ledger):
+def decode(outputs: tuple[list[int], ...]) -> None:
+    for output in outputs:
+        output.append(9)  # one new token per row
+
+
+def records_of(reader: FailureLedger) -> list[tuple[int, Reason, int, bool]]:
+    return [(r.ticket, r.reason, r.served, r.refused) for r in reader.read().records]
+
+
+def test_degrade_serves_transient_failures_for_a_bounded_number_of_steps(models, ledger):
+    """A harvester on a degrade tier that can make the proxy fail gets at most DEGRADE_STEPS raw
+    tokens per request; the ledger holds one revised record per reason and one refusal, however long
+    the failure lasts (it cannot fill the ring), and its count is every step served with Δ = 0."""
     protection = protection_with(models, ledger)
     reader = FailureLedger(ledger.path)
     outputs: tuple[list[int], list[int]] = ([], [])
     protection.add(0, RequestArgs(1.0, "math", ticket=31, on_failure="degrade"), [5, 6, 7], outputs[0])
     protection.add(1, RequestArgs(1.0, "math", ticket=32), [5, 6, 8], outputs[1])
     protection.engines["math"].model.params["norm"][0, 0] = float("nan")
-    for step in range(2):
-        for output in outputs:
-            output.extend([9] * step)  # a decode step: one new token per row
+    seen = []
+    for step in range(DEGRADE_STEPS + 20):
         logits = teacher_logits(2)
         raw = logits.clone()
         protection.apply(logits)
-        assert torch.equal(logits[0], raw[0]), "degrade: Δ = 0, never a NaN"
+        if step < DEGRADE_STEPS:
+            assert torch.equal(logits[0], raw[0]), "degrade: Δ = 0, never a NaN"
+        else:
+            assert_withheld(logits[0])
         assert_withheld(logits[1])
-    reasons = [(r.ticket, r.reason) for r in reader.read().records]
-    assert reasons.count((31, Reason.NON_FINITE)) == 2 and reasons.count((32, Reason.NON_FINITE)) == 1
+        seen += records_of(reader)
+        decode(outputs)
+    assert seen == [
+        (31, Reason.NON_FINITE, 1, False),
+        (32, Reason.NON_FINITE, 0, True),
+        (31, Reason.NON_FINITE, DEGRADE_STEPS, True),
+    ]
+    assert protection.rows[0].degraded_steps == DEGRADE_STEPS
+
+
+def test_the_degraded_count_is_revised_in_place_every_step(models, ledger):
+    protection = protection_with(models, ledger)
+    reader = FailureLedger(ledger.path)
+    output: list[int] = []
+    protection.add(0, RequestArgs(1.0, "math", ticket=33, on_failure="degrade"), [5, 6, 7], output)
+    protection.engines["math"].model.params["norm"][0, 0] = float("nan")
+    protection.apply(teacher_logits(1))
+    [record] = reader.read().records
+    for step in range(2, 5):
+        decode((output,))
+        protection.apply(teacher_logits(1))
+        assert reader.reread(record).served == step and reader.read().records == []
+
+
+@pytest.mark.parametrize("sticky", ["budget", "vocabulary"])
+def test_a_sticky_failure_refuses_a_degrade_row_at_once(models, ledger, sticky):
+    """Losing its KV or holding a token the proxy lacks lasts the whole request: degrading would
+    leave the rest of it raw, so a degrade row is refused as a refuse row is (one record)."""
+    protection = protection_with(models, ledger, token_budget=32)
+    reader = FailureLedger(ledger.path)
+    vocab = protection.engines["math"].cfg.vocab_size
+    prompt = list(range(5, 45)) if sticky == "budget" else [5, 6, vocab + 3]  # 40 tokens > the 32 pool
+    output: list[int] = []
+    protection.add(0, RequestArgs(2.0, "math", ticket=61, on_failure="degrade"), prompt, output)
+    for _ in range(5):
+        logits = teacher_logits(1)
+        protection.apply(logits)
+        assert_withheld(logits[0])
+        decode((output,))
+    assert records_of(reader) == [(61, Reason[sticky.upper()], 0, True)]
+
+
+def test_failures_of_both_transient_kinds_are_bounded_together(models, ledger, monkeypatch):
+    """Alternating a non-finite Δ and a failed step: one record per reason, the count shared."""
+    protection = protection_with(models, ledger)
+    reader = FailureLedger(ledger.path)
+    engine = protection.engines["math"]
+    real = engine.step
+    raising = [True]
+
+    def flaky(indices):
+        if raising[0]:
+            raise RuntimeError("injected")  # the batched step and its one-row retry alike
+        result = real(indices)
+        result.delta[:] = 0.0
+        result.failed = {i: RowFailure(Reason.NON_FINITE, "injected") for i in indices}
+        return result
+
+    monkeypatch.setattr(engine, "step", flaky)
+    output: list[int] = []
+    protection.add(0, RequestArgs(1.0, "math", ticket=71, on_failure="degrade"), [5, 6, 7], output)
+    for step in range(3 * DEGRADE_STEPS):
+        raising[0] = step % 2 == 0
+        protection.apply(teacher_logits(1))
+        decode((output,))
+    records = records_of(reader)
+    assert [(t, reason, refused) for t, reason, _, refused in records] == [
+        (71, Reason.ERROR, False),
+        (71, Reason.NON_FINITE, False),
+        (71, Reason.ERROR, True),
+    ]
+    assert records[-1][2] == DEGRADE_STEPS and protection.rows[0].refused == Reason.ERROR
+
+
+class BrokenLedger:
+    def append(self, *args) -> int:
+        raise OSError("disk full (injected)")
+
+    def revise(self, *args) -> bool:
+        raise OSError("disk full (injected)")
+
+
+def test_a_degraded_step_the_ledger_cannot_record_is_withheld_instead(models):
+    """Unrecorded, a step served with Δ = 0 would be raw text the gateway reports as protected."""
+    protection = protection_with(models, BrokenLedger())
+    protection.add(0, RequestArgs(1.0, "math", ticket=81, on_failure="degrade"), [5, 6, 7], [])
+    protection.engines["math"].model.params["norm"][0, 0] = float("nan")
+    logits = teacher_logits(1)
+    protection.apply(logits)
+    assert_withheld(logits[0])
+    assert protection.rows[0].degraded_steps == 0 and protection.rows[0].refused == Reason.NON_FINITE
 
 
 def test_unreadable_arguments_are_refused_not_served_raw(models, ledger):
@@ -190,11 +359,11 @@ class FakeApp:
             await send({"type": "http.response.body", "body": chunk, "more_body": i < len(self.chunks) - 1})
 
 
-def run_guarded(ledger, refuse: bool, chunks: list[bytes], fail_at: int, reason: Reason = Reason.BUDGET) -> list:
-    import asyncio
+Worker = Callable[[FailureLedger, int], None]  # what the worker writes for a ticket, before a chunk
 
-    from antidistill.server.guard import FailureWatcher, ProtectionGuard
 
+def run_guarded(ledger, refuse: bool, chunks: list[bytes], worker: dict[int, Worker]) -> tuple[list, Watch]:
+    """Stream ``chunks`` through a guard; before chunk i the worker does ``worker[i]``."""
     sent: list = []
 
     async def send(message) -> None:
@@ -203,34 +372,104 @@ def run_guarded(ledger, refuse: bool, chunks: list[bytes], fail_at: int, reason:
     async def receive():
         await asyncio.sleep(3600)
 
-    async def main() -> None:
+    async def main() -> Watch:
         watcher = FailureWatcher(FailureLedger(ledger.path))
         watch = watcher.open(refuse)
         guard = ProtectionGuard(watch, watcher, send, receive)
 
         def between(i: int) -> None:
-            if i == fail_at:
-                ledger.append(watch.ticket, reason)
+            if i in worker:
+                worker[i](ledger, watch.ticket)
 
         await FakeApp(chunks, between)(guard.send)
         await guard.finish()
         watcher.close(watch)
+        return watch
 
-    asyncio.run(main())
-    return sent
+    return sent, asyncio.run(main())
 
 
-def test_guard_refuses_before_and_after_the_first_token_and_flags_degraded_streams(ledger):
-    chunks = [b"data: {1}\n\n", b"data: {2}\n\n", b"data: {3}\n\n"]
-    early = run_guarded(ledger, True, chunks, fail_at=0)
+def failing(reason: Reason = Reason.BUDGET, served: int = 0, refused: bool = True) -> Worker:
+    return lambda ledger, ticket: ledger.append(ticket, reason, served, refused) and None
+
+
+def bodies_of(sent: list) -> list[bytes]:
+    return [m["body"] for m in sent if m["type"] == "http.response.body"]
+
+
+CHUNKS = [b"data: {1}\n\n", b"data: {2}\n\n", b"data: {3}\n\n", b"data: {4}\n\n"]
+
+
+def test_guard_refuses_before_and_after_the_first_token(ledger):
+    early, watch = run_guarded(ledger, True, CHUNKS, {0: failing()})
     assert early[0]["status"] == 503 and len(early) == 2 and b"KV cache was full" in early[1]["body"]
-    late = run_guarded(ledger, True, chunks, fail_at=2)
-    bodies = [m["body"] for m in late if m["type"] == "http.response.body"]
-    assert late[0]["status"] == 200 and bodies[:2] == chunks[:2], "protected tokens before the failure go out"
+    assert not watch.protected and watch.failed_steps == 0, "refused at once: nothing was served raw"
+    late, _ = run_guarded(ledger, True, CHUNKS, {2: failing()})
+    bodies = bodies_of(late)
+    assert late[0]["status"] == 200 and bodies[:2] == CHUNKS[:2], "protected tokens before the failure go out"
     assert b'"error"' in bodies[2] and bodies[3] == b"data: [DONE]\n\n" and len(bodies) == 4, "then nothing else"
-    own = run_guarded(ledger, True, chunks, fail_at=0, reason=Reason.VOCABULARY)
+    own, _ = run_guarded(ledger, True, CHUNKS, {0: failing(Reason.VOCABULARY)})
     assert own[0]["status"] == 400, "the request's own tokens: a client error"
-    degraded = run_guarded(ledger, False, chunks, fail_at=1)
-    bodies = [m["body"] for m in degraded if m["type"] == "http.response.body"]
-    assert bodies[0] == chunks[0] and bodies[1].startswith(b": antidistillation protection degraded")
-    assert bodies[2:] == chunks[1:], "degrade serves everything, flagged in-band where headers are gone"
+
+
+def test_guard_flags_degraded_streams_with_the_workers_count(ledger):
+    """One record, revised in place by the worker: the gateway reports the last count, not 1."""
+    seqs: list[int] = []
+
+    def first(ledger, ticket):
+        seqs.append(ledger.append(ticket, Reason.NON_FINITE, 1))
+
+    def more(served):
+        return lambda ledger, ticket: ledger.revise(seqs[0], ticket, served) and None
+
+    sent, watch = run_guarded(ledger, False, CHUNKS, {1: first, 2: more(2), 3: more(5)})
+    bodies = bodies_of(sent)
+    degraded = b": antidistillation protection degraded"
+    assert bodies[0] == CHUNKS[0] and bodies[1].startswith(degraded) and bodies[2] == CHUNKS[1]
+    assert bodies[3].startswith(degraded) and bodies[5].startswith(degraded) and bodies[-1] == CHUNKS[3]
+    assert [b for b in bodies if not b.startswith(degraded)] == CHUNKS, "degrade serves every chunk, flagged"
+    assert watch.failed_steps == 5 and not watch.refuse and not watch.protected
+    assert watch.reason == Reason.NON_FINITE
+
+
+def test_guard_refuses_a_degrade_request_the_worker_refused(ledger):
+    sent, watch = run_guarded(ledger, False, CHUNKS, {1: failing(Reason.NON_FINITE, 1, False), 3: failing(served=3)})
+    bodies = bodies_of(sent)
+    assert sent[0]["status"] == 200 and bodies[:3] == [CHUNKS[0], bodies[1], CHUNKS[1]]
+    assert CHUNKS[3] not in bodies and b'"error"' in bodies[-2] and bodies[-1] == b"data: [DONE]\n\n"
+    assert b"KV cache was full" in bodies[-2], "the refusal's reason, not the first failure's"
+    assert watch.refuse and watch.failed_steps == 3 and watch.status() == 503
+    first, watch = run_guarded(ledger, False, CHUNKS, {0: failing(Reason.VOCABULARY)})
+    assert first[0]["status"] == 400 and watch.refuse and watch.failed_steps == 0
+
+
+def test_a_degrade_request_the_worker_refused_is_aborted_in_the_engine(ledger):
+    """vLLM aborts a request whose receive channel reports a disconnect: a degrade request too."""
+
+    async def main() -> dict:
+        watcher = FailureWatcher(FailureLedger(ledger.path))
+        watch = watcher.open(refuse=False)
+        guard = ProtectionGuard(watch, watcher, lambda m: asyncio.sleep(0), lambda: asyncio.sleep(3600))
+        listening = asyncio.ensure_future(guard.receive())
+        ledger.append(watch.ticket, Reason.NON_FINITE, 2)
+        await asyncio.sleep(5 * POLL_SECONDS)
+        assert not listening.done(), "a degraded step is no refusal"
+        ledger.append(watch.ticket, Reason.NON_FINITE, 8, refused=True)
+        message = await asyncio.wait_for(listening, 5)
+        watcher.close(watch)
+        return message
+
+    assert asyncio.run(main()) == {"type": "http.disconnect"}
+
+
+def test_a_degraded_record_lost_to_the_ring_makes_the_request_unverifiable(ledger):
+    def first(ledger, ticket):
+        ledger.append(ticket, Reason.NON_FINITE, 1)
+
+    def flood(ledger, ticket):  # other requests' records overwrite it (a ring since it was read: no overflow)
+        for other in range(ledger.capacity):
+            ledger.append(10**6 + other, Reason.ERROR)
+
+    sent, watch = run_guarded(ledger, False, CHUNKS, {1: first, 2: flood})
+    assert watch.unverifiable and not watch.protected and not watch.refuse
+    assert [b for b in bodies_of(sent) if not b.startswith(b":")] == CHUNKS

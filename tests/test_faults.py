@@ -81,10 +81,10 @@ def test_preemption_keeps_greedy_outputs(pressured):
             return await asyncio.gather(*(greedy(client, srv, tier, prompt) for tier, prompt in jobs))
 
     reference = asyncio.run(alone())
-    before = total(scrape(srv.base), "vllm:num_preemptions_total")
+    before = total(scrape(srv.base, srv.metrics_key), "vllm:num_preemptions_total")
     assert before == 0, "one request at a time fits"
     pressured_out = asyncio.run(together())
-    preemptions = total(scrape(srv.base), "vllm:num_preemptions_total")
+    preemptions = total(scrape(srv.base, srv.metrics_key), "vllm:num_preemptions_total")
     print(f"preemptions: {preemptions:g}")
     assert preemptions > 0, "the KV cache was small enough to force preemption"
     for i, (ref, got) in enumerate(zip(reference, pressured_out, strict=True)):
@@ -97,7 +97,7 @@ def test_preemption_keeps_greedy_outputs(pressured):
             f"request {i} diverged at a clear winner (margin {margin:.3g})"
         )
     assert sum(ref[0] == got[0] for ref, got in zip(reference, pressured_out, strict=True)) >= len(jobs) - 2
-    used, _ = wait_kv_idle(srv.base)
+    used, _ = wait_kv_idle(srv.base, srv.metrics_key)
     assert used == 0, "preempted and finished rows released their proxy KV"
 
 

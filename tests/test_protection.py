@@ -85,10 +85,26 @@ def test_permutation_rows_get_the_permuted_signed_delta(protection):
     )
 
 
+def test_the_request_salt_scopes_proxy_prefix_sharing(protection, models):
+    """The salt travels from ``vllm_xargs`` (as the adapters parse it) to the proxy cache: the same
+    prompt shares proxy KV within a tenant, never across tenants."""
+    settings = parse_settings(models.settings(), "test")
+    prompt = list(range(5, 45))  # 40 tokens: two full blocks of 16
+    for index, salt in enumerate(["ta", "ta", "tb"]):
+        args = parse_request_args({"ad_lambda": 1.0, "ad_salt": salt}, settings)
+        protection.add(index, args, prompt, [])
+        protection.apply(torch.zeros(index + 1, 330))  # one at a time: a row shares what is written
+    rows = protection.engines["math"].cache.rows
+    assert rows[1].shared == 2 and rows[1].blocks[:2] == rows[0].blocks[:2], "same tenant: shared"
+    assert rows[2].shared == 0 and not set(rows[2].blocks) & set(rows[0].blocks), "another tenant: nothing"
+
+
 def test_request_args_validation(models):
     settings = parse_settings(models.settings(allowed_modes=["ad"]), "test")
     assert parse_request_args({"ad_lambda": 2, "other": 1}, settings) == RequestArgs(2.0, "math", "ad")
     assert parse_request_args(None, settings) == RequestArgs(0.0, "math", "ad")
+    salted = parse_request_args({"ad_lambda": 1, "ad_salt": "t" + "0" * 127}, settings)
+    assert salted.salt == "t" + "0" * 127
     for bad, field in [
         ({"ad_lambda": "2"}, "ad_lambda"),
         ({"ad_lambda": True}, "ad_lambda"),
@@ -97,6 +113,10 @@ def test_request_args_validation(models):
         ({"ad_profile": 3}, "ad_profile"),
         ({"ad_mode": "permutation"}, "ad_mode"),
         ({"ad_seed": 1}, "ad_seed"),
+        ({"ad_salt": 7}, "ad_salt"),
+        ({"ad_salt": ""}, "ad_salt"),
+        ({"ad_salt": "x" * 129}, "ad_salt"),
+        ({"ad_salt": ["a"]}, "ad_salt"),
     ]:
         with pytest.raises(ValueError, match=f"vllm_xargs.{field}"):
             parse_request_args(bad, settings)

@@ -302,7 +302,7 @@ def test_client_disconnects_leak_no_proxy_slots(srv):
             async for line in sse_lines(res):
                 if line.startswith("data: {"):
                     if check:
-                        seen_in_use.append(await asyncio.to_thread(kv_tokens_used, srv.base))
+                        seen_in_use.append(await asyncio.to_thread(kv_tokens_used, srv.base, srv.metrics_key))
                     return True
         return False
 
@@ -316,7 +316,7 @@ def test_client_disconnects_leak_no_proxy_slots(srv):
     started = asyncio.run(run())
     assert sum(started) == 100
     assert seen_in_use and seen_in_use[0] > 0, "the gauge counts rows in use"
-    used, waited = wait_kv_idle(srv.base)
+    used, waited = wait_kv_idle(srv.base, srv.metrics_key)
     assert used == 0, f"proxy KV still holds {used} tokens {waited:.0f} s after 100 disconnects"
     assert post(srv, "free", "/v1/completions", completion(srv)).status_code == 200
 
@@ -325,7 +325,16 @@ def test_client_disconnects_leak_no_proxy_slots(srv):
 def test_short_soak(srv):
     """≈2 minutes of mixed-tier streaming: 0 errors, bounded RSS growth, proxy KV back to 0."""
     keys = {tier: srv.keys[tier] for tier in ("free", "pro", "internal")}
-    result = soak(srv.base, srv.model, keys, srv.process.pid, seconds=120, concurrency=8, max_tokens=16)
+    result = soak(
+        srv.base,
+        srv.model,
+        keys,
+        srv.process.pid,
+        seconds=120,
+        concurrency=8,
+        max_tokens=16,
+        metrics_key=srv.metrics_key,
+    )
     summary = {k: v for k, v in result.items() if k != "series"}
     print(json.dumps(summary, indent=1))
     assert result["errors"] == 0 and result["ok"] > 100, summary

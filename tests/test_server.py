@@ -171,7 +171,12 @@ def test_auth_errors(deployment):
         assert res.status_code == 401 and "invalid or revoked" in res.json()["error"]["message"]
     assert httpx.get(dep.base + "/v1/models").status_code == 401
     assert httpx.get(dep.base + "/health").status_code == 200
-    assert httpx.get(dep.base + "/metrics").status_code == 200
+    # /metrics counts every tenant's traffic: its own key opens it, no API key does
+    for headers in ({}, dep.auth("internal"), dep.auth("free")):
+        res = httpx.get(dep.base + "/metrics", headers=headers)
+        assert res.status_code == 401 and "antidistill_" not in res.text, (headers, res.text)
+    scraped = httpx.get(dep.base + "/metrics", headers={"Authorization": f"Bearer {dep.metrics_key}"})
+    assert scraped.status_code == 200 and "antidistill_requests_total" in scraped.text
     assert httpx.post(dep.base + "/tokenize", json={"prompt": "x"}).status_code == 404
     over = httpx.post(
         dep.base + "/v1/completions",
@@ -257,6 +262,17 @@ def test_reload_good_and_bad(deployment):
     time.sleep(1)
     c.completions.create(model=dep.model, prompt="x", max_tokens=2)  # old (good) config kept
     assert "tiers reload failed" in dep.log.read_text()
+    # a valid file that fails a start-up check (λ above the engine's --max-lambda 50) is refused too
+    unservable = {**TIERS, "free": {"lambda": 60.0, "max_lambda": 60.0}}
+    dep.tiers.write_text(yaml.safe_dump({"tiers": unservable, "keys": entries}))
+    os.kill(dep.process.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "tiers.free.max_lambda 60 exceeds --max-lambda 50" not in dep.log.read_text():
+        assert time.monotonic() < deadline, "the failed check was never logged"
+        time.sleep(0.1)
+    kept = client(dep, "free").completions.with_raw_response.create(model=dep.model, prompt="x", max_tokens=2)
+    assert kept.headers["x-antidistillation-lambda"] == "3", "the old tiers still serve"
+    assert dep.log.read_text().count("tiers.free.max_lambda 60 exceeds") == 1, "one log line"
     dep.tiers.write_text(yaml.safe_dump({"tiers": TIERS, "keys": original}))
     os.kill(dep.process.pid, signal.SIGHUP)
 

@@ -25,7 +25,7 @@ from antidistill.benchmarks.tiny.serving import EPSILONS, antidistill_serve_args
 from antidistill.server.launch import free_port, server_process
 from antidistill.server.tiers import new_key
 
-from tests.helpers import Server, engine_fixture, scrape, total
+from tests.helpers import Server, engine_fixture, metrics_key_args, scrape, total
 from tests.redis_server import RedisServer
 
 ESCALATION = {"tokens_per_hour": 20, "lambda": 4.0}
@@ -75,14 +75,15 @@ def pair(tmp_path_factory) -> Iterator[Pair]:
     models = build_models(root)
     tiers = root / "tiers.yaml"
     keys = write_tiers(tiers)
+    metrics_key, metrics_args = metrics_key_args(root)  # one key for both replicas, as one Prometheus job
     # a generous Redis timeout: exact cross-process counts must not depend on how busy this machine is
     state = ["--state", redis.url, "--state-lease-seconds", str(LEASE_SECONDS), "--state-timeout", "2"]
 
     def start(name: str, stack: ExitStack) -> Server:
         port, audit, log = free_port(), root / f"audit-{name}.jsonl", root / f"server-{name}.log"
-        args = [*antidistill_serve_args(models, tiers, audit, port), *state]
+        args = [*antidistill_serve_args(models, tiers, audit, port), *state, *metrics_args]
         base, proc = stack.enter_context(server_process(args, {"VLLM_CPU_KVCACHE_SPACE": "1"}, log, port))
-        return Server(base, port, keys, models, tiers, audit, log, proc)
+        return Server(base, port, keys, models, tiers, audit, log, proc, metrics_key)
 
     with ExitStack() as stack, ThreadPoolExecutor(2) as pool:
         stack.callback(redis.stop)
@@ -179,7 +180,9 @@ def test_escalation_counts_both_processes_and_both_keys_of_an_account(pair, refe
 def test_redis_stopped_under_load_keeps_lambda_and_recovers(pair, reference):
     prompt = prompt_ids(pair.a)
     protected, escalated = reference.generate(prompt, 3.0, 8), reference.generate(prompt, 4.0, 8)
-    before = {s.base: total(scrape(s.base), "antidistill_state_fallbacks_total") for s in (pair.a, pair.b)}
+    before = {
+        s.base: total(scrape(s.base, s.metrics_key), "antidistill_state_fallbacks_total") for s in (pair.a, pair.b)
+    }
     logged = {s.base: len(s.log.read_text()) for s in (pair.a, pair.b)}  # this outage's lines only
 
     async def load() -> list[httpx.Response]:
@@ -209,7 +212,7 @@ def test_redis_stopped_under_load_keeps_lambda_and_recovers(pair, reference):
         want = (3.0, protected) if key == pair.a.auth("guarded")["Authorization"] else (4.0, escalated)
         assert (lam, tokens) == want, "an outage never lowers λ: not the floor, not a known escalation"
     for srv in (pair.a, pair.b):
-        samples = scrape(srv.base)
+        samples = scrape(srv.base, srv.metrics_key)
         assert total(samples, "antidistill_state_fallbacks_total") > before[srv.base]
         assert total(samples, "antidistill_state_mode", mode="local") == 1
         assert srv.log.read_text()[logged[srv.base] :].count("not answering") == 1, "one log line per outage"
@@ -220,7 +223,7 @@ def test_redis_stopped_under_load_keeps_lambda_and_recovers(pair, reference):
         served(post(srv, "limited-after"))
     refused(post(pair.b, "limited-after"), "more than 3 requests per minute")  # shared again
     for srv in (pair.a, pair.b):
-        assert total(scrape(srv.base), "antidistill_state_mode", mode="redis") == 1
+        assert total(scrape(srv.base, srv.metrics_key), "antidistill_state_mode", mode="redis") == 1
         assert "answering again" in srv.log.read_text()
 
 

@@ -11,6 +11,12 @@ reference-counted; a row that is added (or must recompute its prefix) takes the 
 registered blocks, leaving at least its last token to compute. A block is freed with its last
 reference. Both perturbed copies use one block table (the store has a copy dimension).
 
+Sharing is scoped to a tenant: a row's chain starts from a root derived from its request's salt
+(``chain_root``; the gateway salts each account's requests), so rows of different tenants never
+share a block. Without that, a client could tell from a faster first token (or from the proxy pool
+filling more slowly) that another tenant had sent a prompt with the same prefix. Unsalted rows
+share among themselves, as vLLM's own prefix cache does without ``cache_salt``.
+
 Ordering: a block registered in this step may not be written yet. A row reads the shared blocks
 it took (``RowState.shared``) but only ever writes its own; it may run a pass only once every
 block it took is *written* (its last position computed), see ``ready``.
@@ -30,7 +36,16 @@ from antidistill.proxy_worker.core.plan import PagedSlots
 from antidistill.proxy_worker.runtime.failure_ledger import RowFailure
 from antidistill.proxy_worker.runtime.rows import RowMap
 
-ROOT = b"proxy-kv-root"
+ROOT = b"proxy-kv-root"  # the chain's root for unsalted rows
+
+
+def chain_root(salt: str | None) -> bytes:
+    """Where a row's digest chain starts: ``ROOT`` without a salt, else a digest of the salt in a
+    blake2b domain of its own (``person``), so distinct salts get distinct roots and none of them is
+    ``ROOT`` or the digest of a block."""
+    if salt is None:
+        return ROOT
+    return hashlib.blake2b(salt.encode(), digest_size=32, person=b"proxy-kv-salt").digest()
 
 
 def block_digest(parent: bytes, tokens: Sequence[int]) -> bytes:
@@ -48,11 +63,13 @@ class RowState:
     """One request's token history (live sequences, read at step time) and its cached prefix.
 
     ``blocks[:shared]`` were taken from other rows (read-only here); ``digests[j]`` names full
-    block j; ``computed`` positions have their keys/values in the store.
+    block j, in the chain that starts at ``root`` (the tenant's: ``chain_root``); ``computed``
+    positions have their keys/values in the store.
     """
 
     prompt: Sequence[int]
     output: Sequence[int]
+    root: bytes = ROOT
     blocks: list[int] = field(default_factory=list)
     digests: list[bytes] = field(default_factory=list)
     shared: int = 0
@@ -119,9 +136,10 @@ class ProxyKVCache:
     def nbytes(self) -> int:
         return 2 * self.store.k.numel() * self.store.k.element_size()
 
-    def add(self, index: int, prompt: Sequence[int], output: Sequence[int] = ()) -> None:
-        """Start a row; an occupied index is replaced (its blocks are released)."""
-        self.rows.add(index, RowState(prompt=prompt, output=output))
+    def add(self, index: int, prompt: Sequence[int], output: Sequence[int] = (), salt: str | None = None) -> None:
+        """Start a row that shares blocks only with rows of the same ``salt``; an occupied index is
+        replaced (its blocks are released)."""
+        self.rows.add(index, RowState(prompt=prompt, output=output, root=chain_root(salt)))
 
     def remove(self, index: int) -> None:
         self.rows.remove(index)
@@ -191,7 +209,7 @@ class ProxyKVCache:
         """The longest chain of registered blocks covering the first ``length - 1`` tokens."""
         blocks: list[int] = []
         digests: list[bytes] = []
-        parent = ROOT
+        parent = row.root
         for j in range((length - 1) // self.block_size):
             parent = block_digest(parent, row.tokens(j * self.block_size, (j + 1) * self.block_size))
             block = self._by_digest.get(parent)
@@ -205,7 +223,7 @@ class ProxyKVCache:
         """Name the row's full blocks below ``length``; a digest already registered keeps its block."""
         bs = self.block_size
         for j in range(len(row.digests), length // bs):
-            parent = row.digests[-1] if row.digests else ROOT
+            parent = row.digests[-1] if row.digests else row.root
             digest = block_digest(parent, row.tokens(j * bs, (j + 1) * bs))
             row.digests.append(digest)
             if digest not in self._by_digest:

@@ -85,9 +85,10 @@ class ProxyEngine:
     def cfg(self) -> ProxyConfig:
         return self.model.cfg
 
-    def add(self, index: int, prompt: Sequence[int], output: Sequence[int] = ()) -> None:
-        """Track a row. ``output`` may be a live list that grows; it is read at step time."""
-        self.cache.add(index, prompt, output)
+    def add(self, index: int, prompt: Sequence[int], output: Sequence[int] = (), salt: str | None = None) -> None:
+        """Track a row. ``output`` may be a live list that grows; it is read at step time. The row
+        shares cached prefix blocks only with rows of the same ``salt`` (its tenant's)."""
+        self.cache.add(index, prompt, output, salt)
 
     def remove(self, index: int) -> None:
         self.cache.remove(index)

@@ -3,13 +3,20 @@ the per-step ``logits[row] += λ · Δ_row``.
 
 This is the one object the vLLM adapters talk to. It never raises from ``apply`` (an exception in
 a logits processor kills the engine) and it never lets a protected row sample from the raw
-teacher: a row whose Δ is unavailable for a step (KV budget, non-finite Δ, an exception or
-out-of-memory in the step, arguments the worker cannot read) is, by its ``on_failure``,
-- ``refuse``: *withheld* — its logits are flattened to uniform over the tokens the teacher's
-  sampler still allows, for that step and every later one — and its ticket is written to the
-  failure ledger, so the gateway refuses the request before any of that output reaches a client;
-- ``degrade``: served with Δ = 0 for that step, and the step is written to the ledger.
-Both are counted (``antidistill_delta_fallbacks_total``) and logged.
+teacher unless its request asked for that: a row whose Δ is unavailable for a step (KV budget,
+non-finite Δ, an exception or out-of-memory in the step, a token the proxy lacks, arguments the
+worker cannot read) is *withheld* — its logits are flattened to uniform over the tokens the
+teacher's sampler still allows, for that step and every later one — and its ticket is written to
+the failure ledger as refused, so the gateway refuses the request before any of that output
+reaches a client. The one exception is a ``degrade`` row hit by a *transient* failure (non-finite
+values, a failed step: ``Reason.transient``), which is served with Δ = 0 for that step, at most
+``DEGRADE_STEPS`` times; its next failure refuses it. Sticky failures refuse a degrade row at
+once: they would leave the rest of its output raw, which is what a trace harvester wants.
+
+Ledger records are bounded per request, not per step: one per (ticket, reason), revised in place
+with the number of steps served with Δ = 0 so far (the count the gateway reports as unprotected),
+and one for the refusal (failure_ledger.py). Every failing step is still counted
+(``antidistill_delta_fallbacks_total``); a row's first degraded step and its refusal are logged.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from antidistill.proxy_worker.core.config import load_config
@@ -54,12 +61,19 @@ def withhold(logits: torch.Tensor, targets: Sequence[int]) -> None:
     logits.index_copy_(0, index, torch.where(rows == float("-inf"), rows, torch.zeros_like(rows)))
 
 
+# Steps a degrade-mode row may be served with Δ = 0 before its next failure refuses it: enough to
+# ride out a brief fault (a non-finite step, an out-of-memory retry) without a refusal, too few to
+# harvest raw text by making the proxy fail.
+DEGRADE_STEPS = 8
+
+
 @dataclass
 class _Row:
     args: RequestArgs
     key: str  # stable identity of the request's prompt, for the permutation control's signs
-    refused: Reason | None = None  # set once a refuse-mode row lost Δ: withheld from then on
+    refused: Reason | None = None  # set once the row lost Δ for good: withheld from then on
     degraded_steps: int = 0  # steps a degrade-mode row was served with Δ = 0
+    records: dict[Reason, int] = field(default_factory=dict)  # reason → its ledger record's sequence number
 
 
 def prompt_key(prompt: Sequence[int]) -> str:
@@ -132,7 +146,7 @@ class Protection:
             self.rows.remove(index)
             return
         self.rows.add(index, _Row(args, prompt_key(prompt) if args.mode == "permutation" else ""))
-        self.engines[args.profile].add(index, prompt, output)
+        self.engines[args.profile].add(index, prompt, output, args.salt)
 
     def add_unreadable(self, index: int, extra_args: Mapping | None, error: str) -> None:
         """A request whose arguments this worker cannot read (its settings differ from the API
@@ -233,19 +247,46 @@ class Protection:
         return failed
 
     def _fail(self, index: int, row: _Row, failure: RowFailure) -> None:
-        """Count, log and record a row that has no Δ this step; a refuse-mode row is withheld from now on."""
+        """Count, log and record a row that has no Δ this step: a degrade row with a transient
+        failure and steps to spare is served with Δ = 0 (once the ledger says so: unrecorded, it
+        would be unprotected text the gateway cannot report), any other is withheld from now on."""
         metrics.record_fallback(row.args.profile or "*", failure.reason.label)
-        if row.args.on_failure == "refuse":
-            if row.refused is not None:
-                return
-            row.refused = failure.reason
-        else:
-            row.degraded_steps += 1
-        if row.refused is not None or row.degraded_steps == 1:
-            verdict = "refused" if row.refused is not None else "served with Δ = 0 (degrade)"
-            log.warning("antidistillation row %d (ticket %s) %s: %s", index, row.args.ticket, verdict, failure.message)
-        if self.ledger is not None and row.args.ticket is not None:
-            try:
-                self.ledger.append(row.args.ticket, failure.reason)
-            except OSError:  # the row is withheld all the same: no teacher text can come of it
-                log.exception("could not record ticket %s in the failure ledger", row.args.ticket)
+        if row.refused is not None:
+            return
+        served = row.degraded_steps + 1
+        degrade = row.args.on_failure == "degrade" and failure.reason.transient and served <= DEGRADE_STEPS
+        if degrade and self._record(row, failure.reason, served, refused=False):
+            row.degraded_steps = served
+            if served == 1:
+                log.warning(
+                    "antidistillation row %d (ticket %s) served with Δ = 0 (degrade, at most %d steps): %s",
+                    index,
+                    row.args.ticket,
+                    DEGRADE_STEPS,
+                    failure.message,
+                )
+            return
+        row.refused = failure.reason
+        log.warning(
+            "antidistillation row %d (ticket %s) refused after %d steps with Δ = 0: %s",
+            index,
+            row.args.ticket,
+            row.degraded_steps,
+            failure.message,
+        )
+        self._record(row, failure.reason, row.degraded_steps, refused=True)
+
+    def _record(self, row: _Row, reason: Reason, served: int, refused: bool) -> bool:
+        """Tell the gateway: a new record for a refusal or a reason not seen yet, else the reason's
+        record revised to ``served`` (failure_ledger.py). False if the ledger could not be written."""
+        ticket = row.args.ticket
+        if self.ledger is None or ticket is None:
+            return True
+        try:
+            seq = row.records.get(reason)
+            if refused or seq is None or not self.ledger.revise(seq, ticket, served):
+                row.records[reason] = self.ledger.append(ticket, reason, served, refused)
+        except OSError:  # a refused row is withheld all the same: no teacher text can come of it
+            log.exception("could not record ticket %s in the failure ledger", ticket)
+            return False
+        return True

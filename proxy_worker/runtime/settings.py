@@ -26,8 +26,9 @@ PROCESSOR_PATH = "antidistill.proxy_worker.runtime.vllm_v1:AntidistillationLogit
 PROCESSOR_PATH_V2 = "antidistill.proxy_worker.runtime.vllm_v2:AntidistillationLogitsProcessorV2"
 Mode = Literal["ad", "permutation"]
 OnFailure = Literal["refuse", "degrade"]
-REQUEST_KEYS = ("ad_lambda", "ad_profile", "ad_mode", "ad_ticket", "ad_on_failure")
+REQUEST_KEYS = ("ad_lambda", "ad_profile", "ad_mode", "ad_ticket", "ad_on_failure", "ad_salt")
 MAX_TICKET = 2**63 - 1
+MAX_SALT = 128  # characters of ``ad_salt`` (the gateway's are 41)
 
 
 class SettingsError(ValueError):
@@ -144,7 +145,10 @@ class RequestArgs:
 
     ``ticket`` names the request in the failure ledger (set by the gateway); ``on_failure`` says
     what a step without Δ does: ``refuse`` (the default) never lets the row sample from the raw
-    teacher, ``degrade`` serves it with Δ = 0 (both are recorded in the ledger).
+    teacher, ``degrade`` serves it with Δ = 0 while the failure is transient, for a bounded number
+    of steps (``protection.DEGRADE_STEPS``); both are recorded in the ledger. ``salt`` (set by the
+    gateway: a keyed digest of the account) scopes the proxy's prefix cache to one tenant, so a
+    request never reuses, or learns the presence of, another tenant's proxy KV.
     """
 
     lam: float = 0.0
@@ -152,6 +156,7 @@ class RequestArgs:
     mode: Mode = "ad"
     ticket: int | None = None
     on_failure: OnFailure = "refuse"
+    salt: str | None = None
 
     @property
     def protected(self) -> bool:
@@ -182,7 +187,13 @@ def parse_request_args(extra_args: Mapping[str, Any] | None, settings: Processor
     on_failure = args.get("ad_on_failure", "refuse")
     if on_failure not in ("refuse", "degrade"):
         raise ValueError(f"vllm_xargs.ad_on_failure: must be 'refuse' or 'degrade', got {on_failure!r}")
-    return RequestArgs(float(lam), profile, mode, ticket_of(args), on_failure)
+    salt = args.get("ad_salt")
+    if salt is not None and (not isinstance(salt, str) or not 0 < len(salt) <= MAX_SALT):
+        shown = f"a string of {len(salt)} characters" if isinstance(salt, str) else type(salt).__name__
+        raise ValueError(
+            f"vllm_xargs.ad_salt: must be a non-empty string of at most {MAX_SALT} characters, got {shown}"
+        )
+    return RequestArgs(float(lam), profile, mode, ticket_of(args), on_failure, salt)
 
 
 def ticket_of(extra_args: Mapping[str, Any] | None) -> int | None:

@@ -82,7 +82,7 @@ class Watch:
         self._check()
 
     def lost(self) -> None:
-        """Some of this request's records may be gone (overflow): its protection cannot be verified."""
+        """Some of this request's records (or their revisions) may be gone: its protection cannot be verified."""
         self.unverifiable = True
         self._check()
 

@@ -93,13 +93,14 @@ def test_ledger_is_never_created_through_a_symlink_or_over_a_file(tmp_path):
         FailureLedger(link)  # the reader and the worker do not follow one either
 
 
-def test_ledger_is_private_whatever_the_umask(tmp_path):
-    old = os.umask(0)
+@pytest.mark.parametrize("umask", [0, 0o277], ids=["open", "owner-read-only"])
+def test_ledger_is_private_whatever_the_umask(tmp_path, umask):
+    old = os.umask(umask)
     try:
         path = create(tmp_path / "ledger.bin", records=8)
     finally:
         os.umask(old)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600, "0600 exactly: not wider, and writable by its owner"
     FailureLedger(path).append(3, Reason.ERROR)
     again = recreate(path, records=8)  # a restart with the operator's fixed path: a fresh, empty ledger
     assert stat.S_IMODE(again.stat().st_mode) == 0o600

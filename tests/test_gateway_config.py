@@ -13,9 +13,15 @@ def test_export_and_read_back(tmp_path):
     env: dict[str, str] = {}
     config = GatewayConfig(tiers=tmp_path / "t.yaml", ledger=tmp_path / "l.bin", audit_text=True, max_body_bytes=4096)
     config.export(env)
-    assert GatewayConfig.from_env(env) == GatewayConfig(
-        tiers=Path(tmp_path / "t.yaml").resolve(), ledger=tmp_path / "l.bin", audit_text=True, max_body_bytes=4096
+    read = GatewayConfig.from_env(env)
+    assert read == GatewayConfig(
+        tiers=Path(tmp_path / "t.yaml").resolve(),
+        ledger=tmp_path / "l.bin",
+        audit_text=True,
+        max_body_bytes=4096,
+        tenant_salt_key=config.tenant_salt_key,
     )
+    assert read.tenant_salt_key and len(read.tenant_salt_key) == 32, "every process of one server salts alike"
 
 
 def test_missing_or_bad_settings_stop_the_gateway(tmp_path, monkeypatch):

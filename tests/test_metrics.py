@@ -186,7 +186,7 @@ def test_serve_says_in_one_line_when_metrics_stay_shut(tmp_path, capsys, monkeyp
     assert environs[-1][METRICS_KEY_ENV] == key
     engine = json.loads(environs[-1][ENGINE_ENV])
     assert engine == {"profiles": ["math"], "max_lambda": 50.0, "logprobs_mode": "processed_logprobs"}
-    monkeypatch.setenv(METRICS_KEY_ENV, key)
+    os.environ[METRICS_KEY_ENV] = key  # restored_environ undoes this (and serve's own export)
     code = main([*argv, "--metrics-key-file", str(tmp_path / "metrics.key")])
     err = capsys.readouterr().err.strip()
     assert code == 1 and "give the metrics key once" in err and err.count("\n") == 0, err

@@ -45,7 +45,8 @@ def test_strength_becomes_lambda_over_the_profiles_scale(tmp_path):
     assert (free.lambda_, free.min_lambda, free.max_lambda) == (1 / 400, 1 / 400, 2 / 400)
     assert (coder.lambda_, coder.min_lambda, coder.max_lambda) == (1 / 20, 0.5 / 20, 1 / 20)
     assert (raw.lambda_, raw.strength) == (0.3, None), "a lambda: tier is read as before"
-    assert free.max_logprobs == 0 and not free.allow_prompt_logprobs, "a strength tier is protected like a λ one"
+    channels = free.side_channels(free.lambda_, escalated=False)
+    assert channels.max_logprobs == 0 and not channels.prompt_logprobs, "a strength tier is protected like a λ one"
 
 
 def test_lambda_and_strength_round_trip():

@@ -46,6 +46,15 @@ local function window(key, oldest)
   end
   return total, first
 end
+-- a per-second window of the last minute that amount more would take past limit: its sum and the ms
+-- until its oldest bucket leaves; nil when the amount fits
+local function over_minute(key, now, amount, limit)
+  local used, first = window(key, math.floor(now / SECOND) - 60)
+  if used + amount <= limit then return nil end
+  local wait = MINUTE
+  if first then wait = (first + 60) * SECOND - now end
+  return used, wait
+end
 local function add(key, bucket, n, ttl)
   redis.call('HINCRBY', key, bucket, n)
   redis.call('PEXPIRE', key, ttl)
@@ -99,20 +108,12 @@ for i = 0, n - 1 do
     end
   end
   if rpm > 0 then
-    local count, first = window(KEYS[k + 1], second - 60)
-    if count + weight > rpm then
-      local wait = MINUTE
-      if first then wait = (first + 60) * SECOND - now end
-      return {0, i + 1, 2, rpm, wait, count}
-    end
+    local count, wait = over_minute(KEYS[k + 1], now, weight, rpm)
+    if count then return {0, i + 1, 2, rpm, wait, count} end
   end
   if tpm > 0 then
-    local used, first = window(KEYS[k + 2], second - 60)
-    if used + budget > tpm then
-      local wait = MINUTE
-      if first then wait = (first + 60) * SECOND - now end
-      return {0, i + 1, 3, tpm, wait, used}
-    end
+    local used, wait = over_minute(KEYS[k + 2], now, budget, tpm)
+    if used then return {0, i + 1, 3, tpm, wait, used} end
   end
 end
 for i = 0, n - 1 do

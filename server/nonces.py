@@ -15,7 +15,6 @@ store decides, with one log line per outage, so an outage never lets a nonce be 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import heapq
 import logging
@@ -23,10 +22,11 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from antidistill.server.redis_link import ERRORS, RedisLink
+
 log = logging.getLogger("antidistill.server.nonces")
 PREFIX = "{antidistill}:nonce:"  # the limit state's hash tag: one Redis Cluster slot, one prefix to inspect
 MAX_ENTRIES = 200_000  # ~6,000 signed requests per second per process at the default 30 s skew
-CLOSE_SECONDS = 1.0
 
 
 class NonceStoreFull(Exception):
@@ -83,68 +83,34 @@ class RedisNonces:
     claimed during an outage is still refused here once Redis is back)."""
 
     def __init__(self, url: str, timeout: float = 0.1, backoff: float = 1.0, local: MemoryNonces | None = None) -> None:
-        import redis.asyncio as redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-        from redis.exceptions import RedisError
-
         self.local = local or MemoryNonces()
-        self.timeout, self.backoff = timeout, backoff
-        self.client = redis.Redis.from_url(
+        self.link = RedisLink(
             url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
+            timeout,
+            backoff,
+            log,
+            "nonce store",
+            "gateway nonces are single-use within this process only",
+            "nonces were checked",
         )
-        kw = self.client.connection_pool.connection_kwargs
-        self.where = f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"  # no password
-        self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
-        self._retry_at = 0.0
-        self._outage_since: float | None = None
-        self._fallbacks = 0
+        self.client, self.where = self.link.client, self.link.where
 
     async def claim(self, nonce: str, ttl_seconds: float) -> bool:
-        if time.monotonic() >= self._retry_at:
+        if not self.link.waiting():
+            ttl_ms = max(int(ttl_seconds * 1000), 1)
             try:
-                async with asyncio.timeout(2 * self.timeout):  # connect + write + read
-                    fresh = await self.client.set(PREFIX + nonce, b"1", nx=True, px=max(int(ttl_seconds * 1000), 1))
-            except self._errors as exc:
-                self._down(exc)
+                fresh = await self.link.call(lambda: self.client.set(PREFIX + nonce, b"1", nx=True, px=ttl_ms))
+            except ERRORS:
+                pass
             else:
-                self._up()
                 with contextlib.suppress(NonceStoreFull):  # Redis decided; the mirror is best effort
                     return bool(fresh) and self.local.claim_now(nonce, ttl_seconds)
                 return bool(fresh)
-        self._fallbacks += 1
+        self.link.fallbacks += 1
         return self.local.claim_now(nonce, ttl_seconds)
 
     async def close(self) -> None:
-        with contextlib.suppress(*self._errors):
-            async with asyncio.timeout(CLOSE_SECONDS):
-                await self.client.aclose()
-
-    def _down(self, exc: BaseException) -> None:
-        self._retry_at = time.monotonic() + self.backoff
-        if self._outage_since is None:
-            self._outage_since, self._fallbacks = time.monotonic(), 0
-            log.warning(
-                "nonce store %s not answering (%s): gateway nonces are single-use within this process only until "
-                "it does (retried every %g s)",
-                self.where,
-                str(exc) or type(exc).__name__,
-                self.backoff,
-            )
-
-    def _up(self) -> None:
-        if self._outage_since is not None:
-            log.info(
-                "nonce store %s answering again after %.1f s; %d nonces were checked by this process alone",
-                self.where,
-                time.monotonic() - self._outage_since,
-                self._fallbacks,
-            )
-            self._outage_since = None
+        await self.link.close()
 
 
 def open_nonces(url: str | None, timeout: float = 0.1) -> MemoryNonces | RedisNonces:

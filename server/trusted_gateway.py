@@ -70,7 +70,12 @@ class SignedCaller:
     def key_id(self) -> str:
         """A stable, log-safe id for the account, the per-key limits' key: ``gw-`` + 12 hex digits
         (never equal to one of our keys' ids, which are 12 hex digits alone)."""
-        return "gw-" + hashlib.sha256(f"account\n{self.account}".encode()).hexdigest()[:12]
+        return self.digest[:15]
+
+    @property
+    def digest(self) -> str:
+        """The account's full-length name in the limit state: no two accounts can share a budget."""
+        return "gw-" + hashlib.sha256(f"account\n{self.account}".encode()).hexdigest()
 
 
 def body_sha256(body: bytes) -> str:
@@ -215,7 +220,7 @@ class GatewayVerifier:
             raise PolicyError(
                 403, f"signed tier {signed.tier!r} is not allowed for account {signed.account!r} (its tiers: {allowed})"
             )
-        return Caller(signed.key_id, signed.tier, tier, account=signed.account)
+        return Caller(signed.key_id, signed.tier, tier, account=signed.account, digest=signed.digest)
 
     async def bind(self, scope: MutableMapping[str, Any], body: bytes) -> None:
         """Bind the verified headers to the request as received: ``body`` (every byte the client

@@ -96,6 +96,7 @@ def test_good_signature_identifies_the_signed_tier_and_account():
     caller = verifier().identify(scope(headers_for()), TIERS)
     assert caller.tier_name == "free" and caller.tier is TIERS.spec.tiers["free"]
     assert caller.key_id == SignedCaller("free", "acme").key_id and caller.account == "acme"
+    assert caller.scope_id == SignedCaller("free", "acme").digest, "the limit state names it in full"
     within = verifier(now=NOW + 299).verify(scope(headers_for()))
     assert within == SignedCaller("free", "acme")
     upper = headers_for()
@@ -107,6 +108,7 @@ def test_good_signature_identifies_the_signed_tier_and_account():
 def test_account_id_is_stable_per_account_and_never_a_key_id():
     a, b = SignedCaller("free", "acme"), SignedCaller("internal", "acme")
     assert a.key_id == b.key_id, "one account: one set of limits whatever tier the gateway signs"
+    assert a.digest == b.digest and len(a.digest) == 67, "named by the account's full digest"
     assert a.key_id != SignedCaller("free", "acme2").key_id
     assert a.key_id.startswith("gw-") and len(a.key_id) == 15  # our keys' ids are 12 hex digits
 

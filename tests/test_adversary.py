@@ -12,7 +12,7 @@ import pytest
 from antidistill.benchmarks.tiny.reference import ReferenceSampler
 from antidistill.benchmarks.tiny.serving import EPSILONS
 
-from tests.helpers import Server, audit_until, engine_fixture, tiny_server
+from tests.helpers import Server, audit_until, engine_fixture, scrape, tiny_server, total
 
 ESCALATE = {"tokens_per_hour": 30, "lambda": 4.0, "decay_minutes": 10}
 TIERS = {
@@ -27,6 +27,7 @@ TIERS = {
     "metered": {"lambda": 1.0, "tpm": 120},
     "paced": {"lambda": 1.0, "rpm": 5},
     "plain": {"lambda": 1.0},
+    "neighbour": {"lambda": 1.0},  # another tenant
 }
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 PROMPT = "Alice has 3 apples and buys"
@@ -156,3 +157,34 @@ def test_vllm_xargs_is_an_allow_list(srv, xargs):
 def test_priority_follows_the_tier(srv):
     res = post(srv, "plain", body(srv, 2, priority=-100))
     assert res.status_code == 403 and res.json()["error"]["param"] == "priority", res.text
+
+
+def test_a_guessed_prefix_of_another_tenant_is_not_reused(srv):
+    """Before: a second key's request reused 192 of the 200 tokens of another key's in-flight prompt
+    in the proxy, visible on the open /metrics. Now each tenant's cache_salt (and the proxy's
+    ad_salt) keeps its blocks its own: the neighbour prefills the whole prompt, while the owner's
+    second request, the control, reuses it. Judged by the proxy's prefill counter (operator's key)."""
+    prompt = ids(srv, " ".join(["Alice has 3 apples and buys 4 more pears."] * 12))[:160]
+    assert len(prompt) == 160
+
+    def prefill() -> float:
+        return total(scrape(srv.base, srv.metrics_key), "antidistill_proxy_tokens_total", phase="prefill")
+
+    def prefilled(tier: str) -> float:
+        before = prefill()
+        assert post(srv, tier, body(srv, 1, prompt=prompt)).status_code == 200
+        return prefill() - before
+
+    payload = body(srv, 64, prompt=prompt, stream=True)
+    with httpx.stream("POST", srv.base + COMPLETIONS, json=payload, headers=srv.auth("plain"), timeout=120) as held:
+        lines = held.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))  # the owner's prompt is in the cache
+        probe, control = prefilled("neighbour"), prefilled("plain")
+    assert probe >= len(prompt), f"the neighbour reused the owner's blocks ({probe} of {len(prompt)} prefilled)"
+    assert control <= len(prompt) / 2, f"the control: the owner's own prompt is reused ({control} prefilled)"
+    assert metrics_refused(srv), "and the counters are not open to a tenant"
+
+
+def metrics_refused(srv: Server) -> bool:
+    res = httpx.get(srv.base + "/metrics", headers=srv.auth("neighbour"), timeout=30)
+    return res.status_code == 401 and "antidistill_proxy_tokens_total" not in res.text

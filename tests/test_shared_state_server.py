@@ -42,6 +42,7 @@ KEYS = {  # key name → (tier, account)
     "single": ("single", None),
     "single-killed": ("single", None),
     "watched": ("watched", None),
+    "dropper": ("watched", None),
     "acme-1": ("member", "acme"),
     "acme-2": ("member", "acme"),
     "guarded": ("guarded", None),
@@ -175,6 +176,24 @@ def test_escalation_counts_both_processes_and_both_keys_of_an_account(pair, refe
     assert lam == 4.0 and tokens == high
     audit = pair.b.audit.read_text().splitlines()[-2:]
     assert any('"escalated": true' in line for line in audit)
+
+
+def test_streams_dropped_on_one_process_escalate_the_key_on_the_other(pair, reference):
+    """A harvester closes each stream before its usage event: what it was sent still counts, in the
+    shared window, so its next request on the other process is served at the escalated λ."""
+    payload = body(pair.a, 48, stream=True)
+    for _ in range(2):  # 2 × ≥ 12 tokens read > 20 per hour
+        with httpx.stream(
+            "POST", pair.a.base + COMPLETIONS, json=payload, headers=pair.a.auth("dropper"), timeout=120
+        ) as s:
+            assert s.status_code == 200
+            read = 0
+            for line in s.iter_lines():
+                read += line.startswith("data: {")
+                if read == 12:
+                    break
+    lam, tokens = served(post(pair.b, "dropper", 8))
+    assert lam == 4.0 and tokens == reference.generate(prompt_ids(pair.b), 4.0, 8)
 
 
 def test_redis_stopped_under_load_keeps_lambda_and_recovers(pair, reference):

@@ -156,7 +156,13 @@ def test_gradient_file_stores_the_delta_scale(model_dir, tokenizer, tmp_path):
     stored = read_delta_scale(built.path)
     positions = partial(gradient.completion_positions, count=gradient.SCALE_POSITIONS)
     reference = hf_delta_scale(path, load_gradient(built.path, cfg), tokenizer, TRACES, positions)
-    assert stored == pytest.approx(reference, rel=1e-4)
+    # HF computes its rotary angles in fp32 even in an fp64 model (autocast off, .float()), so the
+    # independent reference carries fp32 rounding that depends on the CPU's kernels: measured 1.2e-4
+    # relative on an AMD EPYC (avx512_bf16), below 1e-4 elsewhere. Hence 5e-4 here, and the tight
+    # check below, against the same exact Δ computed in fp64, for the precision of the fp32 path.
+    assert stored == pytest.approx(reference, rel=5e-4)
+    in_fp64 = gradient.measure_delta_scale(cfg, built.theta, built.grad, built.traces, dtype=torch.float64)
+    assert stored == pytest.approx(in_fp64, rel=1e-5)
     assert stored > 0
 
 

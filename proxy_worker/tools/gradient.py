@@ -136,11 +136,12 @@ def measure_delta_scale(
     traces: Sequence[TokenizedTrace],
     max_traces: int = SCALE_TRACES,
     positions: int = SCALE_POSITIONS,
+    dtype: torch.dtype = torch.float32,
 ) -> float:
-    """The Δ scale s of g (core/strength.py): exact Δ (forward-mode JVP, fp32) at completion
+    """The Δ scale s of g (core/strength.py): exact Δ (forward-mode JVP, in ``dtype``) at completion
     positions of the first ``max_traces`` traces, one trace at a time to bound memory."""
-    params = stack_copies([theta], cfg, torch.float32)
-    direction = stack_copies([grad], cfg, torch.float32)
+    params = stack_copies([theta], cfg, dtype)
+    direction = stack_copies([grad], cfg, dtype)
     rope = RotaryTable(cfg)
     deltas = []
     for trace in traces[:max_traces]:

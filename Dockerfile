@@ -31,7 +31,7 @@ COPY benchmarks ./benchmarks
 # redis (the shared-state client, `--state`) is the one dependency the vLLM image does not ship: pinned as in
 # pyproject.toml, also without dependencies (it needs none on the image's Python 3.12).
 RUN python3 -m pip install --no-cache-dir --no-deps . redis==8.1.0 \
-    && python3 -c "import antidistill.server.cli, antidistill.server.serve, antidistill.server.middleware, antidistill.proxy_worker.runtime.vllm_v1" \
+    && python3 -c "import antidistill.server.cli, antidistill.server.startup.serve, antidistill.server.gateway.middleware, antidistill.proxy_worker.runtime.vllm_v1" \
     && useradd --uid 10001 --user-group --create-home --home-dir /var/lib/antidistill \
         --shell /usr/sbin/nologin antidistill
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import redis as redis_sync
 from antidistill.benchmarks.report import write_json
-from antidistill.server.limits import MemoryState, Scope
-from antidistill.server.shared_limits import RedisState
+from antidistill.server.gateway.limits.memory import MemoryState, Scope
+from antidistill.server.gateway.limits.redis_state import RedisState
 from antidistill.server.tiers import Escalation
 
 RULE = Escalation.model_validate({"tokens_per_hour": 10**9, "lambda": 4})

@@ -13,7 +13,7 @@ Two workloads at each concurrency C:
   arrival order, C at a time, each batch until its longest row stops; only the tokens a request
   asked for (through its EOS, within its budget) count.
 Greedy; rounds alternate the order of the three servers. Both servers get the same vLLM flags; this
-process takes on the CPU settings ``antidistill serve`` would add (``server/cpu_platform.py``: thread
+process takes on the CPU settings ``antidistill serve`` would add (``server/startup/cpu_platform.py``: thread
 placement, allocator), so both servers and the official style (on every usable core) run with them.
 """
 
@@ -29,13 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from antidistill.benchmarks.launch import free_port, running_server
 from antidistill.benchmarks.load import LoadConfig, run_load, summarize
 from antidistill.benchmarks.report import write_json
 from antidistill.benchmarks.workload import benchmark_gradient, chat_token_ids, mixed_requests, questions
 from antidistill.proxy_worker.core.plan import ATTENTION_PATHS, AttentionPath
-from antidistill.server.cpu_platform import RESERVED_ENV, TUNABLES_ENV, apply_engine_env, engine_env, usable_cpus
-from antidistill.server.embedded_model import prepare_half_proxy, prepare_smollm2
-from antidistill.server.launch import free_port, running_server
+from antidistill.server.embedded.model import prepare_half_proxy, prepare_smollm2
+from antidistill.server.startup.cpu_platform import (
+    RESERVED_ENV,
+    TUNABLES_ENV,
+    apply_engine_env,
+    engine_env,
+    usable_cpus,
+)
 from antidistill.server.tiers import new_key
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from antidistill.benchmarks.report import write_json
 from antidistill.benchmarks.workload import benchmark_gradient, prompt_token_ids
 from antidistill.proxy_worker.runtime.settings import PROCESSOR_PATH
-from antidistill.server.embedded_model import prepare_half_proxy, prepare_smollm2
+from antidistill.server.embedded.model import prepare_half_proxy, prepare_smollm2
 
 
 def tokens_per_second(llm, batch: list[list[int]], lam: float | None, max_tokens: int) -> float:

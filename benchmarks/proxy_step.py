@@ -21,7 +21,7 @@ shared, and reports the proxy KV tokens held, the prompt tokens the first step w
 and the decode step time.
 
 On CPU the process first takes on the allocator setting ``antidistill serve`` gives the engine
-(``server/cpu_platform.py``), so the step costs what it costs in the served worker.
+(``server/startup/cpu_platform.py``), so the step costs what it costs in the served worker.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from antidistill.proxy_worker.core.plan import ATTENTION_PATHS, AttentionPath, b
 from antidistill.proxy_worker.core.weights import DTYPES
 from antidistill.proxy_worker.runtime.cache import ProxyKVCache
 from antidistill.proxy_worker.runtime.engine import ProxyEngine
-from antidistill.server.cpu_platform import TUNABLES_ENV, allocator_env, apply_engine_env
+from antidistill.server.startup.cpu_platform import TUNABLES_ENV, allocator_env, apply_engine_env
 
 SHAPES = {
     "smollm2-135m": dict(

@@ -8,7 +8,7 @@ serving machinery, not model quality), drives it with ``antidistill.benchmarks.l
 engine worker every few seconds, and after the load waits for the proxy KV gauge to return to 0.
 It passes when there were no errors, neither process grew by more than ``--rss-bound-mib`` between
 the first and the last quarter of the run (medians, after a warm-up), and the gauge is back at 0.
-``make test`` runs the same code for 2 minutes (tests/test_reliability.py).
+``make test`` runs the same code for 2 minutes (tests/gateway/test_reliability.py).
 """
 
 from __future__ import annotations
@@ -178,9 +178,9 @@ def soak(
 
 
 def main() -> None:
+    from antidistill.benchmarks.launch import free_port, server_process
     from antidistill.benchmarks.tiny.serving import antidistill_serve_args, build_models, write_tiers
-    from antidistill.server.launch import free_port, server_process
-    from antidistill.server.metrics_key import write_metrics_key
+    from antidistill.server.gateway.metrics_key import write_metrics_key
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=30)

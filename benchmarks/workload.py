@@ -9,7 +9,7 @@ import math
 import random
 from pathlib import Path
 
-from antidistill.server.embedded_model import DEFAULT_CACHE
+from antidistill.server.embedded.model import DEFAULT_CACHE
 
 MIXED_BUDGETS = (16, 160)
 """Output budgets of the mixed workload: log-uniform between these (tokens)."""

@@ -45,18 +45,18 @@ DEPLOY = Path(__file__).resolve().parent
 ROOT = DEPLOY.parent
 sys.path.insert(0, str(ROOT))
 
-from antidistill.server.config import check_state_url  # noqa: E402
-from antidistill.server.metrics_key import METRICS_KEY_ENV  # noqa: E402
-from antidistill.server.serve import serve_parser  # noqa: E402
-from antidistill.server.tier_checks import TierCheckError, check_profiles_and_lambda  # noqa: E402
+from antidistill.server.gateway.config import check_state_url  # noqa: E402
+from antidistill.server.gateway.metrics_key import METRICS_KEY_ENV  # noqa: E402
+from antidistill.server.gateway.tier_checks import TierCheckError, check_profiles_and_lambda  # noqa: E402
+from antidistill.server.gateway.trusted_gateway import SECRET_ENV  # noqa: E402
+from antidistill.server.startup.serve import serve_parser  # noqa: E402
 from antidistill.server.tiers import TiersError, load_tiers  # noqa: E402
-from antidistill.server.trusted_gateway import SECRET_ENV  # noqa: E402
 
 IMAGE_REPO = "ghcr.io/example/antidistill"
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
 QUEUE_METRIC = "vllm:num_requests_waiting"
 STATE_LABEL = "antidistill-redis"  # app.kubernetes.io/name of the shipped Redis (k8s/redis)
-# what antidistill.server.default_setup.embedded_default adds for each flag that is absent (it looks for the bare flag)
+# what antidistill.server.embedded.setup.embedded_default adds for each flag that is absent (it looks for the bare flag)
 EMBEDDED_DEFAULTS = {
     "--model": "/var/lib/antidistill/cache/SmolLM2-135M-Instruct",
     "--dtype": "float32",

@@ -1,6 +1,6 @@
-"""The gateway and the ``antidistill`` command: the OpenAI-compatible server process in front of
-vLLM's engine. Requests pass one middleware (``middleware``) that authenticates the key
-(``credentials``), parses the body once as vLLM will (``body``, ``request``), decides the tier's
-policy (``tiers``, ``policy``, ``admission``, ``limits``), guards against unprotected output
-(``guard``) and accounts for what was served (``accounting``, ``metrics``). ``cli`` dispatches the
-sub-commands; ``serve`` starts vLLM with the processor."""
+"""The ``antidistill`` command and the OpenAI-compatible server in front of vLLM's engine.
+
+``gateway`` is the request path inside vLLM's API-server process; ``startup`` is ``antidistill serve``
+up to the moment vLLM starts; ``embedded`` prepares the default SmolLM2 models; ``tune`` is the
+operator's strength sweep. ``cli`` dispatches the sub-commands, ``tiers`` reads the tiers file they
+all share, ``keygen`` makes keys for it."""

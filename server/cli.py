@@ -24,7 +24,8 @@ class Command:
 
 COMMANDS = {
     "serve": Command(
-        "antidistill.server.serve", "serve a teacher with antidistillation sampling (--embedded-default: the demo)"
+        "antidistill.server.startup.serve",
+        "serve a teacher with antidistillation sampling (--embedded-default: the demo)",
     ),
     "keygen": Command("antidistill.server.keygen", "print a new API key and its tiers-file entry"),
     "gradient": Command("antidistill.proxy_worker.tools.gradient", "compute a proxy gradient file on holdout traces"),
@@ -32,7 +33,7 @@ COMMANDS = {
         "antidistill.proxy_worker.tools.calibrate", "choose the finite-difference ε for a proxy and gradient"
     ),
     "tune": Command(
-        "antidistill.server.tune",
+        "antidistill.server.tune.sweep",
         "report what each strength does to your own prompts (accuracy, trace quality, cost)",
         needs=("matplotlib",),
         extra="eval",

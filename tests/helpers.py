@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from antidistill.benchmarks.launch import free_port, server_process
 from antidistill.benchmarks.tiny.serving import ADModels, antidistill_serve_args, build_models, write_tiers
-from antidistill.server.launch import free_port, server_process
-from antidistill.server.metrics_key import write_metrics_key
+from antidistill.server.gateway.metrics_key import write_metrics_key
 from prometheus_client.parser import text_string_to_metric_families
 
 F = TypeVar("F", bound=Callable[..., Any])

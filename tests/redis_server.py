@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from antidistill.server.launch import free_port
+from antidistill.benchmarks.launch import free_port
 
 
 class RedisServer:

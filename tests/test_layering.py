@@ -1,7 +1,9 @@
 """The package layout is the architecture: imports point one way (docs/architecture.md: Layers).
 
 core ← runtime, core ← tools; proxy_worker ← server; server, proxy_worker ← benchmarks; the
-library never imports the tests. Checked on every import statement, top-level or inside a function,
+library never imports the tests. Inside the server, the request path (``server.gateway``) imports
+none of start-up, the embedded default or ``tune``: what it needs from them travels in
+``GatewayConfig``. Checked on every import statement, top-level or inside a function,
 so a lazy import cannot hide an edge either."""
 
 from __future__ import annotations
@@ -11,13 +13,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+SERVER = {"server.gateway", "server.startup", "server.embedded", "server.tune"}
+
 # what each layer may import from the project (besides itself)
 ALLOWED = {
     "proxy_worker.core": set(),
     "proxy_worker.runtime": {"proxy_worker.core"},
     "proxy_worker.tools": {"proxy_worker.core"},
-    "server": {"proxy_worker.core", "proxy_worker.runtime", "proxy_worker.tools"},
-    "benchmarks": {"proxy_worker.core", "proxy_worker.runtime", "proxy_worker.tools", "server"},
+    "server": {"proxy_worker.core", "proxy_worker.runtime", "proxy_worker.tools", *SERVER},
+    "server.gateway": {"proxy_worker.core", "proxy_worker.runtime", "server"},
+    **{
+        role: {"proxy_worker.core", "proxy_worker.runtime", "proxy_worker.tools", "server", *SERVER}
+        for role in SERVER - {"server.gateway"}
+    },
+    "benchmarks": {"proxy_worker.core", "proxy_worker.runtime", "proxy_worker.tools", "server", *SERVER},
 }
 
 
@@ -27,7 +36,9 @@ def layer(parts: list[str]) -> str | None:
         return None
     if parts[0] == "proxy_worker":
         return ".".join(parts[:2]) if len(parts) > 1 and parts[1] in ("core", "runtime", "tools") else "proxy_worker"
-    return parts[0] if parts[0] in ("server", "benchmarks", "tests") else None
+    if parts[0] == "server":
+        return ".".join(parts[:2]) if len(parts) > 1 and ".".join(parts[:2]) in SERVER else "server"
+    return parts[0] if parts[0] in ("benchmarks", "tests") else None
 
 
 def imported_layers(path: Path) -> set[str]:
@@ -65,3 +76,10 @@ def test_the_checker_sees_a_wrong_way_edge(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from antidistill.benchmarks.load import run_load\n    import tests.helpers\n")
     assert imported_layers(module) == {"benchmarks", "tests"}
+
+
+def test_the_gateway_may_not_reach_start_up(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("from antidistill.server.startup.kv_plan import plan\nfrom antidistill.server import tiers\n")
+    assert imported_layers(module) == {"server.startup", "server"}
+    assert imported_layers(module) - ALLOWED["server.gateway"] == {"server.startup"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from antidistill.server.tune_report import Tolerance, recommend
+from antidistill.server.tune.report import Tolerance, recommend
 
 
 def budget_strength(values: Sequence[float], accuracies: Sequence[float], base: float, budget: float) -> float:

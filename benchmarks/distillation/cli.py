@@ -10,7 +10,7 @@ from pathlib import Path
 
 from antidistill.benchmarks.distillation.config import ConfigError, load_eval_config
 from antidistill.benchmarks.distillation.pipeline import Pipeline, RunDirBusy, SweepFailed
-from antidistill.server.cpu_platform import apply_engine_env, engine_env, on_cpu, usable_cpus
+from antidistill.server.startup.cpu_platform import apply_engine_env, engine_env, on_cpu, usable_cpus
 
 DEFAULT_ROOT = Path("runs")
 

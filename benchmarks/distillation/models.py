@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from antidistill.server.embedded_model import dequantise_gguf, prepare_smollm2
+from antidistill.server.embedded.model import dequantise_gguf, prepare_smollm2
 from pydantic import BaseModel, ConfigDict
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (

@@ -43,7 +43,7 @@ from antidistill.proxy_worker.core.answers import extract_answer
 from antidistill.proxy_worker.core.trace_quality import trace_quality
 from antidistill.proxy_worker.runtime.offline import OfflineEngine, TraceRequest, offline_engine
 from antidistill.proxy_worker.tools.traces import TokenizedTrace, tokenize_trace
-from antidistill.server.embedded_model import DEFAULT_CACHE
+from antidistill.server.embedded.model import DEFAULT_CACHE
 from pydantic import BaseModel
 
 log = logging.getLogger("antidistill.eval")

@@ -65,7 +65,7 @@ TIER_FIELD = "antidistill_tier"
 
 
 def signature(secret: str, tier: str, account: str, stamp: str, nonce: str, method: str, path: str, digest: str) -> str:
-    """The v2 signature antidistill verifies (server/trusted_gateway.py)."""
+    """The v2 signature antidistill verifies (server/gateway/trusted_gateway.py)."""
     message = f"v2\n{tier}\n{account}\n{stamp}\n{nonce}\n{method.upper()}\n{path}\n{digest}".encode()
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 

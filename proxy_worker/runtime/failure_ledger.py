@@ -3,7 +3,7 @@
 A logits processor cannot end a request, and the API-server process sees only the tokens that come
 back. So the gateway gives each protected request a random ticket (``vllm_xargs.ad_ticket``); when
 a row's Δ cannot be computed, the worker records it here *before* that step's token is sampled, and
-the gateway looks for its tickets before it forwards any output (server/guard.py). The token
+the gateway looks for its tickets before it forwards any output (server/gateway/guard.py). The token
 travels worker → engine core → API server through sockets, so the record is visible to the gateway
 before the token is.
 

@@ -1,0 +1,243 @@
+"""ASGI middleware in front of vLLM's OpenAI app: the gateway's router. Each concern lives in its
+own module; this one only puts them in order for a request:
+
+    route allow-list → credentials (one caller) → body (bounded) → request (vLLM's own parser)
+    → admission (tier policy, λ) → guard (fail closed) → accounting (labels, counts, audit)
+
+Only the routes in ``EXPOSED`` are reachable; everything else vLLM mounts answers 404 (see
+docs/security.md). ``/health`` and ``/ping`` need no key (orchestrators probe them; they carry no
+model output); ``/metrics`` needs the metrics key, which no API key is (its counters follow every
+tenant's traffic: server/gateway/metrics_key.py); everything else needs a key or an ``anonymous`` tier.
+Lifecycle (drain on SIGTERM, reload on SIGHUP) is server/gateway/lifecycle.py; configuration is one
+``GatewayConfig`` (server/gateway/config.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
+from typing import Any
+
+from antidistill.proxy_worker.runtime.failure_ledger import FailureLedger
+from antidistill.server.gateway.accounting import Accounting, Exchange
+from antidistill.server.gateway.admission import admit
+from antidistill.server.gateway.body import read_body, replay, served_max_model_len
+from antidistill.server.gateway.config import GatewayConfig
+from antidistill.server.gateway.credentials import bearer
+from antidistill.server.gateway.errors import error_body, respond
+from antidistill.server.gateway.guard import FailureWatcher, ProtectionGuard
+from antidistill.server.gateway.lifecycle import Lifecycle
+from antidistill.server.gateway.limits.memory import Lease, scopes_for
+from antidistill.server.gateway.limits.redis_state import open_state
+from antidistill.server.gateway.metrics import serve_metrics
+from antidistill.server.gateway.metrics_key import METRICS_PATH
+from antidistill.server.gateway.nonces import open_nonces
+from antidistill.server.gateway.policy import LAMBDA_HEADER, PolicyError
+from antidistill.server.gateway.request import canonical, parse
+from antidistill.server.gateway.tier_checks import load_servable
+from antidistill.server.gateway.trusted_gateway import GatewayVerifier
+from antidistill.server.tiers import Caller, TiersError, hash_key
+
+log = logging.getLogger("antidistill.server.gateway")
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+GENERATE = ("/v1/completions", "/v1/chat/completions")
+OPEN = ("/health", "/ping")
+EXPOSED = (*GENERATE, *OPEN, METRICS_PATH, "/v1/models", "/version")
+INLINE_PARSE_BYTES = 64 * 1024  # larger bodies are parsed off the event loop (Redis deadlines, other streams)
+SEED_UNSUPPORTED = (
+    "per-request seed is not supported on this (CPU) server: vLLM's CPU build crashes the engine when a "
+    "seeded request is prefilled in chunks"
+)
+
+
+class AntidistillationMiddleware:
+    """Configured by ``antidistill serve`` (``GatewayConfig``): vLLM builds middleware itself."""
+
+    def __init__(self, app: Callable, config: GatewayConfig | None = None) -> None:
+        self.app = app
+        self.config = config or GatewayConfig.from_env()
+        self.tiers = load_servable(self.config.tiers, self.config.scales, self.config.engine)
+        self.limits = open_state(self.config.state, self.config.state_lease_seconds, self.config.state_timeout)
+        secret = self.config.gateway_secret
+        nonces = open_nonces(self.config.state, self.config.state_timeout) if secret else None
+        self.gateway = GatewayVerifier(secret, self.config.gateway_max_skew, nonces=nonces) if secret else None
+        self.watcher = FailureWatcher(FailureLedger(self.config.ledger))
+        self.accounting = Accounting(self.config.audit_log, self.config.audit_text)
+        self.lifecycle = Lifecycle(self.config.drain_timeout, self.reload)
+        _use_vllm_logging()
+
+    def reload(self) -> bool:
+        """Re-read the tiers file and run the start-up checks on it (server/gateway/tier_checks.py); a file
+        that fails any keeps the old table (in-flight requests are untouched)."""
+        try:
+            self.tiers = load_servable(self.tiers.source, self.tiers.scales, self.config.engine)
+        except TiersError as exc:
+            log.error("tiers reload failed, keeping the previous tiers: %s", exc)
+            return False
+        log.info(
+            "tiers reloaded from %s (%d tiers, %d keys)",
+            self.tiers.source,
+            len(self.tiers.spec.tiers),
+            len(self.tiers.spec.keys),
+        )
+        return True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.lifecycle.seen(scope)
+        if scope["type"] == "websocket":  # none is exposed (vLLM's /v1/realtime would bypass auth)
+            return await send({"type": "websocket.close", "code": 1008})
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if path == METRICS_PATH:  # also while draining: the scraper sees the drain through
+            return await serve_metrics(self.app, scope, receive, send, self.config.metrics_key)
+        if self.lifecycle.draining:
+            message = "server is shutting down; retry on another replica"
+            extra = [(b"retry-after", b"1"), (b"connection", b"close")]
+            return await respond(send, 503, error_body(503, message), extra)
+        if path in OPEN:
+            return await self.app(scope, receive, send)
+        if path not in EXPOSED:
+            return await respond(send, 404, error_body(404, f"{path} is not exposed by this server"))
+        caller = await self._authenticate(scope, send)
+        if caller is None:
+            return
+        if path not in GENERATE or scope["method"] != "POST":
+            return await self._pass(scope, receive, send, caller)
+        await self._generate(scope, receive, send, caller)
+
+    async def _pass(self, scope: Scope, receive: Receive, send: Send, caller: Caller) -> None:
+        """A route vLLM answers as it is (GET /v1/models). In trusted-gateway mode its body (normally
+        none) is read and bound to the signature first, so that no signed header set is served twice
+        on any route; a refusal is sent and audited as in ``_generate``."""
+        if self.gateway is not None:
+            try:
+                raw = await read_body(receive, scope, self.config.max_body_bytes)
+                await self.gateway.bind(scope, raw)
+            except PolicyError as err:
+                extra = [(b"retry-after", str(err.retry_after).encode())] if err.retry_after else []
+                await respond(send, err.status, error_body(err.status, err.message, err.param), extra)
+                return self.accounting.finish(Exchange(caller, scope["path"], time.monotonic(), status=err.status))
+            receive = replay(raw, receive)
+        await self.app(scope, receive, send)
+
+    async def _authenticate(self, scope: Scope, send: Send) -> Caller | None:
+        """The caller of the request's one credential; None once a refusal (400: more than one
+        credential, 401: none valid) has been sent and audited. In trusted-gateway mode the one
+        credential is the gateway's signature; Authorization (the gateway's own key) is not read."""
+        key, status = None, 401
+        try:
+            if self.gateway is not None:
+                return self.gateway.identify(scope, self.tiers)
+            key = bearer(scope)
+            caller = self.tiers.identify(key)
+            if caller is not None:
+                return caller
+            message = "missing API key" if key is None else "invalid or revoked API key"
+        except PolicyError as err:
+            status, message = err.status, err.message
+        await respond(send, status, error_body(status, message), [(b"www-authenticate", b"Bearer")] * (status == 401))
+        stranger = Caller(hash_key(key)[:12] if key else "none", "", None)
+        self.accounting.finish(Exchange(stranger, scope["path"], time.monotonic(), status=status))
+        return None
+
+    async def _generate(self, scope: Scope, receive: Receive, send: Send, caller: Caller) -> None:
+        ex = Exchange(caller, scope["path"], time.monotonic())
+        try:
+            raw = await read_body(receive, scope, self.config.max_body_bytes)
+            if self.gateway is not None:  # the exact bytes received, before anything is decided on them
+                await self.gateway.bind(scope, raw)
+            body, lease = await self._admit(ex, raw, scope)
+        except PolicyError as err:
+            ex.status = err.status
+            extra = [(b"retry-after", str(err.retry_after).encode())] if err.retry_after else []
+            await respond(send, err.status, error_body(err.status, err.message, err.param), extra)
+            return self.accounting.finish(ex)
+        if ex.lam:  # protected: the worker reports a step without Δ under this ticket
+            ex.watch = self.watcher.open(refuse=caller.tier.on_protection_failure == "refuse")
+            body["vllm_xargs"].update(ad_ticket=ex.watch.ticket, ad_on_failure=caller.tier.on_protection_failure)
+        payload = json.dumps(body).encode()
+        headers_out = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        scope = {**scope, "headers": [*headers_out, (b"content-length", str(len(payload)).encode())]}
+        labelled = self.accounting.labelled(send, ex, partial(self.limits.charge, lease))
+        try:
+            with self.lifecycle.request():
+                if ex.watch is None:
+                    await self.app(scope, replay(payload, receive), labelled)
+                else:
+                    guard = ProtectionGuard(ex.watch, self.watcher, labelled, replay(payload, receive))
+                    await self.app(scope, guard.receive, guard.send)
+                    await guard.finish()
+        finally:
+            if ex.watch is not None:
+                self.watcher.close(ex.watch)
+            self.accounting.finish(ex)
+            await self.limits.release(lease, ex.completion_tokens - ex.charged)
+
+    async def _admit(self, ex: Exchange, raw: bytes, scope: Scope) -> tuple[dict, Lease]:
+        """Parse the body once with vLLM's model for the route, decide on it, count it against the
+        key's and account's limits, and return the JSON object vLLM is sent (its canonical
+        serialisation) with the request's lease; raises PolicyError (400/403/429)."""
+        parsed = await asyncio.to_thread(parse, ex.path, raw) if len(raw) > INLINE_PARSE_BYTES else parse(ex.path, raw)
+        if parsed.request.seed is not None and self.config.refuse_seeds:
+            raise PolicyError(400, SEED_UNSUPPORTED, "seed")
+        caller = ex.caller
+        scopes = scopes_for(caller, self.tiers.account(caller.account))
+        decide = partial(
+            admit,
+            parsed,
+            caller.tier_name,
+            caller.tier,
+            _lambda_header(scope),
+            max_model_len=served_max_model_len(scope),
+            tenant_key=self.config.tenant_salt_key,
+            tenant=f"account:{caller.account}" if caller.account is not None else scopes[0].id,
+        )
+        known = self.limits.known_escalation(scopes)
+        decided = decide(known)
+        grant = await self.limits.admit(scopes, decided.budget, decided.weight)  # one round trip
+        escalated = _higher(known, grant.escalated)  # never lower than what this process knew
+        if escalated != known:  # the shared state knew of an escalation this process did not
+            try:
+                decided = decide(escalated)
+            except PolicyError:
+                await self.limits.release(grant.lease, 0, refund=True)
+                raise
+        ex.lam, ex.profile, ex.escalated = decided.lam, decided.profile, escalated is not None
+        ex.strength = self.tiers.scales.strength(decided.lam, decided.profile)
+        ex.stream, ex.hide_usage = decided.stream, decided.hide_usage
+        ex.hide_running_usage, ex.output_budget = not decided.running_usage, decided.output_budget
+        body = canonical(decided.request)
+        ex.prompt_text = (body.get("messages") or body.get("prompt")) if self.accounting.audit_text else None
+        return body, grant.lease
+
+
+def _higher(known: float | None, shared: float | None) -> float | None:
+    return shared if known is None else known if shared is None else max(known, shared)
+
+
+def _lambda_header(scope: Scope) -> str | None:
+    """The client's λ request header; repeated copies must agree (latin-1: HTTP allows obs-text)."""
+    values = {v.decode("latin-1") for k, v in scope["headers"] if k.decode("latin-1").lower() == LAMBDA_HEADER}
+    if len(values) > 1:
+        raise PolicyError(400, f"{len(values)} different {LAMBDA_HEADER} headers: send one", LAMBDA_HEADER)
+    return next(iter(values), None)
+
+
+def _use_vllm_logging() -> None:
+    """Send the gateway's log lines (reload, drain) through vLLM's handlers, format and level:
+    without a handler of its own, the server process would drop them."""
+    ours, theirs = logging.getLogger("antidistill.server"), logging.getLogger("vllm")
+    if not ours.handlers and theirs.handlers:
+        for handler in theirs.handlers:
+            ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False

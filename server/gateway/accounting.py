@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -20,9 +20,8 @@ from typing import Any
 from antidistill.server.gateway import metrics
 from antidistill.server.gateway.guard import Watch
 from antidistill.server.tiers import Caller
+from starlette.types import Message, Send
 
-Message = MutableMapping[str, Any]
-Send = Callable[[Message], Awaitable[None]]
 Charge = Callable[[int], Awaitable[None]]
 CHARGE_EVERY = 32  # output tokens between two charges of a running request against its limits
 

@@ -1,5 +1,5 @@
 """Admission: from a parsed generation request and the caller's tier, the request vLLM will run
-(caps, usage reporting and the ``ad_*`` arguments applied), or a refusal (PolicyError).
+(caps, usage reporting and the ``ad_*`` arguments applied), or a refusal (Refusal).
 
 A pure function over the typed request (server/gateway/request.py): every field is read as vLLM's model
 coerced it, and the side channels are read the way vLLM's ``to_sampling_params`` turns them into
@@ -15,7 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from antidistill.server.gateway.policy import PolicyError, decide, find_smuggled
+from antidistill.server.gateway.errors import Refusal
+from antidistill.server.gateway.policy import decide, find_smuggled
 from antidistill.server.gateway.request import GenerationRequest, Parsed
 from antidistill.server.tiers import SideChannels, Tier
 from vllm.entrypoints.generate.base.protocol import StreamOptions
@@ -57,30 +58,30 @@ def admit(
     tenant_key: bytes | None = None,
     tenant: str = "",
 ) -> Admission:
-    """Decide on ``parsed`` for a caller of ``tier``; raises PolicyError (403 or 400). With
+    """Decide on ``parsed`` for a caller of ``tier``; raises Refusal (403 or 400). With
     ``tenant_key``, the ``tenant``'s salt separates its prefix caches, the teacher's and the
     proxy's, from every other tenant's; ``max_model_len`` bounds output that no cap limits."""
     smuggled = find_smuggled(parsed.raw)
     if smuggled:
-        raise PolicyError(403, f"{smuggled}: antidistillation arguments go in vllm_xargs only", smuggled)
+        raise Refusal(403, f"{smuggled}: antidistillation arguments go in vllm_xargs only", smuggled)
     req = parsed.request
     for name in ROUTER_ONLY:
         if vars(req).get(name) is not None:
-            raise PolicyError(403, f"{name} is set by a prefill/decode router, not by clients", name)
+            raise Refusal(403, f"{name} is set by a prefill/decode router, not by clients", name)
     xargs = dict(req.vllm_xargs or {})
     decision = decide(tier_name, tier, xargs, lambda_header, escalated)
     for key in xargs:
         if key not in CLIENT_XARGS:
             allowed = ", ".join(CLIENT_XARGS)
-            raise PolicyError(400, f"vllm_xargs.{key}: not accepted by this server (allowed: {allowed})", key)
+            raise Refusal(400, f"vllm_xargs.{key}: not accepted by this server (allowed: {allowed})", key)
     if req.priority and not tier.allow_priority:
-        raise PolicyError(403, f"priority is not available on tier {tier_name!r} (allow_priority)", "priority")
+        raise Refusal(403, f"priority is not available on tier {tier_name!r} (allow_priority)", "priority")
     limit, update = output_limit(req, parsed.raw, tier)
     check_logprobs(req, tier.side_channels(decision.lam, escalated is not None))
     if decision.lam > 0:
         for name, what in PROTECTED_REFUSED.items():
             if vars(req).get(name) not in (None, False):  # a model field (chat has no prompt_embeds)
-                raise PolicyError(403, f"{what} ({name}) is not available on protected (λ > 0) requests", name)
+                raise Refusal(403, f"{what} ({name}) is not available on protected (λ > 0) requests", name)
     stream = bool(req.stream)
     asked_usage = bool(req.stream_options and req.stream_options.include_usage)
     running_usage = asked_usage and bool(req.stream_options.continuous_usage_stats)
@@ -135,7 +136,7 @@ def output_limit(req: GenerationRequest, raw: dict[str, Any], tier: Tier) -> tup
     cap = tier.max_tokens
     for name, value in values.items():
         if cap is not None and raw.get(name) is not None and value is not None and value > cap:
-            raise PolicyError(403, f"{name} {value} exceeds this tier's max_tokens {cap}", name)
+            raise Refusal(403, f"{name} {value} exceeds this tier's max_tokens {cap}", name)
     if cap is not None and all(raw.get(name) is None for name in names):
         return cap, {names[0]: cap}
     return next((v for v in values.values() if v is not None), None), {}
@@ -148,14 +149,14 @@ def check_logprobs(req: GenerationRequest, allowed: SideChannels) -> None:
     cap = allowed.max_logprobs
     sampled = sampled_logprobs(req)
     if sampled is not None and (cap == 0 or sampled > cap):
-        raise PolicyError(403, f"logprobs are limited to {cap} on this request (max_logprobs)", "logprobs")
+        raise Refusal(403, f"logprobs are limited to {cap} on this request (max_logprobs)", "logprobs")
     prompt = prompt_logprobs(req)
     if prompt is not None and not allowed.prompt_logprobs:
         message = "prompt logprobs are not allowed on this request (allow_prompt_logprobs)"
-        raise PolicyError(403, message, "prompt_logprobs")
+        raise Refusal(403, message, "prompt_logprobs")
     if prompt is not None and prompt > cap:
         message = f"prompt_logprobs are limited to {cap} on this request (max_logprobs)"
-        raise PolicyError(403, message, "prompt_logprobs")
+        raise Refusal(403, message, "prompt_logprobs")
 
 
 def sampled_logprobs(req: GenerationRequest) -> float | None:

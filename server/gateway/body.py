@@ -3,15 +3,9 @@ rewritten body replayed to vLLM's app in place of the client's."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
-
-from antidistill.server.gateway.policy import PolicyError
+from antidistill.server.gateway.errors import Refusal
 from antidistill.server.gateway.request import max_body_bytes
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
+from starlette.types import Message, Receive, Scope
 
 
 async def read_body(receive: Receive, scope: Scope, override: int | None = None) -> bytes:
@@ -44,8 +38,8 @@ def served_max_model_len(scope: Scope) -> int | None:
     return getattr(getattr(config, "model_config", None), "max_model_len", None)
 
 
-def _too_large(limit: int) -> PolicyError:
-    return PolicyError(413, f"request body is larger than this server's limit of {limit} bytes")
+def _too_large(limit: int) -> Refusal:
+    return Refusal(413, f"request body is larger than this server's limit of {limit} bytes")
 
 
 def replay(payload: bytes, receive: Receive) -> Receive:

@@ -1,12 +1,10 @@
-"""OpenAI-style error responses, for every part of the gateway that refuses a request."""
+"""Refusals and their OpenAI-style error responses, for every part of the gateway that refuses a request."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
 
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+from starlette.types import Send
 
 KINDS = {
     400: "invalid_request_error",
@@ -17,6 +15,15 @@ KINDS = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
+
+
+class Refusal(Exception):
+    """A request the gateway will not serve (key, body, tier, limits, signature): HTTP ``status`` with
+    ``message`` naming the field (``param``), and ``Retry-After`` where waiting helps."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.retry_after = status, message, param, retry_after
 
 
 def error_body(status: int, message: str, param: str | None = None) -> bytes:

@@ -23,18 +23,14 @@ import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from antidistill.proxy_worker.runtime.failure_ledger import FailureLedger, Reason, Record
 from antidistill.proxy_worker.runtime.settings import MAX_TICKET
 from antidistill.server.gateway.errors import error_body, respond
+from starlette.types import Message, Receive, Send
 
 log = logging.getLogger("antidistill.server.gateway")
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 POLL_SECONDS = 0.01
 RETRY_AFTER = {Reason.BUDGET: 2, Reason.NON_FINITE: 1, Reason.ERROR: 5, Reason.BAD_ARGUMENTS: 30, Reason.VOCABULARY: 0}

@@ -8,16 +8,12 @@ of the metrics key (``serve_metrics``; why: server/gateway/metrics_key.py). Ever
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import Callable
 
 from antidistill.server.gateway.errors import error_body, respond
 from antidistill.server.gateway.metrics_key import metrics_refusal
 from prometheus_client import Counter, Gauge, Histogram
-
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+from starlette.types import Receive, Scope, Send
 
 LAMBDA_BUCKETS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from antidistill.server.gateway.credentials import bearer
-from antidistill.server.gateway.policy import PolicyError
+from antidistill.server.gateway.errors import Refusal
 
 METRICS_PATH = "/metrics"
 METRICS_KEY_ENV = "ANTIDISTILL_METRICS_KEY"
@@ -87,21 +87,21 @@ def write_metrics_key(path: str | Path) -> str:
     return key
 
 
-def metrics_refusal(scope: MutableMapping[str, Any], key: str | None) -> PolicyError | None:
+def metrics_refusal(scope: MutableMapping[str, Any], key: str | None) -> Refusal | None:
     """None if the request carries the metrics key ``key``; else why not: 403 when no key is
     configured, 401 without the key or with another (an API key included), 400 for more than one
     credential (``credentials.bearer``). Compared as SHA-256 digests in constant time: neither the
     key's bytes nor its length show in the timing."""
     if key is None:
-        return PolicyError(403, DISABLED)
+        return Refusal(403, DISABLED)
     try:
         presented = bearer(scope)
-    except PolicyError as err:
+    except Refusal as err:
         return err
     if presented is None:
-        return PolicyError(401, "/metrics needs Authorization: Bearer <metrics key>")
+        return Refusal(401, "/metrics needs Authorization: Bearer <metrics key>")
     if not hmac.compare_digest(_digest(presented), _digest(key)):
-        return PolicyError(401, "invalid metrics key (API keys do not open /metrics)")
+        return Refusal(401, "invalid metrics key (API keys do not open /metrics)")
     return None
 
 

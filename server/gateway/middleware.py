@@ -18,9 +18,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 from antidistill.proxy_worker.runtime.failure_ledger import FailureLedger
 from antidistill.server.gateway.accounting import Accounting, Exchange
@@ -28,7 +27,7 @@ from antidistill.server.gateway.admission import admit
 from antidistill.server.gateway.body import read_body, replay, served_max_model_len
 from antidistill.server.gateway.config import GatewayConfig
 from antidistill.server.gateway.credentials import bearer
-from antidistill.server.gateway.errors import error_body, respond
+from antidistill.server.gateway.errors import Refusal, error_body, respond
 from antidistill.server.gateway.guard import FailureWatcher, ProtectionGuard
 from antidistill.server.gateway.lifecycle import Lifecycle
 from antidistill.server.gateway.limits.memory import Lease, scopes_for
@@ -36,17 +35,14 @@ from antidistill.server.gateway.limits.redis_state import open_state
 from antidistill.server.gateway.metrics import serve_metrics
 from antidistill.server.gateway.metrics_key import METRICS_PATH
 from antidistill.server.gateway.nonces import open_nonces
-from antidistill.server.gateway.policy import LAMBDA_HEADER, PolicyError
+from antidistill.server.gateway.policy import LAMBDA_HEADER
 from antidistill.server.gateway.request import canonical, parse
 from antidistill.server.gateway.tier_checks import load_servable
 from antidistill.server.gateway.trusted_gateway import GatewayVerifier
 from antidistill.server.tiers import Caller, TiersError, hash_key
+from starlette.types import Receive, Scope, Send
 
 log = logging.getLogger("antidistill.server.gateway")
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 GENERATE = ("/v1/completions", "/v1/chat/completions")
 OPEN = ("/health", "/ping")
@@ -122,7 +118,7 @@ class AntidistillationMiddleware:
             try:
                 raw = await read_body(receive, scope, self.config.max_body_bytes)
                 await self.gateway.bind(scope, raw)
-            except PolicyError as err:
+            except Refusal as err:
                 extra = [(b"retry-after", str(err.retry_after).encode())] if err.retry_after else []
                 await respond(send, err.status, error_body(err.status, err.message, err.param), extra)
                 return self.accounting.finish(Exchange(caller, scope["path"], time.monotonic(), status=err.status))
@@ -142,7 +138,7 @@ class AntidistillationMiddleware:
             if caller is not None:
                 return caller
             message = "missing API key" if key is None else "invalid or revoked API key"
-        except PolicyError as err:
+        except Refusal as err:
             status, message = err.status, err.message
         await respond(send, status, error_body(status, message), [(b"www-authenticate", b"Bearer")] * (status == 401))
         stranger = Caller(hash_key(key)[:12] if key else "none", "", None)
@@ -156,7 +152,7 @@ class AntidistillationMiddleware:
             if self.gateway is not None:  # the exact bytes received, before anything is decided on them
                 await self.gateway.bind(scope, raw)
             body, lease = await self._admit(ex, raw, scope)
-        except PolicyError as err:
+        except Refusal as err:
             ex.status = err.status
             extra = [(b"retry-after", str(err.retry_after).encode())] if err.retry_after else []
             await respond(send, err.status, error_body(err.status, err.message, err.param), extra)
@@ -185,10 +181,10 @@ class AntidistillationMiddleware:
     async def _admit(self, ex: Exchange, raw: bytes, scope: Scope) -> tuple[dict, Lease]:
         """Parse the body once with vLLM's model for the route, decide on it, count it against the
         key's and account's limits, and return the JSON object vLLM is sent (its canonical
-        serialisation) with the request's lease; raises PolicyError (400/403/429)."""
+        serialisation) with the request's lease; raises Refusal (400/403/429)."""
         parsed = await asyncio.to_thread(parse, ex.path, raw) if len(raw) > INLINE_PARSE_BYTES else parse(ex.path, raw)
         if parsed.request.seed is not None and self.config.refuse_seeds:
-            raise PolicyError(400, SEED_UNSUPPORTED, "seed")
+            raise Refusal(400, SEED_UNSUPPORTED, "seed")
         caller = ex.caller
         scopes = scopes_for(caller, self.tiers.account(caller.account))
         decide = partial(
@@ -208,7 +204,7 @@ class AntidistillationMiddleware:
         if escalated != known:  # the shared state knew of an escalation this process did not
             try:
                 decided = decide(escalated)
-            except PolicyError:
+            except Refusal:
                 await self.limits.release(grant.lease, 0, refund=True)
                 raise
         ex.lam, ex.profile, ex.escalated = decided.lam, decided.profile, escalated is not None
@@ -228,7 +224,7 @@ def _lambda_header(scope: Scope) -> str | None:
     """The client's λ request header; repeated copies must agree (latin-1: HTTP allows obs-text)."""
     values = {v.decode("latin-1") for k, v in scope["headers"] if k.decode("latin-1").lower() == LAMBDA_HEADER}
     if len(values) > 1:
-        raise PolicyError(400, f"{len(values)} different {LAMBDA_HEADER} headers: send one", LAMBDA_HEADER)
+        raise Refusal(400, f"{len(values)} different {LAMBDA_HEADER} headers: send one", LAMBDA_HEADER)
     return next(iter(values), None)
 
 

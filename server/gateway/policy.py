@@ -13,18 +13,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from antidistill.server.gateway.errors import Refusal
 from antidistill.server.tiers import Tier
 
 LAMBDA_HEADER = "x-antidistillation-lambda"
 SMUGGLE_KEYS = ("ad_lambda", "ad_profile", "ad_mode")
-
-
-class PolicyError(Exception):
-    """A request the tier does not allow; becomes HTTP ``status`` with ``message``."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.retry_after = status, message, param, retry_after
 
 
 @dataclass(frozen=True)
@@ -44,11 +37,11 @@ def _requested_lambda(xargs: dict[str, Any], header: str | None) -> float | None
         try:
             value = float(raw) if not isinstance(raw, bool) else math.nan
         except (TypeError, ValueError, OverflowError):
-            raise PolicyError(400, f"{where}: must be a number, got {str(raw)[:40]!r}", where) from None
+            raise Refusal(400, f"{where}: must be a number, got {str(raw)[:40]!r}", where) from None
         if not math.isfinite(value):
-            raise PolicyError(400, f"{where}: must be finite, got {raw!r}", where)
+            raise Refusal(400, f"{where}: must be finite, got {raw!r}", where)
         if lam is not None and value != lam:
-            raise PolicyError(400, f"vllm_xargs.ad_lambda and {LAMBDA_HEADER} disagree", where)
+            raise Refusal(400, f"vllm_xargs.ad_lambda and {LAMBDA_HEADER} disagree", where)
         lam = value
     return lam
 
@@ -76,10 +69,10 @@ def find_smuggled(body: Any, path: str = "") -> str | None:
 def decide(
     tier_name: str, tier: Tier, xargs: dict[str, Any], header: str | None, escalated: float | None = None
 ) -> Decision:
-    """The λ and profile for this request, or PolicyError (403: outside the tier's range)."""
+    """The λ and profile for this request, or Refusal (403: outside the tier's range)."""
     for key in xargs:
         if key.startswith("ad_") and key != "ad_lambda":
-            raise PolicyError(403, f"vllm_xargs.{key}: not allowed; the server chooses it from your tier", key)
+            raise Refusal(403, f"vllm_xargs.{key}: not allowed; the server chooses it from your tier", key)
     requested = _requested_lambda(xargs, header)
     floor = max(tier.min_lambda, escalated or 0.0)
     ceiling = max(tier.max_lambda, floor)
@@ -88,7 +81,7 @@ def decide(
     elif floor <= requested <= ceiling:
         lam = requested
     else:
-        raise PolicyError(
+        raise Refusal(
             403,
             f"ad_lambda {requested:g} is outside tier {tier_name!r}'s allowed range [{floor:g}, {ceiling:g}]",
             "ad_lambda",

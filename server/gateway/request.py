@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from antidistill.server.gateway.policy import PolicyError
+from antidistill.server.gateway.errors import Refusal
 from pydantic import ValidationError
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
@@ -41,22 +41,22 @@ class Parsed:
 
 def parse(route: str, raw: bytes) -> Parsed:
     """Parse ``raw`` with vLLM's model for ``route``, as vLLM will read the forwarded canonical form;
-    a body vLLM would refuse → 400 (PolicyError)."""
+    a body vLLM would refuse → 400 (Refusal)."""
     if not raw:
-        raise PolicyError(400, "request body is missing: a JSON object is required")
+        raise Refusal(400, "request body is missing: a JSON object is required")
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PolicyError(400, f"request body is not valid JSON ({exc})") from None
+        raise Refusal(400, f"request body is not valid JSON ({exc})") from None
     except RecursionError:  # found with hostile inputs: a deeply nested body was a 500
-        raise PolicyError(400, f"request body is nested more than {MAX_DEPTH} levels deep") from None
+        raise Refusal(400, f"request body is nested more than {MAX_DEPTH} levels deep") from None
     if not isinstance(body, dict):
-        raise PolicyError(400, "request body must be a JSON object")
+        raise Refusal(400, "request body must be a JSON object")
     if _too_deep(body):
-        raise PolicyError(400, f"request body is nested more than {MAX_DEPTH} levels deep")
+        raise Refusal(400, f"request body is nested more than {MAX_DEPTH} levels deep")
     if body.get("structured_outputs") is not None and not isinstance(body["structured_outputs"], dict):
         # found by fuzzing: vLLM 0.32's validator calls .get on it (AttributeError → 500)
-        raise PolicyError(400, "structured_outputs must be an object", "structured_outputs")
+        raise Refusal(400, "structured_outputs must be an object", "structured_outputs")
     model = MODELS[route]
     # vLLM's "before" validators edit messages in place (reasoning_content → reasoning): no key
     # name that matters to the policy changes, so the raw body need not be copied. They also read
@@ -71,13 +71,13 @@ def validate(model: type[GenerationRequest], body: dict[str, Any]) -> Generation
     try:
         return model.model_validate(body, from_attributes=True)
     except ValidationError as exc:
-        raise PolicyError(400, *validation_message(exc)) from None
+        raise Refusal(400, *validation_message(exc)) from None
     except VLLMValidationError as exc:  # raised by vLLM's "before" validators, not wrapped by pydantic
-        raise PolicyError(400, exc.args[0] if exc.args else str(exc), exc.parameter) from None
+        raise Refusal(400, exc.args[0] if exc.args else str(exc), exc.parameter) from None
     except (ValueError, TypeError, OverflowError, AttributeError, LookupError, RecursionError) as exc:
         # vLLM's "before" validators read the raw body and crash on shapes they do not expect (found
         # by fuzzing: a tool without function.name is a KeyError): the request's fault, never a 500
-        raise PolicyError(400, f"invalid request: {type(exc).__name__} {exc}") from None
+        raise Refusal(400, f"invalid request: {type(exc).__name__} {exc}") from None
 
 
 def validation_message(exc: ValidationError) -> tuple[str, str | None]:

@@ -30,8 +30,8 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from antidistill.server.gateway.errors import Refusal
 from antidistill.server.gateway.nonces import MemoryNonces, NonceStore, NonceStoreFull
-from antidistill.server.gateway.policy import PolicyError
 from antidistill.server.tiers import Caller, TierTable
 
 VERSION = "v2"
@@ -199,7 +199,7 @@ class GatewayVerifier:
         self.nonces = nonces if nonces is not None else MemoryNonces()
 
     def verify(self, scope: MutableMapping[str, Any]) -> SignedCaller:
-        """The signed caller of an ASGI request; PolicyError 400 for repeated signing headers, 401 for
+        """The signed caller of an ASGI request; Refusal 400 for repeated signing headers, 401 for
         missing, malformed, mis-signed, stale or future ones. The body and nonce are ``bind``'s."""
         return self._checked(scope).caller
 
@@ -213,11 +213,11 @@ class GatewayVerifier:
         signed = self.verify(scope)
         tier = tiers.spec.tiers.get(signed.tier)
         if tier is None:
-            raise PolicyError(401, f"signed tier {signed.tier!r} is not defined in this server's tiers file")
+            raise Refusal(401, f"signed tier {signed.tier!r} is not defined in this server's tiers file")
         account = tiers.account(signed.account)
         if account is not None and account.tiers is not None and signed.tier not in account.tiers:
             allowed = ", ".join(account.tiers) or "none"
-            raise PolicyError(
+            raise Refusal(
                 403, f"signed tier {signed.tier!r} is not allowed for account {signed.account!r} (its tiers: {allowed})"
             )
         return Caller(signed.key_id, signed.tier, tier, account=signed.account, digest=signed.digest)
@@ -226,12 +226,12 @@ class GatewayVerifier:
         """Bind the verified headers to the request as received: ``body`` (every byte the client
         sent) must hash to the signed value, then the nonce is claimed — body first, so that
         headers replayed with another body cannot use up the nonce of the request they were taken
-        from. PolicyError 401 for another body or a nonce already used, 503 when the nonce cannot
+        from. Refusal 401 for another body or a nonce already used, 503 when the nonce cannot
         be remembered (the store is full); the headers are checked again (``verify``), so a request
         is never bound that was not verified."""
         signed = self._checked(scope)
         if not hmac.compare_digest(body_sha256(body), signed.body_hash):
-            raise PolicyError(
+            raise Refusal(
                 401,
                 f"gateway signature does not cover this body: {BODY_HEADER} is not the SHA-256 of the "
                 f"{len(body)} body bytes received (sign the exact bytes sent)",
@@ -240,11 +240,11 @@ class GatewayVerifier:
         try:
             fresh = await self.nonces.claim(signed.nonce, ttl)
         except NonceStoreFull as exc:
-            raise PolicyError(
+            raise Refusal(
                 503, f"too many signed requests within the replay window ({exc}); retry shortly", retry_after=1
             ) from None
         if not fresh:
-            raise PolicyError(
+            raise Refusal(
                 401, f"replayed gateway signature: {NONCE_HEADER} was already used (each signed request is served once)"
             )
 
@@ -252,7 +252,7 @@ class GatewayVerifier:
         values = _signing_headers(scope["headers"])
         missing = [name for name in SIGNED_HEADERS if name not in values]
         if missing:
-            raise PolicyError(401, f"unsigned request: missing {', '.join(missing)} (trusted-gateway mode)")
+            raise Refusal(401, f"unsigned request: missing {', '.join(missing)} (trusted-gateway mode)")
         tier, account, stamp, nonce, body_hash, signature = (values[name] for name in SIGNED_HEADERS)
         body_hash, signature = body_hash.lower(), signature.lower()
         for name, value, pattern in (
@@ -263,7 +263,7 @@ class GatewayVerifier:
             (BODY_HEADER, body_hash, HEX64),
         ):
             if not pattern.fullmatch(value):
-                raise PolicyError(401, f"malformed {name} header")
+                raise Refusal(401, f"malformed {name} header")
         message = canonical(
             tier=tier,
             account=account,
@@ -275,14 +275,14 @@ class GatewayVerifier:
         )
         expected = hmac.new(self._key, message, hashlib.sha256).hexdigest()
         if not (HEX64.fullmatch(signature) and hmac.compare_digest(expected, signature)):
-            raise PolicyError(
+            raise Refusal(
                 401,
                 "invalid gateway signature (tier, account, timestamp, nonce, body hash, method and path must match)",
             )
         age = self.clock() - int(stamp)
         if abs(age) > self.max_skew:
             when = "old" if age > 0 else "in the future"
-            raise PolicyError(
+            raise Refusal(
                 401, f"stale gateway signature: timestamp {abs(age):.0f} s {when} (allowed ±{self.max_skew:g} s)"
             )
         return _Signed(SignedCaller(tier, account), int(stamp), nonce, body_hash)
@@ -298,5 +298,5 @@ def _signing_headers(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
             seen.setdefault(name, []).append(raw_value.decode("latin-1").strip())
     repeated = [f"{len(v)} {k} headers" for k, v in seen.items() if len(v) > 1]
     if repeated:
-        raise PolicyError(400, f"{', '.join(repeated)}: the gateway must send each signing header once")
+        raise Refusal(400, f"{', '.join(repeated)}: the gateway must send each signing header once")
     return {k: v[0] for k, v in seen.items()}

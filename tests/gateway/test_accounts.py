@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 import yaml
+from antidistill.server.gateway.errors import Refusal
 from antidistill.server.gateway.limits.memory import MemoryState, scopes_for
-from antidistill.server.gateway.policy import PolicyError
 from antidistill.server.tiers import TiersError, load_tiers, new_key
 
 ACCOUNTS = {"acme": {"rpm": 2, "escalation": {"tokens_per_hour": 50, "lambda": 4}}}
@@ -40,7 +40,7 @@ def test_keys_of_an_account_share_its_limits_and_escalation(tmp_path):
         g = await state.admit(s1, 5)
         await state.release(g.lease, 60)  # one key's volume escalates the whole account
         assert (await state.admit(s2, 5)).escalated == 4
-        with pytest.raises(PolicyError, match="account 'acme': more than 2 requests per minute"):
+        with pytest.raises(Refusal, match="account 'acme': more than 2 requests per minute"):
             await state.admit(s1, 5)
         assert state.known_escalation(s1[:1]) is None, "the key alone is under no escalation rule"
 

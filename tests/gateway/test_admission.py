@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 from antidistill.server.gateway.admission import admit
-from antidistill.server.gateway.policy import PolicyError
+from antidistill.server.gateway.errors import Refusal
 from antidistill.server.gateway.request import MODELS, canonical, max_body_bytes, parse
 from antidistill.server.tiers import Tier
 from hypothesis import HealthCheck, given, settings
@@ -32,7 +32,7 @@ def outcome(route: str, body: dict, tier: str = "free") -> tuple:
     """(status, param) of a refusal, or ("ok", the JSON object forwarded to vLLM)."""
     try:
         admitted = admit(parse(route, json.dumps(body).encode()), tier, TIERS[tier], None)
-    except PolicyError as err:
+    except Refusal as err:
         return err.status, err.param
     return "ok", json.loads(json.dumps(canonical(admitted.request)))
 
@@ -102,7 +102,7 @@ def test_invalid_bodies_are_vllms_400():
         ),
     ]
     for route, raw, param in cases:
-        with pytest.raises(PolicyError) as err:
+        with pytest.raises(Refusal) as err:
             parse(route, raw)
         assert err.value.status == 400 and err.value.param == param, (raw, err.value.message, err.value.param)
         assert "\n" not in err.value.message
@@ -185,7 +185,7 @@ def test_forwarded_request_is_what_was_decided(case, tier):
     route, body, _ = case
     try:
         admitted = admit(parse(route, json.dumps(body).encode()), tier, TIERS[tier], None)
-    except PolicyError as err:
+    except Refusal as err:
         assert err.status in (400, 403, 429), err.message
         return
     forwarded = json.loads(json.dumps(canonical(admitted.request)))

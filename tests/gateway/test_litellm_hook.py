@@ -24,7 +24,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from antidistill.server.gateway.policy import PolicyError
+from antidistill.server.gateway.errors import Refusal
 from antidistill.server.gateway.trusted_gateway import SIGNED_HEADERS, GatewayVerifier
 from antidistill.server.tiers import TiersFile, TierTable
 
@@ -91,7 +91,7 @@ class Antidistill:
         try:
             caller = self.verifier.identify(scope, TIERS)
             await self.verifier.bind(scope, await request.aread())
-        except PolicyError as err:
+        except Refusal as err:
             return httpx.Response(err.status, json={"error": {"message": err.message}})
         self.callers.append(caller)
         return httpx.Response(200, json=CHAT if request.url.path.endswith("/chat/completions") else TEXT)

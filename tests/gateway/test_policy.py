@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from antidistill.server.gateway.policy import PolicyError, decide, find_smuggled
+from antidistill.server.gateway.errors import Refusal
+from antidistill.server.gateway.policy import decide, find_smuggled
 from antidistill.server.tiers import SideChannels, Tier, TiersError, hash_key, load_tiers, new_key
 
 
@@ -68,23 +69,23 @@ def test_policy_floor_range_and_defaults():
     assert decide("free", t, {"ad_lambda": 1.5}, None).lam == 1.5
     assert decide("free", t, {}, "2.5").lam == 2.5
     for xargs, header in (({"ad_lambda": 0}, None), ({}, "0"), ({"ad_lambda": 3.5}, None)):
-        with pytest.raises(PolicyError) as err:
+        with pytest.raises(Refusal) as err:
             decide("free", t, xargs, header)
         assert err.value.status == 403 and "[1, 3]" in err.value.message
     for bad in ({"ad_lambda": "x"}, {"ad_lambda": float("nan")}, {"ad_lambda": True}):
-        with pytest.raises(PolicyError) as err:
+        with pytest.raises(Refusal) as err:
             decide("free", t, bad, None)
         assert err.value.status == 400
-    with pytest.raises(PolicyError, match="ad_profile"):
+    with pytest.raises(Refusal, match="ad_profile"):
         decide("free", t, {"ad_profile": "code"}, None)
-    with pytest.raises(PolicyError, match="disagree"):
+    with pytest.raises(Refusal, match="disagree"):
         decide("free", t, {"ad_lambda": 1.5}, "2")
 
 
 def test_escalation_raises_floor():
     t = tier(min_lambda=1.0, max_lambda=3.0)
     assert decide("free", t, {}, None, escalated=5.0).lam == 5.0
-    with pytest.raises(PolicyError, match=r"\[5, 5\]"):
+    with pytest.raises(Refusal, match=r"\[5, 5\]"):
         decide("free", t, {"ad_lambda": 2.0}, None, escalated=5.0)
 
 

@@ -16,9 +16,9 @@ from antidistill.server.gateway.config import (
     GatewayConfigError,
     check_state_url,
 )
+from antidistill.server.gateway.errors import Refusal
 from antidistill.server.gateway.limits.memory import MemoryState, Scope
 from antidistill.server.gateway.limits.redis_state import RedisState
-from antidistill.server.gateway.policy import PolicyError
 from antidistill.server.tiers import Escalation
 from prometheus_client import REGISTRY
 
@@ -72,13 +72,13 @@ def test_windows_are_shared_by_two_replicas(fresh):
         await b.admit(k, 10)
         now[0] += 30
         await a.admit(k, 10)
-        with pytest.raises(PolicyError) as err:
+        with pytest.raises(Refusal) as err:
             await b.admit(k, 10)
         assert err.value.status == 429 and "3 requests per minute" in err.value.message
         assert err.value.retry_after == 30  # the first request leaves the window at 1060 s
         now[0] = 1060.0
         grant = await b.admit(k, 60)  # the two at 1000 s left the minute; 10 + 60 tokens ≤ 100
-        with pytest.raises(PolicyError, match=r"tokens per minute \(70 used, 31 asked\)"):
+        with pytest.raises(Refusal, match=r"tokens per minute \(70 used, 31 asked\)"):
             await a.admit((key("k", tpm=100),), 31)
         await b.release(grant.lease, 0, refund=True)  # refused later by the policy: uncounted
         await a.admit((key("k", tpm=100),), 31)
@@ -93,7 +93,7 @@ def test_concurrency_leases_are_shared_and_released(fresh):
         a, b = RedisState(fresh.url), RedisState(fresh.url)
         one = (key("c", max_concurrent=1),)
         grant = await a.admit(one, 1)
-        with pytest.raises(PolicyError, match="more than 1 concurrent requests"):
+        with pytest.raises(Refusal, match="more than 1 concurrent requests"):
             await b.admit(one, 1)
         await a.release(grant.lease, 5)
         assert (await b.admit(one, 1)).lease.shared
@@ -109,7 +109,7 @@ def test_account_limits_span_its_keys(fresh):
         acme = account("acme", rpm=2)
         await a.admit((key("k1", rpm=10), acme), 1)
         await b.admit((key("k2", rpm=10), acme), 1)
-        with pytest.raises(PolicyError, match="account 'acme': more than 2 requests per minute"):
+        with pytest.raises(Refusal, match="account 'acme': more than 2 requests per minute"):
             await a.admit((key("k3", rpm=10), acme), 1)
         await a.admit((key("k3", rpm=10),), 1)  # the same key without the account is not limited
         await a.close()
@@ -148,10 +148,10 @@ def test_a_dead_replicas_lease_expires_and_a_live_one_is_renewed(fresh):
         alive, other = RedisState(fresh.url, lease_seconds=0.3), RedisState(fresh.url, lease_seconds=0.3)
         running = await alive.admit(one, 1)
         await asyncio.sleep(1.0)  # three lease lifetimes: renewed every 0.1 s
-        with pytest.raises(PolicyError, match="concurrent"):
+        with pytest.raises(Refusal, match="concurrent"):
             await other.admit(one, 1)
         await alive.close()  # the replica dies: no release, no more renewals
-        with pytest.raises(PolicyError, match="concurrent"):
+        with pytest.raises(Refusal, match="concurrent"):
             await other.admit(one, 1)
         await asyncio.sleep(0.4)
         await other.admit(one, 1)
@@ -174,7 +174,7 @@ def test_redis_down_falls_back_locally_logs_once_and_recovers(fresh, caplog):
         fresh.stop()
         started = time.monotonic()
         grants = [await state.admit((key("e"), acme), 1)]
-        with pytest.raises(PolicyError, match="account 'acme': more than 3 requests per minute"):
+        with pytest.raises(Refusal, match="account 'acme': more than 3 requests per minute"):
             await state.admit((key("e"), acme), 1)  # the local windows enforce what this process saw
         assert time.monotonic() - started < 0.5, "nothing waits on a dead Redis"
         assert grants[0].escalated == 4, "an escalation that cannot be read never lowers λ"
@@ -224,16 +224,16 @@ def test_memory_state_windows_and_escalation():
         state = MemoryState(clock=lambda: now[0])
         k = (key("k", rpm=2, tpm=100, max_concurrent=5),)
         g1, g2 = await state.admit(k, 10), await state.admit(k, 10)
-        with pytest.raises(PolicyError) as err:
+        with pytest.raises(Refusal) as err:
             await state.admit(k, 10)
         assert err.value.status == 429 and err.value.retry_after == 60
         now[0] = 30.0
         await state.release(g1.lease, 0)
         await state.release(g2.lease, 0)
-        with pytest.raises(PolicyError, match="requests per minute"):
+        with pytest.raises(Refusal, match="requests per minute"):
             await state.admit(k, 10)
         now[0] = 61.0
-        with pytest.raises(PolicyError, match="tokens per minute"):
+        with pytest.raises(Refusal, match="tokens per minute"):
             await state.admit(k, 101)
         await state.admit(k, 50)
         watched = (key("w", escalation=ESC),)

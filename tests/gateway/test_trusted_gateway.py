@@ -15,8 +15,8 @@ import yaml
 from antidistill.benchmarks.tiny.serving import build_models
 from antidistill.server.cli import main
 from antidistill.server.gateway.config import GATEWAY_SKEW_ENV, GatewayConfig, GatewayConfigError
+from antidistill.server.gateway.errors import Refusal
 from antidistill.server.gateway.nonces import PREFIX, MemoryNonces, NonceStoreFull, RedisNonces, open_nonces
-from antidistill.server.gateway.policy import PolicyError
 from antidistill.server.gateway.trusted_gateway import (
     DEFAULT_MAX_SKEW,
     EMPTY_SHA256,
@@ -64,8 +64,8 @@ def verifier(skew: float = 300.0, now: float = NOW, nonces=None) -> GatewayVerif
     return GatewayVerifier(SECRET, skew, clock=lambda: now, nonces=nonces)
 
 
-def refused(headers, path: str = PATH, v: GatewayVerifier | None = None, method: str = "POST") -> PolicyError:
-    with pytest.raises(PolicyError) as err:
+def refused(headers, path: str = PATH, v: GatewayVerifier | None = None, method: str = "POST") -> Refusal:
+    with pytest.raises(Refusal) as err:
         (v or verifier()).identify(scope(headers, path, method), TIERS)
     return err.value
 
@@ -74,8 +74,8 @@ def bind(v: GatewayVerifier, headers: dict, body: bytes = BODY, path: str = PATH
     asyncio.run(v.bind(scope(headers, path, method), body))
 
 
-def bind_refused(v: GatewayVerifier, headers: dict, body: bytes = BODY, path: str = PATH) -> PolicyError:
-    with pytest.raises(PolicyError) as err:
+def bind_refused(v: GatewayVerifier, headers: dict, body: bytes = BODY, path: str = PATH) -> Refusal:
+    with pytest.raises(Refusal) as err:
         bind(v, headers, body, path)
     return err.value
 
@@ -238,7 +238,7 @@ def test_bind_serves_a_signed_request_once():
     bind(v, headers_for())  # a fresh nonce is served
     empty = headers_for(path="/v1/models", body=b"", method="GET")
     bind(v, empty, b"", "/v1/models", "GET")
-    with pytest.raises(PolicyError, match="replayed"):
+    with pytest.raises(Refusal, match="replayed"):
         bind(v, empty, b"", "/v1/models", "GET")
 
 
@@ -346,7 +346,7 @@ def test_redis_store_behind_a_verifier_refuses_replays_on_another_replica(fresh_
         two = GatewayVerifier(SECRET, 300, clock=lambda: NOW, nonces=RedisNonces(fresh_redis.url))
         good = headers_for()
         await one.bind(scope(good), BODY)
-        with pytest.raises(PolicyError, match="replayed gateway signature"):
+        with pytest.raises(Refusal, match="replayed gateway signature"):
             await two.bind(scope(good), BODY)
         await two.bind(scope(headers_for()), BODY)
 

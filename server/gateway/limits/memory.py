@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from antidistill.server.gateway import metrics
-from antidistill.server.gateway.policy import PolicyError
+from antidistill.server.gateway.errors import Refusal
 from antidistill.server.tiers import Account, Caller, Escalation
 
 MINUTE, HOUR = 60.0, 3600.0
@@ -74,7 +74,7 @@ class LimitState(Protocol):
 
     async def admit(self, scopes: Sequence[Scope], budget: int, weight: int = 1) -> Grant:
         """Count a request of ``budget`` tokens and ``weight`` sequences against every scope, or
-        raise PolicyError 429."""
+        raise Refusal 429."""
 
     async def charge(self, lease: Lease, output_tokens: int) -> None:
         """Count output sent so far (while the request still runs), so that escalation sees a long
@@ -246,7 +246,7 @@ def new_lease(scopes: Sequence[Scope], budget: int, shared: bool = False, weight
     return Lease(uuid.uuid4().hex, tuple(scopes), budget, shared, max(weight, 1))
 
 
-def too_many(scope: Scope, kind: str, limit: int, retry_after: float, used: int = 0, asked: int = 1) -> PolicyError:
+def too_many(scope: Scope, kind: str, limit: int, retry_after: float, used: int = 0, asked: int = 1) -> Refusal:
     """The 429 for ``scope`` exceeding ``kind`` ("concurrent", "rpm", "tpm"): one wording for both
     states. ``asked`` is the request's share: its sequences (prompts × n), or its tokens for tpm."""
     sequences = f" (this request runs {asked} sequences: prompts × n)" if asked > 1 else ""
@@ -255,7 +255,7 @@ def too_many(scope: Scope, kind: str, limit: int, retry_after: float, used: int 
         "rpm": f"more than {limit} requests per minute{sequences}",
         "tpm": f"more than {limit} tokens per minute ({used} used, {asked} asked)",
     }[kind]
-    return PolicyError(429, f"rate limit: {scope.label}{what}", None, max(1, math.ceil(retry_after)))
+    return Refusal(429, f"rate limit: {scope.label}{what}", None, max(1, math.ceil(retry_after)))
 
 
 def _check(scope: Scope, s: _ScopeState, budget: int, weight: int, now: float) -> None:

@@ -7,7 +7,7 @@ asked about cost nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +35,13 @@ class StepResult:
     failed: dict[int, RowFailure] = field(default_factory=dict)
     prefill_tokens: int = 0
     decode_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class KVUsage:
+    used_tokens: int
+    capacity_tokens: int
+    nbytes: int
 
 
 class ProxyEngine:
@@ -84,6 +91,25 @@ class ProxyEngine:
     @property
     def cfg(self) -> ProxyConfig:
         return self.model.cfg
+
+    @property
+    def kv(self) -> KVUsage:
+        """The proxy KV pool's occupancy (metrics, start-up log)."""
+        return KVUsage(self.cache.used_tokens, self.cache.capacity_tokens, self.cache.nbytes)
+
+    def length(self, index: int) -> int:
+        """Tokens row ``index`` holds (prompt and output so far)."""
+        return self.cache.rows[index].length
+
+    def blocks_short(self, lengths: Mapping[int, int]) -> int:
+        """KV blocks the rows would still need to hold ``lengths`` tokens each, beyond the free ones
+        (an upper bound: prefix sharing only ever needs fewer); 0 when they fit."""
+        need = 0
+        for index, tokens in lengths.items():
+            row = self.cache.rows.get(index)
+            held = len(row.blocks) if row is not None else 0
+            need += max(-(-tokens // self.cache.block_size) - held, 0)
+        return max(need - self.cache.free_blocks, 0)
 
     def add(self, index: int, prompt: Sequence[int], output: Sequence[int] = (), salt: str | None = None) -> None:
         """Track a row. ``output`` may be a live list that grows; it is read at step time. The row

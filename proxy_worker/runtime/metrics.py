@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from antidistill.proxy_worker.runtime.engine import StepResult
+from antidistill.proxy_worker.runtime.engine import KVUsage, StepResult
 from prometheus_client import Counter, Gauge, Histogram
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -82,6 +82,6 @@ def record_fallback(profile: str, reason: str) -> None:
     FALLBACKS.labels(profile, reason).inc()
 
 
-def record_kv(profile: str, used: int, capacity: int) -> None:
-    KV_USED.labels(profile).set(used)
-    KV_CAPACITY.labels(profile).set(capacity)
+def record_kv(profile: str, usage: KVUsage) -> None:
+    KV_USED.labels(profile).set(usage.used_tokens)
+    KV_CAPACITY.labels(profile).set(usage.capacity_tokens)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from antidistill.proxy_worker.runtime import failure_ledger
-from antidistill.proxy_worker.runtime.settings import CONFIG_KEY, ENV_VAR, PROCESSOR_PATH
+from antidistill.proxy_worker.runtime.settings import CONFIG_KEY, ENV_VAR, PROCESSOR_PATH, RequestArgs
 
 log = logging.getLogger("antidistill.offline")
 
@@ -47,8 +47,7 @@ class TraceRequest:
         """What ``vllm_xargs`` would carry; a protected request also gets its failure-ledger ticket."""
         if self.lam <= 0:
             return {}
-        args = {"ad_lambda": self.lam, "ad_mode": self.mode, "ad_ticket": ticket}
-        return args if self.profile is None else {**args, "ad_profile": self.profile}
+        return RequestArgs(self.lam, self.profile or "", self.mode, ticket).to_xargs()
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,7 @@ class Protection:
         self.rows: RowMap[_Row] = RowMap(on_drop=self._release)
         self.clock = metrics.StepClock()
         for name, engine in engines.items():
-            metrics.record_kv(name, engine.cache.used_tokens, engine.cache.capacity_tokens)
+            metrics.record_kv(name, engine.kv)
 
     @classmethod
     def from_settings(
@@ -131,8 +131,8 @@ class Protection:
                 name,
                 eps,
                 model.parameter_bytes / 2**20,
-                engine.cache.nbytes / 2**20,
-                engine.cache.capacity_tokens,
+                engine.kv.nbytes / 2**20,
+                engine.kv.capacity_tokens,
                 device,
             )
         control = None
@@ -180,7 +180,7 @@ class Protection:
         if row.args.protected:
             engine = self.engines[row.args.profile]
             engine.remove(index)
-            metrics.record_kv(row.args.profile, engine.cache.used_tokens, engine.cache.capacity_tokens)
+            metrics.record_kv(row.args.profile, engine.kv)
 
     def apply(self, logits: torch.Tensor, logits_rows: Mapping[int, int] | None = None) -> torch.Tensor:
         """Add λ·Δ to every protected row in place; withhold the rows that cannot have it.
@@ -224,13 +224,13 @@ class Protection:
         rows = [self.rows[i] for i in indices]
         permuted = [j for j, r in enumerate(rows) if r.args.mode == "permutation"]
         if permuted and self.control is not None:
-            keys = [f"{rows[j].key}:{engine.cache.rows[indices[j]].length}" for j in permuted]
+            keys = [f"{rows[j].key}:{engine.length(indices[j])}" for j in permuted]
             picked = on_device(permuted, torch.long, delta.device)
             delta[picked] = self.control.apply(delta[picked], keys)
         lambdas = on_device([r.args.lam for r in rows], torch.float32, logits.device)
         target = on_device([logits_rows[i] for i in indices], torch.long, logits.device)
         metrics.record_profile_step(profile, result, len(indices), time.perf_counter() - start)
-        metrics.record_kv(profile, engine.cache.used_tokens, engine.cache.capacity_tokens)
+        metrics.record_kv(profile, engine.kv)
         add_scaled(logits, target, lambdas, delta.to(logits.device))  # last: a retry adds once
         return result.failed
 

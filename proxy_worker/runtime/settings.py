@@ -27,6 +27,8 @@ PROCESSOR_PATH_V2 = "antidistill.proxy_worker.runtime.vllm_v2:AntidistillationLo
 Mode = Literal["ad", "permutation"]
 OnFailure = Literal["refuse", "degrade"]
 REQUEST_KEYS = ("ad_lambda", "ad_profile", "ad_mode", "ad_ticket", "ad_on_failure", "ad_salt")
+# what an absent key means (ad_profile "": the settings' default profile)
+REQUEST_DEFAULTS = {"ad_profile": "", "ad_mode": "ad", "ad_ticket": None, "ad_on_failure": "refuse", "ad_salt": None}
 MAX_TICKET = 2**63 - 1
 MAX_SALT = 128  # characters of ``ad_salt`` (the gateway's are 41)
 
@@ -161,6 +163,14 @@ class RequestArgs:
     @property
     def protected(self) -> bool:
         return self.lam > 0
+
+    def to_xargs(self) -> dict[str, Any]:
+        """The ``vllm_xargs`` that ``parse_request_args`` reads back as these arguments: the one
+        writer of REQUEST_KEYS (the gateway, the offline engine). Defaults are left out, so a
+        request at λ = 0 carries ``ad_lambda`` alone."""
+        values = (self.profile, self.mode, self.ticket, self.on_failure, self.salt)
+        named = zip(REQUEST_KEYS[1:], values, strict=True)
+        return {"ad_lambda": self.lam, **{key: v for key, v in named if v != REQUEST_DEFAULTS[key]}}
 
 
 def parse_request_args(extra_args: Mapping[str, Any] | None, settings: ProcessorSettings) -> RequestArgs:

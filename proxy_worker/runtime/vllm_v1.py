@@ -17,6 +17,7 @@ import torch
 from antidistill.proxy_worker.runtime import capacity
 from antidistill.proxy_worker.runtime.failure_ledger import ENV_VAR as FAILURE_LEDGER_ENV
 from antidistill.proxy_worker.runtime.failure_ledger import FailureLedger
+from antidistill.proxy_worker.runtime.logs import use_vllm_logging
 from antidistill.proxy_worker.runtime.protection import Protection
 from antidistill.proxy_worker.runtime.settings import ProcessorSettings, load_settings, parse_request_args
 from vllm import SamplingParams
@@ -26,17 +27,6 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 log = logging.getLogger(__name__)
-
-
-def use_vllm_logging() -> None:
-    """Route this package's log records through vLLM's handlers, so operators see them in the
-    worker's log (start-up memory per profile, fallbacks) with vLLM's format and level."""
-    ours, theirs = logging.getLogger("antidistill.proxy_worker"), logging.getLogger("vllm")
-    if not ours.handlers and theirs.handlers:
-        for handler in theirs.handlers:
-            ours.addHandler(handler)
-        ours.setLevel(theirs.level or logging.INFO)
-        ours.propagate = False
 
 
 def build_protection(vllm_config: VllmConfig, device: torch.device | str) -> Protection:
@@ -92,7 +82,7 @@ class AntidistillationLogitsProcessor(LogitsProcessor):
         parse_request_args(sampling_params.extra_args, admission_settings())
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
-        use_vllm_logging()
+        use_vllm_logging("antidistill.proxy_worker")
         self.protection = build_protection(vllm_config, device)
 
     def is_argmax_invariant(self) -> bool:

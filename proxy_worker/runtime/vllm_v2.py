@@ -25,9 +25,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from antidistill.proxy_worker.runtime.logs import use_vllm_logging
 from antidistill.proxy_worker.runtime.protection import withhold
 from antidistill.proxy_worker.runtime.settings import RequestArgs, parse_request_args
-from antidistill.proxy_worker.runtime.vllm_v1 import admission_settings, build_protection, use_vllm_logging
+from antidistill.proxy_worker.runtime.vllm_v1 import admission_settings, build_protection
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ class AntidistillationLogitsProcessorV2(LogitsProcessor):
         parse_request_args(sampling_params.extra_args, admission_settings())
 
     def __init__(self, vllm_config: VllmConfig, req_states: LogitsProcRequestState) -> None:
-        use_vllm_logging()
+        use_vllm_logging("antidistill.proxy_worker")
         if getattr(vllm_config, "speculative_config", None) is not None:
             raise ValueError(SPEC_DECODE_REFUSED)
         self.req_states = req_states
@@ -118,15 +119,9 @@ class AntidistillationLogitsProcessorV2(LogitsProcessor):
         if not absent:
             return
         for profile, engine in self.protection.engines.items():
-            cache = engine.cache
-            need = 0
-            for slot in present:
-                if self.args[slot].profile == profile:
-                    row = cache.rows.get(slot)
-                    held = len(row.blocks) if row is not None else 0
-                    need += max(-(-len(self.history[slot]) // cache.block_size) - held, 0)
+            lengths = {slot: len(self.history[slot]) for slot in present if self.args[slot].profile == profile}
             for slot in absent:
-                if need <= cache.free_blocks:
+                if not engine.blocks_short(lengths):
                     break
                 if self.args[slot].profile == profile:
                     self._release(slot)

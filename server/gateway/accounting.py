@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from antidistill.server.gateway import metrics
+from antidistill.server.gateway.admission import Admission
 from antidistill.server.gateway.guard import Watch
 from antidistill.server.tiers import Caller
 from starlette.types import Message, Send
@@ -28,19 +29,13 @@ CHARGE_EVERY = 32  # output tokens between two charges of a running request agai
 
 @dataclass
 class Exchange:
-    """What the audit line and the output-token count need to know about one request."""
+    """One request as the audit line and the output count see it: who asked, what the gateway
+    decided (None: refused before a decision), and what vLLM returned."""
 
     caller: Caller
     path: str
     start: float
-    lam: float | None = None
-    strength: float | None = None  # λ·s on the applied profile (None: its gradient stores no Δ scale)
-    profile: str | None = None
-    escalated: bool = False
-    stream: bool = False
-    hide_usage: bool = False  # we asked vLLM for the usage chunk; the client did not
-    hide_running_usage: bool = True  # we asked for every chunk's usage; the client did not
-    output_budget: int = 0  # the most output it may produce: charged when what was sent cannot be read
+    decision: Admission | None = None
     status: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -50,6 +45,19 @@ class Exchange:
     choices: dict[int, int] = field(default_factory=dict)  # a stream's running output count per choice
     unreadable: bool = False  # a stream chunk whose count could not be read
     watch: Watch | None = None  # protected requests: what the worker reported
+
+    @property
+    def lam(self) -> float | None:
+        return None if self.decision is None else self.decision.lam
+
+    @property
+    def stream(self) -> bool:
+        return self.decision is not None and self.decision.stream
+
+    @property
+    def output_budget(self) -> int:
+        """The most output it may produce: charged when what was sent cannot be read."""
+        return 0 if self.decision is None else self.decision.output_budget
 
 
 class Accounting:
@@ -71,8 +79,9 @@ class Accounting:
                     (b"x-antidistillation-tier", ex.caller.tier_name.encode()),
                     (b"x-antidistillation-lambda", f"{ex.lam:g}".encode()),
                 ]
-                if ex.strength is not None:
-                    labels.append((b"x-antidistillation-strength", f"{ex.strength:.4g}".encode()))
+                strength = ex.decision.strength if ex.decision is not None else None
+                if strength is not None:
+                    labels.append((b"x-antidistillation-strength", f"{strength:.4g}".encode()))
                 message["headers"] = [*message.get("headers", []), *labels]
             elif message["type"] == "http.response.body":
                 message["body"] = count_output(ex, message.get("body", b""), not message.get("more_body"))
@@ -87,7 +96,9 @@ class Accounting:
         """The one place a request ends: its audit line and its metrics."""
         tokens = ex.completion_tokens
         tier = ex.caller.tier_name or "none"
-        metrics.record_request(tier, ex.status, ex.lam, tokens, ex.escalated)
+        decision = ex.decision
+        escalated = decision is not None and decision.escalated
+        metrics.record_request(tier, ex.status, ex.lam, tokens, escalated)
         watch = ex.watch
         failure, unprotected = None, 0
         if watch is not None and not watch.protected:
@@ -100,9 +111,9 @@ class Accounting:
             "tier": ex.caller.tier_name or None,
             "account": ex.caller.account,  # a key's account, or the one a trusted gateway signed
             "lambda": ex.lam,
-            "strength": ex.strength,
-            "profile": ex.profile,
-            "escalated": ex.escalated,
+            "strength": None if decision is None else decision.strength,
+            "profile": None if decision is None else decision.profile,
+            "escalated": escalated,
             "path": ex.path,
             "stream": ex.stream,
             "status": ex.status,
@@ -156,7 +167,7 @@ def _count_event(ex: Exchange, event: bytes) -> bytes | None:
     if not choices:  # the final usage event: the totals
         if isinstance(usage, dict):
             _set_usage(ex, usage)
-        return None if ex.hide_usage else event
+        return None if ex.decision.hide_usage else event
     if not isinstance(usage, dict) or len(choices) != 1 or not isinstance(choices[0], dict):
         ex.unreadable = True
         return event
@@ -168,7 +179,7 @@ def _count_event(ex: Exchange, event: bytes) -> bytes | None:
         ex.unreadable = True
     if isinstance(usage.get("prompt_tokens"), int):
         ex.prompt_tokens = usage["prompt_tokens"]
-    if not ex.hide_running_usage:
+    if ex.decision.running_usage:
         return event
     del data["usage"]
     return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()

@@ -1,5 +1,5 @@
 """Admission: from a parsed generation request and the caller's tier, the request vLLM will run
-(caps, usage reporting and the ``ad_*`` arguments applied), or a refusal (Refusal).
+(caps, usage reporting and the processor's arguments decided), or a refusal (Refusal).
 
 A pure function over the typed request (server/gateway/request.py): every field is read as vLLM's model
 coerced it, and the side channels are read the way vLLM's ``to_sampling_params`` turns them into
@@ -12,12 +12,13 @@ import hashlib
 import hmac
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from antidistill.proxy_worker.runtime.settings import RequestArgs
 from antidistill.server.gateway.errors import Refusal
 from antidistill.server.gateway.policy import decide, find_smuggled
-from antidistill.server.gateway.request import GenerationRequest, Parsed
+from antidistill.server.gateway.request import GenerationRequest, Parsed, canonical
 from antidistill.server.tiers import SideChannels, Tier
 from vllm.entrypoints.generate.base.protocol import StreamOptions
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -30,21 +31,40 @@ ROUTER_ONLY = ("kv_transfer_params", "ec_transfer_params")
 # the only vllm_xargs key a client may send: vLLM reads others (kv_transfer_params) from there too,
 # and a custom processor's arguments are the operator's to set
 CLIENT_XARGS = ("ad_lambda",)
+SEED_UNSUPPORTED = (
+    "per-request seed is not supported on this (CPU) server: vLLM's CPU build crashes the engine when a "
+    "seeded request is prefilled in chunks"
+)
 
 
 @dataclass(frozen=True)
 class Admission:
-    """What the gateway decided: the request to forward and what the audit line must say."""
+    """What the gateway decided: the request to forward, the processor's arguments, and what the
+    limits, the response labels and the audit line must say."""
 
-    request: GenerationRequest
-    lam: float
-    profile: str | None
+    request: GenerationRequest  # as vLLM will run it (``body`` adds the failure-ledger ticket)
+    args: RequestArgs  # λ, profile, failure policy and tenant salt, for the worker
+    escalated: bool  # λ was decided under the key's or account's escalation floor
     stream: bool
     hide_usage: bool  # usage is reported for exact counting; the client did not ask for it
     running_usage: bool  # the client asked for every chunk's usage (continuous_usage_stats) itself
     budget: int  # tokens counted against the tier's tpm: prompts + output limit × prompts × n
     weight: int  # requests counted against rpm and in-flight limits: prompts × n
     output_budget: int  # the most output tokens vLLM may produce for it (charged when nothing is known)
+    strength: float | None = None  # λ·s on the applied profile (None: its gradient stores no Δ scale)
+
+    @property
+    def lam(self) -> float:
+        return self.args.lam
+
+    @property
+    def profile(self) -> str | None:
+        return self.args.profile or None
+
+    def body(self, ticket: int | None = None) -> dict[str, Any]:
+        """The JSON vLLM is sent: the request's canonical form, whose ``vllm_xargs`` are the
+        processor's arguments with the failure-ledger ticket the guard watches."""
+        return {**canonical(self.request), "vllm_xargs": replace(self.args, ticket=ticket).to_xargs()}
 
 
 def admit(
@@ -57,10 +77,14 @@ def admit(
     max_model_len: int | None = None,
     tenant_key: bytes | None = None,
     tenant: str = "",
+    refuse_seeds: bool = False,
 ) -> Admission:
     """Decide on ``parsed`` for a caller of ``tier``; raises Refusal (403 or 400). With
     ``tenant_key``, the ``tenant``'s salt separates its prefix caches, the teacher's and the
-    proxy's, from every other tenant's; ``max_model_len`` bounds output that no cap limits."""
+    proxy's, from every other tenant's; ``max_model_len`` bounds output that no cap limits;
+    ``refuse_seeds``: the engine cannot serve a per-request seed (GatewayConfig.refuse_seeds)."""
+    if refuse_seeds and parsed.request.seed is not None:
+        raise Refusal(400, SEED_UNSUPPORTED, "seed")
     smuggled = find_smuggled(parsed.raw)
     if smuggled:
         raise Refusal(403, f"{smuggled}: antidistillation arguments go in vllm_xargs only", smuggled)
@@ -87,14 +111,12 @@ def admit(
     running_usage = asked_usage and bool(req.stream_options.continuous_usage_stats)
     if stream:  # every chunk carries its choice's running count: a dropped stream is charged what it got
         update["stream_options"] = StreamOptions(include_usage=True, continuous_usage_stats=True)
-    new_xargs: dict[str, Any] = {"ad_lambda": decision.lam}
-    if decision.profile:
-        new_xargs["ad_profile"] = decision.profile
-    if tenant_key is not None:
-        salt = tenant_salt(tenant_key, tenant, req.cache_salt)
+    salt = None if tenant_key is None else tenant_salt(tenant_key, tenant, req.cache_salt)
+    if salt is not None:
         update["cache_salt"] = salt
-        new_xargs["ad_salt"] = salt
-    update["vllm_xargs"] = new_xargs
+    on_failure = tier.on_protection_failure if decision.lam > 0 else "refuse"  # λ = 0: nothing can fail
+    args = RequestArgs(decision.lam, decision.profile or "", on_failure=on_failure, salt=salt)
+    update["vllm_xargs"] = args.to_xargs()
     admitted = req.model_copy(update=update)
     prompts = prompt_tokens(admitted)
     weight = len(prompts) * max(req.n or 1, 1)
@@ -102,8 +124,8 @@ def admit(
     output = sum(per_choice) * max(req.n or 1, 1)
     return Admission(
         admitted,
-        decision.lam,
-        decision.profile,
+        args,
+        escalated is not None,
         stream,
         stream and not asked_usage,
         running_usage,

@@ -22,21 +22,21 @@ from collections.abc import Callable
 from functools import partial
 
 from antidistill.proxy_worker.runtime.failure_ledger import FailureLedger
+from antidistill.proxy_worker.runtime.logs import use_vllm_logging
 from antidistill.server.gateway.accounting import Accounting, Exchange
-from antidistill.server.gateway.admission import admit
 from antidistill.server.gateway.body import read_body, replay, served_max_model_len
 from antidistill.server.gateway.config import GatewayConfig
 from antidistill.server.gateway.credentials import bearer
 from antidistill.server.gateway.errors import Refusal, error_body, respond
+from antidistill.server.gateway.gate import Gate
 from antidistill.server.gateway.guard import FailureWatcher, ProtectionGuard
 from antidistill.server.gateway.lifecycle import Lifecycle
-from antidistill.server.gateway.limits.memory import Lease, scopes_for
 from antidistill.server.gateway.limits.redis_state import open_state
 from antidistill.server.gateway.metrics import serve_metrics
 from antidistill.server.gateway.metrics_key import METRICS_PATH
 from antidistill.server.gateway.nonces import open_nonces
 from antidistill.server.gateway.policy import LAMBDA_HEADER
-from antidistill.server.gateway.request import canonical, parse
+from antidistill.server.gateway.request import parse
 from antidistill.server.gateway.tier_checks import load_servable
 from antidistill.server.gateway.trusted_gateway import GatewayVerifier
 from antidistill.server.tiers import Caller, TiersError, hash_key
@@ -47,11 +47,7 @@ log = logging.getLogger("antidistill.server.gateway")
 GENERATE = ("/v1/completions", "/v1/chat/completions")
 OPEN = ("/health", "/ping")
 EXPOSED = (*GENERATE, *OPEN, METRICS_PATH, "/v1/models", "/version")
-INLINE_PARSE_BYTES = 64 * 1024  # larger bodies are parsed off the event loop (Redis deadlines, other streams)
-SEED_UNSUPPORTED = (
-    "per-request seed is not supported on this (CPU) server: vLLM's CPU build crashes the engine when a "
-    "seeded request is prefilled in chunks"
-)
+INLINE_PARSE_BYTES = 64 * 1024  # one parse, with vLLM's model for the route: larger bodies off the event loop
 
 
 class AntidistillationMiddleware:
@@ -61,14 +57,15 @@ class AntidistillationMiddleware:
         self.app = app
         self.config = config or GatewayConfig.from_env()
         self.tiers = load_servable(self.config.tiers, self.config.scales, self.config.engine)
-        self.limits = open_state(self.config.state, self.config.state_lease_seconds, self.config.state_timeout)
+        limits = open_state(self.config.state, self.config.state_lease_seconds, self.config.state_timeout)
+        self.gate = Gate(limits, self.config.tenant_salt_key, self.config.refuse_seeds)
         secret = self.config.gateway_secret
         nonces = open_nonces(self.config.state, self.config.state_timeout) if secret else None
         self.gateway = GatewayVerifier(secret, self.config.gateway_max_skew, nonces=nonces) if secret else None
         self.watcher = FailureWatcher(FailureLedger(self.config.ledger))
         self.accounting = Accounting(self.config.audit_log, self.config.audit_text)
         self.lifecycle = Lifecycle(self.config.drain_timeout, self.reload)
-        _use_vllm_logging()
+        use_vllm_logging("antidistill.server")
 
     def reload(self) -> bool:
         """Re-read the tiers file and run the start-up checks on it (server/gateway/tier_checks.py); a file
@@ -119,11 +116,16 @@ class AntidistillationMiddleware:
                 raw = await read_body(receive, scope, self.config.max_body_bytes)
                 await self.gateway.bind(scope, raw)
             except Refusal as err:
-                extra = [(b"retry-after", str(err.retry_after).encode())] if err.retry_after else []
-                await respond(send, err.status, error_body(err.status, err.message, err.param), extra)
-                return self.accounting.finish(Exchange(caller, scope["path"], time.monotonic(), status=err.status))
+                return await self._refuse(send, Exchange(caller, scope["path"], time.monotonic()), err)
             receive = replay(raw, receive)
         await self.app(scope, receive, send)
+
+    async def _refuse(self, send: Send, ex: Exchange, err: Refusal) -> None:
+        """Answer a refusal (with Retry-After where waiting helps) and audit it."""
+        ex.status = err.status
+        extra = [(b"retry-after", str(err.retry_after).encode())] if err.retry_after else []
+        await respond(send, err.status, error_body(err.status, err.message, err.param), extra)
+        self.accounting.finish(ex)
 
     async def _authenticate(self, scope: Scope, send: Send) -> Caller | None:
         """The caller of the request's one credential; None once a refusal (400: more than one
@@ -151,19 +153,23 @@ class AntidistillationMiddleware:
             raw = await read_body(receive, scope, self.config.max_body_bytes)
             if self.gateway is not None:  # the exact bytes received, before anything is decided on them
                 await self.gateway.bind(scope, raw)
-            body, lease = await self._admit(ex, raw, scope)
+            big = len(raw) > INLINE_PARSE_BYTES  # parsed off the event loop (Redis deadlines, other streams)
+            parsed = await asyncio.to_thread(parse, ex.path, raw) if big else parse(ex.path, raw)
+            decision, lease = await self.gate.admit(
+                parsed, caller, self.tiers, lambda_header(scope), served_max_model_len(scope)
+            )
         except Refusal as err:
-            ex.status = err.status
-            extra = [(b"retry-after", str(err.retry_after).encode())] if err.retry_after else []
-            await respond(send, err.status, error_body(err.status, err.message, err.param), extra)
-            return self.accounting.finish(ex)
-        if ex.lam:  # protected: the worker reports a step without Δ under this ticket
-            ex.watch = self.watcher.open(refuse=caller.tier.on_protection_failure == "refuse")
-            body["vllm_xargs"].update(ad_ticket=ex.watch.ticket, ad_on_failure=caller.tier.on_protection_failure)
+            return await self._refuse(send, ex, err)
+        ex.decision = decision
+        if decision.lam:  # protected: the worker reports a step without Δ under this ticket
+            ex.watch = self.watcher.open(refuse=decision.args.on_failure == "refuse")
+        body = decision.body(ticket=None if ex.watch is None else ex.watch.ticket)
+        if self.accounting.audit_text:
+            ex.prompt_text = body.get("messages") or body.get("prompt")
         payload = json.dumps(body).encode()
         headers_out = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         scope = {**scope, "headers": [*headers_out, (b"content-length", str(len(payload)).encode())]}
-        labelled = self.accounting.labelled(send, ex, partial(self.limits.charge, lease))
+        labelled = self.accounting.labelled(send, ex, partial(self.gate.limits.charge, lease))
         try:
             with self.lifecycle.request():
                 if ex.watch is None:
@@ -176,64 +182,12 @@ class AntidistillationMiddleware:
             if ex.watch is not None:
                 self.watcher.close(ex.watch)
             self.accounting.finish(ex)
-            await self.limits.release(lease, ex.completion_tokens - ex.charged)
-
-    async def _admit(self, ex: Exchange, raw: bytes, scope: Scope) -> tuple[dict, Lease]:
-        """Parse the body once with vLLM's model for the route, decide on it, count it against the
-        key's and account's limits, and return the JSON object vLLM is sent (its canonical
-        serialisation) with the request's lease; raises Refusal (400/403/429)."""
-        parsed = await asyncio.to_thread(parse, ex.path, raw) if len(raw) > INLINE_PARSE_BYTES else parse(ex.path, raw)
-        if parsed.request.seed is not None and self.config.refuse_seeds:
-            raise Refusal(400, SEED_UNSUPPORTED, "seed")
-        caller = ex.caller
-        scopes = scopes_for(caller, self.tiers.account(caller.account))
-        decide = partial(
-            admit,
-            parsed,
-            caller.tier_name,
-            caller.tier,
-            _lambda_header(scope),
-            max_model_len=served_max_model_len(scope),
-            tenant_key=self.config.tenant_salt_key,
-            tenant=f"account:{caller.account}" if caller.account is not None else scopes[0].id,
-        )
-        known = self.limits.known_escalation(scopes)
-        decided = decide(known)
-        grant = await self.limits.admit(scopes, decided.budget, decided.weight)  # one round trip
-        escalated = _higher(known, grant.escalated)  # never lower than what this process knew
-        if escalated != known:  # the shared state knew of an escalation this process did not
-            try:
-                decided = decide(escalated)
-            except Refusal:
-                await self.limits.release(grant.lease, 0, refund=True)
-                raise
-        ex.lam, ex.profile, ex.escalated = decided.lam, decided.profile, escalated is not None
-        ex.strength = self.tiers.scales.strength(decided.lam, decided.profile)
-        ex.stream, ex.hide_usage = decided.stream, decided.hide_usage
-        ex.hide_running_usage, ex.output_budget = not decided.running_usage, decided.output_budget
-        body = canonical(decided.request)
-        ex.prompt_text = (body.get("messages") or body.get("prompt")) if self.accounting.audit_text else None
-        return body, grant.lease
+            await self.gate.limits.release(lease, ex.completion_tokens - ex.charged)
 
 
-def _higher(known: float | None, shared: float | None) -> float | None:
-    return shared if known is None else known if shared is None else max(known, shared)
-
-
-def _lambda_header(scope: Scope) -> str | None:
+def lambda_header(scope: Scope) -> str | None:
     """The client's λ request header; repeated copies must agree (latin-1: HTTP allows obs-text)."""
     values = {v.decode("latin-1") for k, v in scope["headers"] if k.decode("latin-1").lower() == LAMBDA_HEADER}
     if len(values) > 1:
         raise Refusal(400, f"{len(values)} different {LAMBDA_HEADER} headers: send one", LAMBDA_HEADER)
     return next(iter(values), None)
-
-
-def _use_vllm_logging() -> None:
-    """Send the gateway's log lines (reload, drain) through vLLM's handlers, format and level:
-    without a handler of its own, the server process would drop them."""
-    ours, theirs = logging.getLogger("antidistill.server"), logging.getLogger("vllm")
-    if not ours.handlers and theirs.handlers:
-        for handler in theirs.handlers:
-            ours.addHandler(handler)
-        ours.setLevel(logging.INFO)
-        ours.propagate = False

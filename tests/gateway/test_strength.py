@@ -9,9 +9,12 @@ import logging
 import pytest
 import yaml
 from antidistill.proxy_worker.core.strength import ADD_SCALE, ProfileScales, lambda_for, strength_of
+from antidistill.proxy_worker.runtime.settings import RequestArgs
 from antidistill.server.embedded import setup as default_setup
 from antidistill.server.gateway.accounting import Accounting, Exchange
+from antidistill.server.gateway.admission import Admission
 from antidistill.server.gateway.config import SCALES_ENV, GatewayConfig, GatewayConfigError
+from antidistill.server.gateway.request import parse
 from antidistill.server.startup.preflight import describe_tiers
 from antidistill.server.tiers import Caller, TiersError, load_tiers
 
@@ -110,13 +113,13 @@ def test_response_labels_and_audit_carry_lambda_and_strength(tmp_path):
     accounting.audit = logging.getLogger("tests.strength.audit")
     accounting.audit.addHandler(ListHandler(lines))
     accounting.audit.setLevel(logging.INFO)
-    ex = Exchange(Caller("abc", "free", None), "/v1/completions", 0.0, lam=0.0025, strength=1.0, profile="math")
+    ex = Exchange(Caller("abc", "free", None), "/v1/completions", 0.0, decided(0.0025, "math", strength=1.0))
     assert labels(accounting, ex)[b"x-antidistillation-lambda"] == b"0.0025"
     assert labels(accounting, ex)[b"x-antidistillation-strength"] == b"1"
     accounting.finish(ex)
     line = json.loads(lines[-1])
     assert (line["lambda"], line["strength"], line["profile"]) == (0.0025, 1.0, "math")
-    unknown = Exchange(Caller("abc", "old", None), "/v1/completions", 0.0, lam=1.0, profile="legacy")
+    unknown = Exchange(Caller("abc", "old", None), "/v1/completions", 0.0, decided(1.0, "legacy", strength=None))
     assert b"x-antidistillation-strength" not in labels(accounting, unknown), "no scale: no strength is claimed"
 
 
@@ -127,6 +130,12 @@ class ListHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.out.append(record.getMessage())
+
+
+def decided(lam: float, profile: str, strength: float | None) -> Admission:
+    """An admission at ``lam`` on ``profile`` (what the gate hands the router)."""
+    request = parse("/v1/completions", b'{"model": "m", "prompt": "x"}').request
+    return Admission(request, RequestArgs(lam, profile), False, False, False, False, 1, 1, 16, strength)
 
 
 def labels(accounting: Accounting, ex: Exchange) -> dict[bytes, bytes]:

@@ -10,7 +10,13 @@ from antidistill.benchmarks.tiny.serving import build_models
 from antidistill.proxy_worker.core.delta import finite_difference
 from antidistill.proxy_worker.core.plan import build_plan
 from antidistill.proxy_worker.runtime.protection import Protection
-from antidistill.proxy_worker.runtime.settings import RequestArgs, SettingsError, parse_request_args, parse_settings
+from antidistill.proxy_worker.runtime.settings import (
+    REQUEST_KEYS,
+    RequestArgs,
+    SettingsError,
+    parse_request_args,
+    parse_settings,
+)
 from antidistill.proxy_worker.runtime.vocabulary import VocabularyMismatch
 from prometheus_client import REGISTRY
 
@@ -97,6 +103,21 @@ def test_the_request_salt_scopes_proxy_prefix_sharing(protection, models):
     rows = protection.engines["math"].cache.rows
     assert rows[1].shared == 2 and rows[1].blocks[:2] == rows[0].blocks[:2], "same tenant: shared"
     assert rows[2].shared == 0 and not set(rows[2].blocks) & set(rows[0].blocks), "another tenant: nothing"
+
+
+def test_request_args_round_trip_through_vllm_xargs(models):
+    """``to_xargs`` is the one writer of the worker's arguments: what it writes parses back to the
+    same arguments, defaults are left out, and a key it cannot write is one the worker would refuse."""
+    settings = parse_settings(models.settings(), "test")
+    cases = [
+        RequestArgs(0.0, "math"),
+        RequestArgs(1.5, "math", "permutation", ticket=7, on_failure="degrade", salt="t" + "a" * 40),
+        RequestArgs(2.0, "math", ticket=2**63 - 1),
+    ]
+    for args in cases:
+        assert parse_request_args(args.to_xargs(), settings) == args
+    assert RequestArgs(0.0).to_xargs() == {"ad_lambda": 0.0}
+    assert set(cases[1].to_xargs()) == set(REQUEST_KEYS)
 
 
 def test_request_args_validation(models):

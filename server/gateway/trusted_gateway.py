@@ -113,23 +113,9 @@ def signed_headers(
     stamp = str(int(time.time() if now is None else now))
     nonce = secrets.token_urlsafe(16) if nonce is None else nonce
     digest = body_sha256(body)
-    return {
-        "X-Antidistill-Tier": tier,
-        "X-Antidistill-Account": account,
-        "X-Antidistill-Timestamp": stamp,
-        "X-Antidistill-Nonce": nonce,
-        "X-Antidistill-Body-Sha256": digest,
-        "X-Antidistill-Signature": sign(
-            secret,
-            tier=tier,
-            account=account,
-            timestamp=stamp,
-            nonce=nonce,
-            method=method,
-            path=path,
-            body_hash=digest,
-        ),
-    }
+    fields = {"timestamp": stamp, "nonce": nonce, "method": method, "path": path, "body_hash": digest}
+    values = (tier, account, stamp, nonce, digest, sign(secret, tier=tier, account=account, **fields))
+    return {name.title(): value for name, value in zip(SIGNED_HEADERS, values, strict=True)}
 
 
 def resolve_secret(flag: str | None, environ: Mapping[str, str]) -> str | None:

@@ -30,13 +30,12 @@ import argparse
 import gc
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from antidistill.benchmarks.report import write_json
+from antidistill.benchmarks.timing import copy_bandwidth, first_call_seconds, median_seconds
 from antidistill.proxy_worker.core.config import ProxyConfig, parse_config
 from antidistill.proxy_worker.core.delta import finite_difference
 from antidistill.proxy_worker.core.model import StackedProxy
@@ -113,38 +112,10 @@ def step_cost(cfg: ProxyConfig, copies: int, batch: int, context: int, elem: int
 
 def machine_roofline(device: str, dtype: torch.dtype) -> tuple[float, float]:
     """(bytes/s, FLOP/s) measured here: a large copy and a large matmul."""
-    x = torch.empty(64 * 2**20, dtype=torch.float32, device=device)
-    y = torch.empty_like(x)
-    bw = 2 * x.numel() * 4 / _median_time(lambda: y.copy_(x), 5, device)
+    bw = copy_bandwidth(device, 256 * 2**20, 5)
     a = torch.randn(2048, 2048, dtype=dtype, device=device)
-    flops = 2 * 2048**3 / _median_time(lambda: a @ a, 5, device)
+    flops = 2 * 2048**3 / median_seconds(lambda: a @ a, 5, device, warmup=1)
     return bw, flops
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _first_call(fn: Callable[[], object], device: str) -> float:
-    """Seconds of one call (the warm-up: compiling, caches)."""
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
-def _median_time(fn: Callable[[], object], iters: int, device: str, warm: bool = False) -> float:
-    if not warm:
-        fn()
-        _sync(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def decode_fn(
@@ -209,7 +180,7 @@ def shared_prefix_run(args: argparse.Namespace, model: StackedProxy) -> list[dic
                         out.append(1)
                     return engine.step(range(len(outputs)))
 
-                ms = 1e3 * _median_time(step, args.iters, args.device)
+                ms = 1e3 * median_seconds(step, args.iters, args.device, warmup=1)
                 point = dict(batch=batch, context=context, shared_prefix=shared, tokens_held=held)
                 points.append(point | dict(prefill_tokens=prefill, decode_ms=ms))
                 print(f"{batch:>5} {context:>5} {shared:>6} {held:>11} {prefill:>8} {ms:>9.1f}", flush=True)
@@ -257,8 +228,8 @@ def run(args: argparse.Namespace) -> dict:
             ms, first = {}, {}
             for name, (models, path) in modes.items():
                 fn = decode_fn(models, batch, context, args.device, path)
-                first[name] = _first_call(fn, args.device)
-                ms[name] = 1e3 * _median_time(fn, args.iters, args.device, warm=True)
+                first[name] = first_call_seconds(fn, args.device)
+                ms[name] = 1e3 * median_seconds(fn, args.iters, args.device)
                 del fn
                 gc.collect()
             nbytes, flops = step_cost(cfg, 2, batch, context, elem)

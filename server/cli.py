@@ -2,11 +2,13 @@
 
 Each sub-command is a module with ``main(argv) -> int``, imported only when that command runs:
 ``antidistill keygen`` loads neither vLLM nor the evaluation, and the gateway has no import-time edge
-to ``benchmarks``.
+to ``benchmarks``. A command with ``metrics_dir`` (``serve``) runs inside its own prometheus_client
+multiprocess directory, set before its module is imported (server/startup/metrics_dir.py says why).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import sys
@@ -20,12 +22,14 @@ class Command:
     summary: str  # its line in `antidistill --help`
     needs: tuple[str, ...] = ()  # import names from an optional extra, checked before the module loads
     extra: str = ""  # the extra that installs them
+    metrics_dir: bool = False  # runs in a fresh PROMETHEUS_MULTIPROC_DIR, set before the module is imported
 
 
 COMMANDS = {
     "serve": Command(
         "antidistill.server.startup.serve",
         "serve a teacher with antidistillation sampling (--embedded-default: the demo)",
+        metrics_dir=True,
     ),
     "keygen": Command("antidistill.server.keygen", "print a new API key and its tiers-file entry"),
     "gradient": Command("antidistill.proxy_worker.tools.gradient", "compute a proxy gradient file on holdout traces"),
@@ -70,7 +74,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    return importlib.import_module(command.module).main(argv[1:])
+    with metrics_dir() if command.metrics_dir else contextlib.nullcontext():
+        return importlib.import_module(command.module).main(argv[1:])
+
+
+def metrics_dir() -> contextlib.AbstractContextManager[str]:
+    from antidistill.server.startup.metrics_dir import serving_metrics_dir
+
+    return serving_metrics_dir()
 
 
 if __name__ == "__main__":

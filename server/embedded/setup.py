@@ -16,6 +16,8 @@ import argparse
 import gc
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -41,6 +43,18 @@ DEMO_TIERS = {
     "pro": {"strength": 0.125, "max_strength": 0.25, "rpm": 600},
     "internal": {"strength": 0.0, "max_strength": 0.375},
 }
+# The vLLM flags ``embedded_default`` adds when the operator's args do not give them (as ``--flag value``
+# or ``--flag=value``), besides ``--model`` (the prepared teacher); deploy/check_consistency.py parses the
+# shipped --embedded-default args with them.
+EMBEDDED_VLLM_DEFAULTS = {
+    "--dtype": "float32",
+    "--host": "127.0.0.1",
+    "--port": "8000",
+    "--max-model-len": "2048",
+    "--served-model-name": "smollm2-135m-instruct",
+}
+EMBEDDED_VLLM_SWITCHES = ("--enforce-eager",)  # flags without a value, added the same way
+EMBEDDED_PROFILE = "math"  # the gradient profile of the embedded default (--gradient math=…)
 
 
 def stage(n: int, text: str) -> float:
@@ -152,13 +166,56 @@ class Embedded:
     cache: Path
 
 
-def prepare() -> Embedded:
-    """Every stage, each skipped when its output is cached."""
-    cache = DEFAULT_CACHE
-    cache.mkdir(parents=True, exist_ok=True)
+def prepare(cache: Path = DEFAULT_CACHE) -> Embedded:
+    """Every stage, each skipped when its output is cached, run by ``prepare_here`` in a child process
+    (``python -m antidistill.server.embedded.setup``); its output is this process's output.
+
+    A child, because the stages load vLLM (an offline engine for the holdout traces), torch and
+    prometheus_client, and whatever they leave in a process stays in the server that runs next in it:
+    prometheus_client's multiprocess mode decided on import (the ``vllm:*`` and gateway series lost on
+    a first ``make serve``), the offline engine's threads, memory and KV reservation, its half-finished
+    shutdown (vLLM force-kills its EngineCore). The child's exit releases all of it, and it runs without
+    ``PROMETHEUS_MULTIPROC_DIR``, so nothing it counts reaches the server's /metrics. A
+    ``ModuleNotFoundError`` in the child is raised here again (the caller names the extra)."""
     # On CPU vLLM otherwise reserves a fraction of ALL memory and refuses to start when other
-    # processes hold some; a fixed KV space (GiB) is what a small box needs. Ignored on GPUs.
+    # processes hold some; a fixed KV space (GiB) is what a small box needs (the preparation's engine
+    # and, set here, the server's). Ignored on GPUs.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    env = {k: v for k, v in os.environ.items() if k.upper() != "PROMETHEUS_MULTIPROC_DIR"}
+    read, write = os.pipe()
+    argv = [sys.executable, "-m", "antidistill.server.embedded.setup", "--cache", str(cache), "--result-fd", str(write)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        child = subprocess.Popen(argv, env=env, pass_fds=(write,))
+    finally:
+        os.close(write)
+    with os.fdopen(read) as results:
+        try:
+            status = child.wait()
+        except BaseException:  # Ctrl-C, or SIGTERM: stop the child's engine too, then go on stopping
+            child.terminate()
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            raise
+        result = json.loads(results.read() or "{}")
+    if "missing" in result:
+        raise ModuleNotFoundError(f"No module named {result['missing']!r}", name=result["missing"])
+    if status != 0 or "embedded" not in result:
+        raise PreparationFailed(f"preparing the embedded default failed (exit status {status}; its output is above)")
+    return Embedded(**{name: Path(path) for name, path in result["embedded"].items()})
+
+
+class PreparationFailed(RuntimeError):
+    """The preparation's child process failed (it printed why)."""
+
+
+def prepare_here(cache: Path = DEFAULT_CACHE) -> Embedded:
+    """Every stage, in this process (``prepare`` runs it in a child)."""
+    cache.mkdir(parents=True, exist_ok=True)
     t = stage(1, "teacher: SmolLM2-135M-Instruct (dequantising once, ~1 min)")
     teacher = prepare_smollm2(cache)
     print(f"      {teacher} ({time.time() - t:.0f} s)")
@@ -176,26 +233,47 @@ def prepare() -> Embedded:
     return Embedded(teacher, proxy, traces, grad, tiers, cache)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``prepare``'s child: ``prepare_here``, its result as JSON on ``--result-fd``."""
+    ap = argparse.ArgumentParser(prog="python -m antidistill.server.embedded.setup")
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--result-fd", type=int, required=True)
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))  # vLLM's atexit stops its engine
+    with os.fdopen(args.result_fd, "w") as out:
+        try:
+            ready = prepare_here(args.cache)
+        except ModuleNotFoundError as exc:
+            if exc.name is None:
+                raise
+            out.write(json.dumps({"missing": exc.name}))
+            return 1
+        sys.stdout.flush()
+        out.write(json.dumps({"embedded": {name: str(path) for name, path in vars(ready).items()}}))
+    return 0
+
+
 def embedded_default(ours: argparse.Namespace, rest: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Prepare every stage and return serve arguments pointing at the results."""
     ready = prepare()
     if ours.metrics_key_file is None and not os.environ.get(METRICS_KEY_ENV):
         ours.metrics_key_file = str(demo_metrics_key(ready.cache / "metrics-key.txt"))
-    print("      starting the server on http://127.0.0.1:8000", flush=True)
+    host, port = EMBEDDED_VLLM_DEFAULTS["--host"], EMBEDDED_VLLM_DEFAULTS["--port"]
+    print(f"      starting the server on http://{host}:{port}", flush=True)
     ours.proxy = ours.proxy or str(ready.proxy)
-    ours.gradient = ours.gradient or [f"math={ready.gradient}"]
+    ours.gradient = ours.gradient or [f"{EMBEDDED_PROFILE}={ready.gradient}"]
     ours.tiers = ours.tiers or str(ready.tiers)
-    teacher = ready.teacher
-    defaults = {
-        "--model": str(teacher),
-        "--dtype": "float32",
-        "--host": "127.0.0.1",
-        "--port": "8000",
-        "--max-model-len": "2048",
-        "--served-model-name": "smollm2-135m-instruct",
-    }
+    return ours, with_vllm_defaults(rest, str(ready.teacher))
+
+
+def with_vllm_defaults(rest: list[str], teacher: str) -> list[str]:
+    """vLLM's args ``rest`` and, after them, each of ``--model teacher``, ``EMBEDDED_VLLM_DEFAULTS``
+    and ``EMBEDDED_VLLM_SWITCHES`` that ``rest`` does not give."""
     given = {arg.split("=", 1)[0] for arg in rest if arg.startswith("--")}
+    defaults = {"--model": teacher, **EMBEDDED_VLLM_DEFAULTS}
     extra = [item for flag, value in defaults.items() if flag not in given for item in (flag, value)]
-    if "--enforce-eager" not in given:
-        extra.append("--enforce-eager")
-    return ours, [*rest, *extra]
+    return [*rest, *extra, *(flag for flag in EMBEDDED_VLLM_SWITCHES if flag not in given)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,13 +29,7 @@ ENGINE_ENV = "ANTIDISTILL_ENGINE_LIMITS"  # JSON: what a reloaded tiers file is 
 
 
 STATE_SCHEMES = ("redis://", "rediss://", "unix://")
-
-
-def check_state_timeout(seconds: float) -> float:
-    """Redis is on the admission path: a timeout above a few seconds would hold every request."""
-    if not 0.01 <= seconds <= 5:
-        raise ValueError(f"--state-timeout {seconds:g}: must be between 0.01 and 5 seconds")
-    return seconds
+MIN_BODY_BYTES = 1024  # the smallest --max-body-bytes accepted
 
 
 def check_state_url(url: str) -> str:
@@ -87,6 +81,23 @@ class GatewayConfig:
     # offset" in the V1 runner's bookkeeping): `antidistill serve` sets this on vLLM's CPU platform
     refuse_seeds: bool = False
 
+    def validate(self) -> GatewayConfig:
+        """Every rule on these settings, in one place: ``from_env`` runs it on what it reads, and
+        ``antidistill serve`` on its flags before vLLM starts (one line each, naming the flag)."""
+        try:
+            check_skew(self.gateway_max_skew)
+            if self.state is not None:
+                check_state_url(self.state)
+        except ValueError as exc:  # GatewaySecretError is one
+            raise GatewayConfigError(str(exc)) from None
+        if not self.state_lease_seconds >= 1:
+            raise GatewayConfigError(f"--state-lease-seconds {self.state_lease_seconds:g}: must be at least 1")
+        if not 0.01 <= self.state_timeout <= 5:  # Redis is on the admission path: more would hold every request
+            raise GatewayConfigError(f"--state-timeout {self.state_timeout:g}: must be between 0.01 and 5 seconds")
+        if self.max_body_bytes is not None and self.max_body_bytes < MIN_BODY_BYTES:
+            raise GatewayConfigError(f"--max-body-bytes {self.max_body_bytes}: must be at least {MIN_BODY_BYTES}")
+        return self
+
     def export(self, env: MutableMapping[str, str] = os.environ) -> None:
         """Hand the configuration to the middleware vLLM will build in this process (tests pass
         their own mapping, so nothing leaks into the environment of later tests)."""
@@ -132,10 +143,10 @@ class GatewayConfig:
                 drain_timeout=float(env.get(DRAIN_ENV, cls.drain_timeout)),
                 max_body_bytes=int(body) if body else None,
                 gateway_secret=resolve_secret(env[SECRET_ENV], {}) if env.get(SECRET_ENV) else None,
-                gateway_max_skew=check_skew(float(env.get(GATEWAY_SKEW_ENV, cls.gateway_max_skew))),
-                state=check_state_url(env[STATE_ENV]) if env.get(STATE_ENV) else None,
+                gateway_max_skew=float(env.get(GATEWAY_SKEW_ENV, cls.gateway_max_skew)),
+                state=env.get(STATE_ENV) or None,
                 state_lease_seconds=float(env.get(LEASE_ENV, cls.state_lease_seconds)),
-                state_timeout=check_state_timeout(float(env.get(STATE_TIMEOUT_ENV, cls.state_timeout))),
+                state_timeout=float(env.get(STATE_TIMEOUT_ENV, cls.state_timeout)),
                 scales=ProfileScales.from_json(json.loads(env[SCALES_ENV])) if env.get(SCALES_ENV) else ProfileScales(),
                 tenant_salt_key=_salt_key(env.get(TENANT_SALT_ENV)),
                 metrics_key=check_metrics_key(env[METRICS_KEY_ENV]) if env.get(METRICS_KEY_ENV) else None,
@@ -144,8 +155,7 @@ class GatewayConfig:
             )
         except ValueError as exc:  # json.JSONDecodeError is one
             raise GatewayConfigError(f"gateway configuration: {exc}") from None
-        if not config.state_lease_seconds >= 1:
-            raise GatewayConfigError(f"{LEASE_ENV} must be at least 1 (seconds), got {config.state_lease_seconds}")
-        if config.max_body_bytes is not None and config.max_body_bytes <= 0:
-            raise GatewayConfigError(f"{MAX_BODY_ENV} must be positive, got {config.max_body_bytes}")
-        return config
+        try:
+            return config.validate()
+        except GatewayConfigError as exc:
+            raise GatewayConfigError(f"gateway configuration: {exc}") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import json
 import os
 import secrets
@@ -20,8 +21,9 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING
 
+from antidistill.proxy_worker.core.strength import ProfileScales
 from antidistill.proxy_worker.runtime.settings import (
     CONFIG_KEY,
     ENV_VAR,
@@ -31,19 +33,13 @@ from antidistill.proxy_worker.runtime.settings import (
     SettingsError,
     parse_settings,
 )
-from antidistill.server.gateway.config import DRAIN_ENV, GatewayConfig, check_state_timeout, check_state_url
-from antidistill.server.gateway.metrics_key import METRICS_KEY_ENV, MetricsKeyError, resolve_metrics_key
+from antidistill.server.gateway.config import DRAIN_ENV, GatewayConfig, GatewayConfigError
+from antidistill.server.gateway.metrics_key import MetricsKeyError, resolve_metrics_key
 from antidistill.server.gateway.metrics_key import startup_line as metrics_line
 from antidistill.server.gateway.tier_checks import EngineLimits
-from antidistill.server.gateway.trusted_gateway import (
-    DEFAULT_MAX_SKEW,
-    SECRET_ENV,
-    GatewaySecretError,
-    check_skew,
-    resolve_secret,
-    startup_line,
-)
+from antidistill.server.gateway.trusted_gateway import GatewaySecretError, resolve_secret, startup_line
 from antidistill.server.startup.cpu_platform import apply_engine_env, engine_env, on_cpu, usable_cpus
+from antidistill.server.startup.flags import DEFAULT_PROXY_TOKENS, parse_gradient, serve_parser
 from antidistill.server.startup.preflight import (
     StartupError,
     check_checkpoints,
@@ -65,115 +61,15 @@ RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 V2_RUNNER_BY_DEFAULT = False
 
 
-DEFAULT_PROXY_TOKENS = ProcessorSettings.model_fields["token_budget"].default
-
-
-def serve_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="antidistill serve", add_help=False)
-    ap.add_argument("--proxy", help="proxy model directory (shares the teacher's tokenizer)")
-    ap.add_argument(
-        "--gradient",
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="gradient profile (repeatable); the first is the default profile",
-    )
-    ap.add_argument(
-        "--epsilon", type=float, default=1e-3, help="finite-difference ε (`antidistill calibrate` measures it)"
-    )
-    ap.add_argument("--tiers", help="tiers YAML (API keys → λ)")
-    ap.add_argument("--proxy-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument(
-        "--proxy-attention",
-        default=ProcessorSettings.model_fields["proxy_attention"].default,
-        choices=get_args(ProcessorSettings.model_fields["proxy_attention"].annotation),
-        help="proxy attention: 'reference' gathers the paged KV per layer, 'flex' reads it in place "
-        "(compiled FlexAttention; compiles once per shape bucket) (default: %(default)s)",
-    )
-    ap.add_argument(
-        "--proxy-token-budget",
-        type=int,
-        help=f"proxy KV tokens per profile (default {DEFAULT_PROXY_TOKENS}); the teacher's KV is capped to fit it, "
-        "or, given --num-gpu-blocks-override alone, the pool is sized from that",
-    )
-    ap.add_argument("--max-lambda", type=float, default=50.0, help="largest λ the engine accepts")
-    ap.add_argument(
-        "--audit-log",
-        default=GatewayConfig.audit_log,
-        metavar="PATH",
-        help="append one JSON line per request to this file; '-' is stderr (default: %(default)s)",
-    )
-    ap.add_argument("--audit-text", action="store_true", help="include prompt text in audit lines")
-    ap.add_argument(
-        "--shared-prefix-cache",
-        action="store_true",
-        help="let tenants share the teacher's and the proxy's prefix caches (default: a keyed cache_salt per "
-        "account, so no tenant can probe another's prompts through cache hits)",
-    )
-    ap.add_argument(
-        "--max-body-bytes",
-        type=int,
-        help="largest generation request body in bytes, larger ones get 413 (default: 64 × max-model-len + 1 MiB)",
-    )
-    ap.add_argument(
-        "--trust-gateway",
-        nargs="?",
-        const="",
-        metavar="SECRET",
-        help="trusted-gateway mode: an upstream gateway names tier and account in HMAC-signed headers "
-        f"(docs/trusted-gateway.md); without SECRET it is read from {SECRET_ENV}",
-    )
-    ap.add_argument(
-        "--gateway-max-skew",
-        type=float,
-        default=DEFAULT_MAX_SKEW,
-        metavar="SECONDS",
-        help=f"trusted-gateway signatures older or newer than this are refused (default {DEFAULT_MAX_SKEW:g})",
-    )
-    ap.add_argument(
-        "--state",
-        metavar="URL",
-        help="share rate limits, in-flight leases and escalation with every replica through Redis "
-        "(redis://host:port/db); without it each API-server process counts alone (deploy/README.md: Scaling)",
-    )
-    ap.add_argument(
-        "--state-lease-seconds",
-        type=float,
-        default=GatewayConfig.state_lease_seconds,
-        metavar="SECONDS",
-        help="with --state: a dead replica's in-flight slots are freed after this (default 30; renewed while running)",
-    )
-    ap.add_argument(
-        "--state-timeout",
-        type=float,
-        default=GatewayConfig.state_timeout,
-        metavar="SECONDS",
-        help="with --state: bound on each Redis operation; slower answers fall back to this process's own "
-        f"limits for a second (default {GatewayConfig.state_timeout:g})",
-    )
-    ap.add_argument(
-        "--metrics-key-file",
-        metavar="PATH",
-        help="/metrics answers only Authorization: Bearer <the key in this file> (or set "
-        f"{METRICS_KEY_ENV}); without a metrics key /metrics answers 403: its counters follow every tenant's "
-        "traffic (docs/metrics.md)",
-    )
-    ap.add_argument(
-        "--embedded-default",
-        action="store_true",
-        help="prepare and serve the embedded SmolLM2 default (teacher, proxy, gradient, demo tiers)",
-    )
-    return ap
-
-
 def processor_settings(ours: argparse.Namespace) -> ProcessorSettings:
     if not ours.proxy or not ours.gradient:
         raise StartupError("--proxy and at least one --gradient NAME=PATH are required")
     profiles = {}
     for item in ours.gradient:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise StartupError(f"--gradient {item!r}: expected NAME=PATH")
+        try:
+            name, path = parse_gradient(item)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
         if not Path(path).is_file():
             raise StartupError(f"--gradient {name}: {path}: file not found")
         profiles[name] = path
@@ -193,14 +89,39 @@ def processor_settings(ours: argparse.Namespace) -> ProcessorSettings:
         raise StartupError(str(exc)) from None
 
 
+def gateway_config(
+    ours: argparse.Namespace, scales: ProfileScales, gateway_secret: str | None, metrics_key: str | None
+) -> GatewayConfig:
+    """The gateway's settings from the flags, checked by ``GatewayConfig.validate`` (the rules the
+    gateway applies when it reads them back) before vLLM starts. The failure ledger, the engine's
+    limits and the seed rule are filled in once vLLM's flags are parsed (``dataclasses.replace``)."""
+    try:
+        return GatewayConfig(
+            tiers=Path(ours.tiers),
+            ledger=Path(),  # made once every check has passed (fresh_failure_ledger)
+            audit_log=ours.audit_log,
+            audit_text=ours.audit_text,
+            drain_timeout=float(os.environ.get(DRAIN_ENV, "120")),
+            max_body_bytes=ours.max_body_bytes,
+            gateway_secret=gateway_secret,
+            gateway_max_skew=ours.gateway_max_skew,
+            state=ours.state,
+            state_lease_seconds=ours.state_lease_seconds,
+            state_timeout=ours.state_timeout,
+            scales=scales,
+            tenant_salt_key=None if ours.shared_prefix_cache else secrets.token_bytes(32),
+            metrics_key=metrics_key,
+        ).validate()
+    except GatewayConfigError as exc:
+        raise StartupError(str(exc)) from None
+
+
 def fresh_metrics_dir() -> None:
-    """Worker-side metrics reach /metrics through prometheus_client's multiprocess mode: a fresh,
-    empty directory per start (set before vLLM or prometheus_client is imported), removed on exit."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        return
-    path = tempfile.mkdtemp(prefix="antidistill-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    """The multiprocess metrics directory, unless one is set: the CLI sets it before it imports this
+    module, so this only acts for a caller of ``main`` that bypassed the CLI (server/startup/metrics_dir.py)."""
+    from antidistill.server.startup.metrics_dir import fresh_metrics_dir as set_unless_set
+
+    set_unless_set()
 
 
 def couple_capacity(
@@ -328,8 +249,6 @@ def serve(argv: Sequence[str]) -> None:
     if ours.embedded_default:
         ours, rest = prepared_default(ours, rest)
     settings = processor_settings(ours)
-    if ours.max_body_bytes is not None and ours.max_body_bytes < 1024:
-        raise StartupError(f"--max-body-bytes {ours.max_body_bytes}: must be at least 1024")
     if not ours.tiers:
         raise StartupError("--tiers FILE is required (see `antidistill keygen` and docs/serving.md: Tiers)")
     scales = profile_scales(settings)
@@ -341,27 +260,12 @@ def serve(argv: Sequence[str]) -> None:
     check_teacher_args(rest)
     try:
         gateway_secret = resolve_secret(ours.trust_gateway, os.environ)
-        check_skew(ours.gateway_max_skew)
-    except GatewaySecretError as exc:
+        metrics_key = resolve_metrics_key(ours.metrics_key_file, os.environ)
+    except (GatewaySecretError, MetricsKeyError) as exc:
         raise StartupError(str(exc)) from None
+    gateway = gateway_config(ours, scales, gateway_secret, metrics_key)
     if gateway_secret:
         print("antidistill: " + startup_line(ours.gateway_max_skew, len(tiers.spec.keys)), file=sys.stderr, flush=True)
-
-    if ours.state is not None:
-        try:
-            check_state_url(ours.state)
-        except ValueError as exc:
-            raise StartupError(str(exc)) from None
-    if ours.state_lease_seconds < 1:
-        raise StartupError(f"--state-lease-seconds {ours.state_lease_seconds:g}: must be at least 1")
-    try:
-        check_state_timeout(ours.state_timeout)
-    except ValueError as exc:
-        raise StartupError(str(exc)) from None
-    try:
-        metrics_key = resolve_metrics_key(ours.metrics_key_file, os.environ)
-    except MetricsKeyError as exc:
-        raise StartupError(str(exc)) from None
 
     fresh_metrics_dir()
     import uvloop
@@ -379,21 +283,9 @@ def serve(argv: Sequence[str]) -> None:
     settings = couple_capacity(args, ours, settings)
     config = settings.model_dump()
     os.environ[ENV_VAR] = json.dumps({CONFIG_KEY: config})
-    GatewayConfig(
-        tiers=Path(ours.tiers),
+    dataclasses.replace(
+        gateway,
         ledger=fresh_failure_ledger(),
-        audit_log=ours.audit_log,
-        audit_text=ours.audit_text,
-        drain_timeout=float(os.environ.get(DRAIN_ENV, "120")),
-        max_body_bytes=ours.max_body_bytes,
-        gateway_secret=gateway_secret,
-        gateway_max_skew=ours.gateway_max_skew,
-        state=ours.state,
-        state_lease_seconds=ours.state_lease_seconds,
-        state_timeout=ours.state_timeout,
-        scales=scales,
-        tenant_salt_key=None if ours.shared_prefix_cache else secrets.token_bytes(32),
-        metrics_key=metrics_key,
         engine=engine,  # a SIGHUP reload runs this function's tiers checks again, against these limits
         refuse_seeds=on_cpu(),
     ).export()

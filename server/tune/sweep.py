@@ -31,83 +31,28 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from antidistill.proxy_worker.core.answers import extract_answer, is_correct
-from antidistill.proxy_worker.core.gradient_file import read_delta_scale
-from antidistill.proxy_worker.core.strength import ADD_SCALE, ProfileScales, lambda_for, strength_of
+from antidistill.proxy_worker.core.strength import lambda_for
 from antidistill.proxy_worker.core.trace_quality import trace_quality
 from antidistill.proxy_worker.runtime.offline import OfflineEngine, TraceRequest
-from antidistill.server.tiers import TiersError, load_tiers
+from antidistill.server.startup.flags import DEFAULT_PROXY_TOKENS, add_proxy_flags
+from antidistill.server.tune.inputs import (
+    Profile,
+    Prompt,
+    TuneError,
+    embedded_inputs,
+    load_profiles,
+    read_prompts,
+    tier_strengths,
+)
 
 log = logging.getLogger("antidistill.tune")
 DEFAULT_STRENGTHS = (0.25, 0.5, 1.0, 2.0, 4.0)
 SAMPLE_PROMPTS = 3  # prompts shown side by side in the report
 SAMPLE_CHARS = 400
-
-
-class TuneError(ValueError):
-    """Inputs the sweep cannot run on; printed as one line."""
-
-
-@dataclass(frozen=True)
-class Prompt:
-    ids: list[int]
-    text: str  # what the report shows
-    answer: str | None
-
-
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    gradient: str
-    scale: float
-
-
-def read_prompts(path: Path, tokenizer: Any, limit: int | None = None) -> list[Prompt]:
-    """The prompts file (see the module docstring); TuneError names a bad line."""
-    prompts = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TuneError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
-        if not isinstance(rec, dict) or ("messages" in rec) == ("prompt" in rec):
-            raise TuneError(f"{path}:{n}: expected an object with either 'messages' or 'prompt'")
-        answer = rec.get("answer")
-        if "messages" in rec:
-            # as vLLM's chat endpoint does: render the template to text, then tokenize without adding specials
-            rendered = tokenizer.apply_chat_template(rec["messages"], add_generation_prompt=True, tokenize=False)
-            ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-            text = str(rec["messages"][-1].get("content", ""))
-        else:
-            ids, text = tokenizer(str(rec["prompt"]))["input_ids"], str(rec["prompt"])
-        prompts.append(Prompt(list(ids), text, None if answer is None else str(answer)))
-        if limit is not None and len(prompts) == limit:
-            break
-    if not prompts:
-        raise TuneError(f"{path}: no prompts")
-    return prompts
-
-
-def load_profiles(items: Sequence[str], proxy: str) -> list[Profile]:
-    """``NAME=PATH`` (or a bare path: profile ``default``) with the Δ scale each file stores."""
-    profiles = []
-    for item in items:
-        name, sep, path = item.partition("=")
-        name, path = (name, path) if sep else ("default", item)
-        if not Path(path).is_file():
-            raise TuneError(f"--gradient {path}: file not found")
-        scale = read_delta_scale(path)
-        if scale is None:
-            fix = ADD_SCALE.format(proxy=proxy, gradient=path)
-            raise TuneError(f"--gradient {path} stores no Δ scale, which strengths need: store it with `{fix}`")
-        profiles.append(Profile(name, path, scale))
-    return profiles
 
 
 def request_seed(seed: int, index: int) -> int:
@@ -193,24 +138,6 @@ def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_tokens, "seed": args.seed}
 
 
-def tier_strengths(path: Path, profiles: Sequence[Profile]) -> list[dict[str, Any]]:
-    """Each tier's default strength (and its profile) in a tiers file, read as the server reads it."""
-    scales = ProfileScales(
-        {p.name: p.scale for p in profiles}, profiles[0].name, {p.name: p.gradient for p in profiles}
-    )
-    try:
-        table = load_tiers(path, scales)
-    except TiersError as exc:
-        raise TuneError(str(exc)) from None
-    out = []
-    for name, tier in table.spec.tiers.items():
-        profile = scales.profile(tier.profile)
-        if profile not in scales.scales:
-            raise TuneError(f"{path}: tier {name} uses profile {profile!r}, not given with --gradient")
-        out.append({"tier": name, "profile": profile, "strength": strength_of(tier.lambda_, scales.scales[profile])})
-    return out
-
-
 def sweep(args: argparse.Namespace) -> dict[str, Any]:
     """Run (or resume) the sweep and write the report files; returns the report."""
     from antidistill.proxy_worker.runtime.offline import offline_engine
@@ -244,7 +171,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
             "epsilon": args.epsilon,
             "proxy_dtype": args.proxy_dtype,
             "max_lambda": max(lambda_for(b, p.scale) for p, b in todo) * 1.01 + 1e-9,
-            "token_budget": args.proxy_token_budget,
+            "token_budget": args.proxy_token_budget or DEFAULT_PROXY_TOKENS,
         }
         engine_args = {
             "dtype": args.dtype,
@@ -303,18 +230,6 @@ def raw_keys(todo: Sequence[tuple[Profile, float]]) -> list[tuple[Profile, float
     return sorted(todo, key=lambda t: (t[0].name, t[1]))
 
 
-def embedded_inputs(args: argparse.Namespace) -> None:
-    """Fill what the flags left open from the embedded default, prepared as ``make serve`` does."""
-    from antidistill.server.embedded.setup import prepare, tune_prompts
-
-    ready = prepare()
-    args.model = args.model or str(ready.teacher)
-    args.proxy = args.proxy or str(ready.proxy)
-    args.gradient = args.gradient or [f"math={ready.gradient}"]
-    args.prompts = args.prompts or tune_prompts(ready.cache / "tune-gsm_symbolic.jsonl")
-    args.tiers = args.tiers or ready.tiers
-
-
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="antidistill tune", description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -324,8 +239,7 @@ def parser() -> argparse.ArgumentParser:
         "problems the gradient did not see; prepares what is not cached yet",
     )
     ap.add_argument("--model", help="teacher model directory (what `serve --model` gets)")
-    ap.add_argument("--proxy", help="proxy model directory")
-    ap.add_argument("--gradient", action="append", metavar="[NAME=]PATH", help="gradient profile (repeatable)")
+    add_proxy_flags(ap)  # --proxy, --gradient, --epsilon, --proxy-dtype, --proxy-token-budget: as `serve`'s
     ap.add_argument("--prompts", type=Path, help="JSONL: {messages | prompt, answer?} per line")
     ap.add_argument("--num-prompts", type=int, help="use only the first N prompts")
     ap.add_argument(
@@ -339,9 +253,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epsilon", type=float, default=1e-3, help="finite-difference ε, as `serve --epsilon`")
-    ap.add_argument("--proxy-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--proxy-token-budget", type=int, default=16384)
     ap.add_argument("--dtype", default="float32", help="teacher dtype (vLLM --dtype)")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=32)

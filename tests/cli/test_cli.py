@@ -26,8 +26,9 @@ from antidistill.proxy_worker.runtime.settings import PROCESSOR_PATH, PROCESSOR_
 from antidistill.server.cli import COMMANDS, main
 from antidistill.server.gateway.config import GatewayConfig
 from antidistill.server.startup import serve as serve_module
+from antidistill.server.startup.flags import serve_parser
 from antidistill.server.startup.preflight import StartupError
-from antidistill.server.startup.serve import RUNNER_ENV, engine_config, processor_for, serve_parser, with_our_processor
+from antidistill.server.startup.serve import RUNNER_ENV, engine_config, processor_for, with_our_processor
 
 
 @pytest.fixture(scope="module")
@@ -368,3 +369,52 @@ def test_proxy_attention_flag_reaches_the_processor_settings(models):
     assert processor_settings(ours).proxy_attention == "flex"
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--proxy-attention", "dense"])
+
+
+def test_serve_and_tune_take_the_proxy_flags_from_one_place():
+    """`serve` and `tune` share --proxy, --gradient, --epsilon, --proxy-dtype and --proxy-token-budget:
+    same names, defaults, types and help (``add_proxy_flags``); an unset budget is the settings' default."""
+    import argparse
+
+    from antidistill.server.startup.flags import DEFAULT_PROXY_TOKENS, add_proxy_flags
+    from antidistill.server.tune.sweep import parser as tune_parser
+
+    def described(ap):
+        keys = ("option_strings", "dest", "default", "type", "choices", "metavar", "help", "nargs")
+        return {a.dest: tuple(repr(getattr(a, k)) for k in keys) for a in ap._actions}
+
+    alone = argparse.ArgumentParser(add_help=False)
+    add_proxy_flags(alone)
+    shared = described(alone)
+    assert set(shared) == {"proxy", "gradient", "epsilon", "proxy_dtype", "proxy_token_budget"}
+    for ap in (serve_parser(), tune_parser()):
+        mine = described(ap)
+        assert {dest: mine[dest] for dest in shared} == shared, ap.prog
+    assert DEFAULT_PROXY_TOKENS == 16384 and tune_parser().parse_args([]).proxy_token_budget is None
+
+
+def test_gradient_values_are_read_by_one_rule():
+    """``NAME=PATH`` everywhere; a bare PATH only where a profile name is implied (``tune``: ``default``)."""
+    from antidistill.server.startup.flags import parse_gradient
+
+    assert parse_gradient("math=/g/a=b.safetensors") == ("math", "/g/a=b.safetensors")
+    assert parse_gradient("/g/math.safetensors", bare_name="default") == ("default", "/g/math.safetensors")
+    for bad in ("math", "=/g.safetensors", "math="):
+        with pytest.raises(ValueError, match="expected NAME=PATH"):
+            parse_gradient(bad)
+    with pytest.raises(ValueError, match="expected NAME=PATH"):
+        parse_gradient("math=", bare_name="default")
+
+
+def test_embedded_default_adds_only_the_vllm_flags_not_given():
+    """``--flag value`` and ``--flag=value`` both count as given; the rest come from EMBEDDED_VLLM_DEFAULTS."""
+    from antidistill.server.embedded.setup import EMBEDDED_VLLM_DEFAULTS, with_vllm_defaults
+
+    args = with_vllm_defaults(["--host", "0.0.0.0", "--port=9000", "--enforce-eager"], "/models/t")
+    assert args[:3] == ["--host", "0.0.0.0", "--port=9000"]
+    added = dict(zip(args[4::2], args[5::2], strict=True))
+    assert added == {
+        "--model": "/models/t",
+        **{k: v for k, v in EMBEDDED_VLLM_DEFAULTS.items() if k not in ("--host", "--port")},
+    }
+    assert with_vllm_defaults([], "/t")[-1] == "--enforce-eager"

@@ -7,8 +7,8 @@ import copy
 import json
 
 import pytest
+from antidistill.server.tune.inputs import TuneError, read_prompts
 from antidistill.server.tune.report import Tolerance, recommend
-from antidistill.server.tune.sweep import TuneError, read_prompts
 
 
 def point(strength, accuracy, nll, profile="math"):

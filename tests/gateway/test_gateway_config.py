@@ -31,7 +31,7 @@ def test_missing_or_bad_settings_stop_the_gateway(tmp_path, monkeypatch):
         GatewayConfig.from_env()
     monkeypatch.setenv("ANTIDISTILL_FAILURE_LEDGER", str(tmp_path / "l.bin"))
     monkeypatch.setenv(MAX_BODY_ENV, "0")
-    with pytest.raises(GatewayConfigError, match="must be positive"):
+    with pytest.raises(GatewayConfigError, match="--max-body-bytes 0: must be at least 1024"):
         GatewayConfig.from_env()
 
 
@@ -44,3 +44,27 @@ def test_audit_log_is_stderr_unless_a_path_is_given(tmp_path, monkeypatch):
     assert GatewayConfig.from_env().audit_log == "-"
     monkeypatch.setenv(AUDIT_ENV, str(tmp_path / "a.jsonl"))
     assert GatewayConfig.from_env().audit_log == str(tmp_path / "a.jsonl")
+
+
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("state", "http://user:s3cret@host/", "--state: expected a redis://"),
+        ("state_timeout", 30.0, r"--state-timeout 30: must be between 0\.01 and 5 seconds"),
+        ("state_lease_seconds", 0.5, "--state-lease-seconds 0.5: must be at least 1"),
+        ("gateway_max_skew", 0.0, "--gateway-max-skew 0: must be > 0"),
+        ("max_body_bytes", 1000, "--max-body-bytes 1000: must be at least 1024"),
+    ],
+)
+def test_serve_and_the_gateway_check_the_settings_by_one_rule(tmp_path, field, value, needle):
+    """``GatewayConfig.validate`` holds every rule: `antidistill serve` runs it on its flags, the
+    gateway on what it reads back, with the same message (the password in a URL never shown)."""
+    config = GatewayConfig(tiers=tmp_path / "t.yaml", ledger=tmp_path / "l.bin", **{field: value})
+    with pytest.raises(GatewayConfigError, match=needle) as flagged:
+        config.validate()
+    env: dict[str, str] = {}
+    config.export(env)
+    with pytest.raises(GatewayConfigError, match=needle) as read:
+        GatewayConfig.from_env(env)
+    assert str(read.value) == f"gateway configuration: {flagged.value}" and "s3cret" not in str(read.value)
+    assert GatewayConfig(tiers=tmp_path / "t.yaml", ledger=tmp_path / "l.bin").validate().state is None

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from antidistill.benchmarks.distillation.config import ConfigError, load_eval_config
-from antidistill.benchmarks.distillation.pipeline import Pipeline, RunDirBusy, SweepFailed
+from antidistill.benchmarks.distillation.pipeline import Pipeline, RunDirBusy
+from antidistill.benchmarks.distillation.sampling import SweepFailed
 from antidistill.server.startup.cpu_platform import apply_engine_env, engine_env, on_cpu, usable_cpus
 
 DEFAULT_ROOT = Path("runs")

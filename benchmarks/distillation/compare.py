@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from antidistill.benchmarks.distillation.config import EvalConfig, budget_fraction, point_name, resolved_strength
-from antidistill.benchmarks.distillation.pipeline import read_jsonl
-from antidistill.benchmarks.distillation.summary import paired_gaps, t_interval
+from antidistill.benchmarks.distillation.run_dir import read_jsonl
+from antidistill.benchmarks.distillation.stats import paired_gaps, t_interval
 
 
 def final_heldout_nll(row: dict[str, Any], model: str = "student") -> float | None:

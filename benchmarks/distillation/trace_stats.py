@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from antidistill.benchmarks.distillation.pipeline import read_jsonl
+from antidistill.benchmarks.distillation.run_dir import read_jsonl
 
 SLIP = re.compile(r"(-?\d+), no, (-?\d+)")
 STYLE_NAMES = ("=", "is", "Start at")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
-from antidistill.proxy_worker.tools.traces import TokenizedTrace
+from antidistill.proxy_worker.tools.traces import TokenizedTrace, tokenize_trace
 from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger("antidistill.eval")
@@ -40,6 +40,13 @@ class TrainSpec(BaseModel):
         if self.epochs is None:
             raise ValueError("give steps or epochs")
         return max(1, math.ceil(self.epochs * examples / self.batch_size))
+
+
+def tokenized_examples(tokenizer: Any, prompts: Sequence[str], completions: Sequence[str]) -> list[TokenizedTrace]:
+    """Training sequences: prompt, completion, EOS (the loss covers the completion and EOS)."""
+    return [
+        tokenize_trace(tokenizer, {"prompt": p, "completion": c}) for p, c in zip(prompts, completions, strict=True)
+    ]
 
 
 def collate(batch: Sequence[TokenizedTrace], pad_id: int) -> dict[str, torch.Tensor]:

@@ -18,6 +18,8 @@ async def read_body(receive: Receive, scope: Scope, override: int | None = None)
     chunks, size = [], 0
     while True:
         message = await receive()
+        if message["type"] == "http.disconnect":  # the client left mid-body: nothing may run for it
+            raise Refusal(400, "the client disconnected before sending the whole request body")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:

@@ -6,7 +6,6 @@ RENDERED_DIR holds one ``<overlay>.yaml`` per rendered Kustomize overlay. Checke
 
 * every container's args parse as ``antidistill serve`` would (our flags, then vLLM 0.32's own parser),
   in the Kubernetes overlays, compose.yaml, compose.gpu.yaml and Dockerfile.cpu's CMD;
-* ``--embedded-default`` sees the flags it fills in (``--host`` etc. as separate items, not ``--host=``);
 * the tiers Secret parses with the server's own loader, within ``--max-lambda`` and the loaded profiles;
 * ``--state`` is passed everywhere and its URL (from the Secret, or compose's default) names the Redis
   Service/service shipped beside it, which only the server pods may reach (NetworkPolicy);

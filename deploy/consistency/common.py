@@ -16,7 +16,7 @@ DEPLOY = Path(__file__).resolve().parents[1]
 ROOT = DEPLOY.parent
 sys.path.insert(0, str(ROOT))
 
-from antidistill.server.embedded.setup import EMBEDDED_VLLM_DEFAULTS, with_vllm_defaults  # noqa: E402
+from antidistill.server.embedded.setup import with_vllm_defaults  # noqa: E402
 from antidistill.server.gateway.trusted_gateway import SECRET_ENV  # noqa: E402
 from antidistill.server.startup.flags import parse_gradient, serve_parser  # noqa: E402
 
@@ -58,10 +58,6 @@ def parse_serve_args(args: list[str], vllm: argparse.ArgumentParser) -> tuple[ar
     """(our namespace, vLLM's namespace) as `antidistill serve ARGS` would parse them, or ArgsError."""
     ours, rest = serve_parser().parse_known_args(args)
     if ours.embedded_default:
-        filled = ("--model", *EMBEDDED_VLLM_DEFAULTS)
-        glued = [a for a in rest if any(a.startswith(flag + "=") for flag in filled)]
-        if glued:
-            raise ArgsError(f"--embedded-default does not see {glued}: write flag and value as separate items")
         rest = with_vllm_defaults(rest, IMAGE_TEACHER)  # what embedded_default adds, with the image's teacher
     elif not ours.proxy or not ours.gradient:
         raise ArgsError("--proxy and at least one --gradient NAME=PATH are required")

@@ -40,6 +40,7 @@ from antidistill.server.gateway.tier_checks import EngineLimits
 from antidistill.server.gateway.trusted_gateway import GatewaySecretError, resolve_secret, startup_line
 from antidistill.server.startup.cpu_platform import apply_engine_env, engine_env, on_cpu, usable_cpus
 from antidistill.server.startup.flags import DEFAULT_PROXY_TOKENS, parse_gradient, serve_parser
+from antidistill.server.startup.metrics_dir import fresh_metrics_dir
 from antidistill.server.startup.preflight import (
     StartupError,
     check_checkpoints,
@@ -114,14 +115,6 @@ def gateway_config(
         ).validate()
     except GatewayConfigError as exc:
         raise StartupError(str(exc)) from None
-
-
-def fresh_metrics_dir() -> None:
-    """The multiprocess metrics directory, unless one is set: the CLI sets it before it imports this
-    module, so this only acts for a caller of ``main`` that bypassed the CLI (server/startup/metrics_dir.py)."""
-    from antidistill.server.startup.metrics_dir import fresh_metrics_dir as set_unless_set
-
-    set_unless_set()
 
 
 def couple_capacity(
@@ -267,7 +260,7 @@ def serve(argv: Sequence[str]) -> None:
     if gateway_secret:
         print("antidistill: " + startup_line(ours.gateway_max_skew, len(tiers.spec.keys)), file=sys.stderr, flush=True)
 
-    fresh_metrics_dir()
+    fresh_metrics_dir()  # the CLI set it already; a caller of main() that bypassed the CLI gets one here
     import uvloop
     from vllm.entrypoints.launchers.api_server.entry import run_server
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args

@@ -11,7 +11,7 @@ into λ = strength / s when the file is loaded, so everything after loading work
 
     tiers:
       free:     {strength: 1.0, max_strength: 2.0, profile: math, rpm: 20, max_tokens: 512, max_logprobs: 0}
-      pro:      {lambda: 1.0, min_lambda: 0.5, max_lambda: 3.0, on_protection_failure: degrade}
+      pro:      {lambda: 1.0, min_lambda: 0.5, max_lambda: 3.0, on_protection_failure: degrade, watermark: enforce}
       internal: {lambda: 0.0}
       anonymous: {lambda: 5.0, rpm: 5}     # optional: serves requests that carry no key
     keys:
@@ -88,6 +88,11 @@ class Tier(BaseModel):
         "refuse",
         description="a protected request whose Δ cannot be computed: refused (503), or served with Δ = 0, flagged",
     )
+    watermark: Literal["enforce", "allow", "off"] = Field(
+        "allow",
+        description="vLLM's watermark (--watermark-config): enforce = every request watermarked whatever the "
+        "client sends; off = never; allow = the client's watermarking field as sent",
+    )
 
     @model_validator(mode="after")
     def _range(self, info: ValidationInfo) -> Tier:
@@ -102,6 +107,11 @@ class Tier(BaseModel):
                 f"need min_lambda ≤ lambda ≤ max_lambda, got {self.min_lambda}, {self.lambda_}, {self.max_lambda}"
             )
         return self
+
+    @property
+    def in_strength(self) -> bool:
+        """The operator wrote this tier in strength units, so refusals name its range in them too."""
+        return self.strength is not None
 
     def side_channels(self, lam: float, escalated: bool) -> SideChannels:
         """What a request served at ``lam`` may read of the teacher's distribution. The defaults follow

@@ -2,10 +2,10 @@
 the one place a request ends — its audit line and its metrics.
 
 Output is counted as it is sent, not from a usage event a client can avoid by closing the stream
-one token early: every protected or unprotected stream runs with vLLM's continuous usage stats, so
-each chunk carries its choice's running count (``stream_options.continuous_usage_stats``; stripped
-again where the client did not ask for it). A stream whose chunks cannot be read is charged its
-whole output budget; a JSON response is counted from its usage."""
+one token early: each API's stream says how (server/gateway/apis/: OpenAI streams carry a running
+count; Responses and Messages streams only a final usage). A stream that sent output but ends
+without an exact count, or whose events cannot be read, is charged its whole output budget (and its
+audit line says the count is an estimate); a JSON response is counted from its usage."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from typing import Any
 
 from antidistill.server.gateway import metrics
 from antidistill.server.gateway.admission import Admission
+from antidistill.server.gateway.apis import Api, StreamCount, api_for, errors_for
 from antidistill.server.gateway.guard import Watch
 from antidistill.server.tiers import Caller
 from starlette.types import Message, Send
@@ -37,14 +38,27 @@ class Exchange:
     start: float
     decision: Admission | None = None
     status: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
     prompt_text: Any = None
     charged: int = 0  # output already counted against the limits while the request ran
     body: bytearray = field(default_factory=bytearray)  # a JSON response; a stream's unfinished event
-    choices: dict[int, int] = field(default_factory=dict)  # a stream's running output count per choice
-    unreadable: bool = False  # a stream chunk whose count could not be read
+    count: StreamCount = field(init=False)  # what the response showed of its size
+    estimated: bool = False  # the output count is the budget charged, not a count
     watch: Watch | None = None  # protected requests: what the worker reported
+
+    def __post_init__(self) -> None:
+        self.count = self.api.new_count()
+
+    @property
+    def api(self) -> Api:
+        return errors_for(self.path)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.count.prompt
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.count.completion
 
     @property
     def lam(self) -> float | None:
@@ -94,11 +108,13 @@ class Accounting:
 
     def finish(self, ex: Exchange) -> None:
         """The one place a request ends: its audit line and its metrics."""
+        settle(ex)
         tokens = ex.completion_tokens
         tier = ex.caller.tier_name or "none"
         decision = ex.decision
         escalated = decision is not None and decision.escalated
-        metrics.record_request(tier, ex.status, ex.lam, tokens, escalated)
+        api = ex.api.name if api_for(ex.path) is not None else "other"
+        metrics.record_request(tier, ex.status, ex.lam, tokens, escalated, api)
         watch = ex.watch
         failure, unprotected = None, 0
         if watch is not None and not watch.protected:
@@ -115,10 +131,12 @@ class Accounting:
             "profile": None if decision is None else decision.profile,
             "escalated": escalated,
             "path": ex.path,
+            "api": api,
             "stream": ex.stream,
             "status": ex.status,
             "prompt_tokens": ex.prompt_tokens,
             "completion_tokens": tokens,
+            "completion_estimated": ex.estimated,
             "protected": None if watch is None else watch.protected,
             "protection_failure": failure,
             "refused": failure is not None and watch.refuse,
@@ -134,72 +152,36 @@ def count_output(ex: Exchange, chunk: bytes, last: bool) -> bytes:
     """Count what vLLM returned: a JSON body (parsed once, at its last chunk) or a stream's events
     (the stream flag as vLLM parsed it says which). Stream events are passed on whole: a partial
     one waits for the rest of it."""
+    ex.body.extend(chunk)
     if not ex.stream:
-        ex.body.extend(chunk)
         if last:
             _take_usage(ex, bytes(ex.body))
         return chunk
-    ex.body.extend(chunk)
     *events, rest = bytes(ex.body).split(b"\n\n")
     ex.body = bytearray(rest)
-    kept = [e for e in (_count_event(ex, event) for event in events) if e is not None]
+    hide, running = ex.decision.hide_usage, ex.decision.running_usage
+    kept = [e for e in (ex.api.count_event(ex.count, event, hide, running) for event in events) if e is not None]
     out = b"".join(e + b"\n\n" for e in kept)
     if last:
         out += bytes(ex.body)
         ex.body.clear()
-        if ex.unreadable:  # what was sent cannot be known: charge what it could have been
-            ex.completion_tokens = max(ex.completion_tokens, ex.output_budget)
     return out
 
 
-def _count_event(ex: Exchange, event: bytes) -> bytes | None:
-    """One stream event as forwarded (None: dropped), its counts taken."""
-    if not event.startswith(b"data: {"):
-        return event
-    try:
-        data = json.loads(event[6:])
-        usage, choices = data.get("usage"), data.get("choices")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        ex.unreadable = True
-        return event
-    if not isinstance(choices, list):  # an error event
-        return event
-    if not choices:  # the final usage event: the totals
-        if isinstance(usage, dict):
-            _set_usage(ex, usage)
-        return None if ex.decision.hide_usage else event
-    if not isinstance(usage, dict) or len(choices) != 1 or not isinstance(choices[0], dict):
-        ex.unreadable = True
-        return event
-    completion = usage.get("completion_tokens")
-    if isinstance(completion, int):
-        ex.choices[int(choices[0].get("index") or 0)] = completion
-        ex.completion_tokens = max(ex.completion_tokens, sum(ex.choices.values()))
-    else:
-        ex.unreadable = True
-    if isinstance(usage.get("prompt_tokens"), int):
-        ex.prompt_tokens = usage["prompt_tokens"]
-    if ex.decision.running_usage:
-        return event
-    del data["usage"]
-    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+def settle(ex: Exchange) -> None:
+    """A stream that sent output without an exact count is charged what it could have been."""
+    count = ex.count
+    if ex.stream and ex.status == 200 and not count.exact and (count.output or count.unreadable):
+        count.completion = max(count.completion, ex.output_budget)
+        ex.estimated = True
 
 
 def _take_usage(ex: Exchange, data: bytes) -> None:
     try:
-        usage = json.loads(data).get("usage") or {}
+        usage = json.loads(data).get("usage")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return
-    if isinstance(usage, dict):
-        _set_usage(ex, usage)
-
-
-def _set_usage(ex: Exchange, usage: dict[str, Any]) -> None:
-    """The totals of a usage object; never below what the stream's chunks already showed."""
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    ex.prompt_tokens = prompt if isinstance(prompt, int) else ex.prompt_tokens
-    if isinstance(completion, int):
-        ex.completion_tokens = max(completion, ex.completion_tokens)
+    ex.count.set_usage(usage)
 
 
 def _audit_logger(path: str) -> logging.Logger:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 
 from antidistill.server.gateway.admission import Admission, admit
+from antidistill.server.gateway.apis.responses import Owner
 from antidistill.server.gateway.errors import Refusal
 from antidistill.server.gateway.limits.memory import Lease, LimitState, scopes_for
 from antidistill.server.gateway.request import Parsed
@@ -32,7 +33,7 @@ class Gate:
         parsed: Parsed,
         caller: Caller,
         tiers: TierTable,
-        lambda_header: str | None,
+        headers: Requested,
         max_model_len: int | None,
     ) -> tuple[Admission, Lease]:
         """The decision and its lease (release it when the request ends); raises Refusal (400/403/429)."""
@@ -42,10 +43,12 @@ class Gate:
             parsed,
             caller.tier_name,
             caller.tier,
-            lambda_header,
+            headers.lam,
+            strength_header=headers.strength,
+            scale=tiers.scales.scale(caller.tier.profile),
             max_model_len=max_model_len,
             tenant_key=self.tenant_key,
-            tenant=f"account:{caller.account}" if caller.account is not None else scopes[0].id,
+            tenant=tenant_of(caller),
             refuse_seeds=self.refuse_seeds,
         )
         known = self.limits.known_escalation(scopes)
@@ -59,6 +62,23 @@ class Gate:
                 await self.limits.release(grant.lease, 0, refund=True)
                 raise
         return replace(decided, strength=tiers.scales.strength(decided.lam, decided.profile)), grant.lease
+
+    def owner(self, caller: Caller) -> Owner:
+        """The caller as stored responses know it (the Responses API's ids carry its tag)."""
+        return Owner.of(self.tenant_key, tenant_of(caller))
+
+
+@dataclass(frozen=True)
+class Requested:
+    """What the client asked for in headers: λ, or strength (λ·s); each None when absent."""
+
+    lam: str | None = None
+    strength: str | None = None
+
+
+def tenant_of(caller: Caller) -> str:
+    """Whom prefix caches and stored responses are separated by: the account, else the key."""
+    return f"account:{caller.account}" if caller.account is not None else f"key:{caller.scope_id}"
 
 
 def higher(known: float | None, shared: float | None) -> float | None:

@@ -8,8 +8,8 @@ response message, and every few milliseconds while any is live), and ``Protectio
 between vLLM and the client for one request:
 
 - the response start is held until the first body message, so a refusal found by then becomes a
-  503 (400 for a token the proxy lacks) with an OpenAI-style error and ``Retry-After``;
-- a stream refused later gets one error event and ends: no further tokens;
+  503 (400 for a token the proxy lacks) with the API's own error shape and ``Retry-After``;
+- a stream refused later gets the API's error event and ends: no further tokens;
 - a refused request is aborted in the engine (its receive channel reports a disconnect);
 - a ``degrade`` request is refused only when the worker refused its row (a sticky failure, or more
   transient ones than it may be served through); until then its steps served with Δ = 0 are
@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 from dataclasses import dataclass, field
 
 from antidistill.proxy_worker.runtime.failure_ledger import FailureLedger, Reason, Record
 from antidistill.proxy_worker.runtime.settings import MAX_TICKET
-from antidistill.server.gateway.errors import error_body, respond
+from antidistill.server.gateway.apis import Api, StreamCount, api_for
+from antidistill.server.gateway.errors import respond
 from starlette.types import Message, Receive, Send
 
 log = logging.getLogger("antidistill.server.gateway")
@@ -151,9 +151,21 @@ class FailureWatcher:
 class ProtectionGuard:
     """The send/receive pair vLLM's app gets for one protected request (see the module docstring)."""
 
-    def __init__(self, watch: Watch, watcher: FailureWatcher, send: Send, receive: Receive) -> None:
+    def __init__(
+        self,
+        watch: Watch,
+        watcher: FailureWatcher,
+        send: Send,
+        receive: Receive,
+        api: Api | None = None,
+        count: StreamCount | None = None,
+    ) -> None:
+        """``api``: whose error shapes a refusal takes (default: chat's); ``count``: what the stream
+        showed so far (the Responses API numbers its events)."""
         self.watch, self.watcher = watch, watcher
         self._send, self._receive = send, receive
+        self.api = api or api_for("/v1/chat/completions")
+        self.count = count or self.api.new_count()
         self._start: Message | None = None
         self.started = False  # the client has the response start
         self.done = False  # the client's response is complete (or refused): drop the rest
@@ -220,8 +232,6 @@ class ProtectionGuard:
         if not self.started:
             self.started = True
             retry = [(b"retry-after", str(self.watch.retry_after()).encode())] if status == 503 else []
-            return await respond(self._send, status, error_body(status, message), retry)
-        event = {"error": json.loads(error_body(status, message))["error"]}
-        chunk = f"data: {json.dumps(event)}\n\n".encode()
-        await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await self._send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+            return await respond(self._send, status, self.api.error_body(status, message), retry)
+        chunk = self.api.stream_end(self.count, status, message)
+        await self._send({"type": "http.response.body", "body": chunk, "more_body": False})

@@ -17,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 LAMBDA_BUCKETS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
-REQUESTS = Counter("antidistill_requests", "Requests by tier and HTTP status.", ["tier", "status"])
+REQUESTS = Counter("antidistill_requests", "Requests by tier, HTTP status and client API.", ["tier", "status", "api"])
 REJECTIONS = Counter("antidistill_rejections", "Requests refused by the gateway (401, 403, 429).", ["code"])
 EFFECTIVE_LAMBDA = Histogram(
     "antidistill_effective_lambda", "λ applied to admitted requests.", ["tier"], buckets=LAMBDA_BUCKETS
@@ -81,9 +81,11 @@ def record_protection_failure(tier: str, reason: str, refused: bool, unprotected
         UNPROTECTED_TOKENS.labels(tier).inc(unprotected_tokens)
 
 
-def record_request(tier: str, status: int, lam: float | None, completion_tokens: int, escalated: bool) -> None:
-    """One finished (or refused) request."""
-    REQUESTS.labels(tier, str(status)).inc()
+def record_request(
+    tier: str, status: int, lam: float | None, completion_tokens: int, escalated: bool, api: str
+) -> None:
+    """One finished (or refused) request; ``api``: its route's client API (server/gateway/apis/), or "other"."""
+    REQUESTS.labels(tier, str(status), api).inc()
     if status in (401, 403, 429):
         REJECTIONS.labels(str(status)).inc()
     if lam is None or status >= 400:

@@ -1,8 +1,7 @@
 """A generation request read exactly the way vLLM's OpenAI routes read it, parsed once.
 
-The route decides the request model (``/v1/completions`` → ``CompletionRequest``,
-``/v1/chat/completions`` → ``ChatCompletionRequest``, vLLM 0.32's own classes), never the body's
-shape; validation is FastAPI's (lax pydantic: ``"200"`` → 200, ``false`` → 0 for an integer field,
+The route decides the request model (vLLM 0.32's own class for the route: server/gateway/apis/),
+never the body's shape; validation is FastAPI's (lax pydantic: ``"200"`` → 200, ``false`` → 0 for an integer field,
 ``"false"`` → False). Policy reads the typed fields, and what is forwarded is the canonical
 serialisation of the object the policy decided on (``canonical``): re-parsed by vLLM it yields
 the same object, so vLLM runs nothing the gateway did not see.
@@ -14,18 +13,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from antidistill.server.gateway.apis import Api, api_for
 from antidistill.server.gateway.errors import Refusal
-from pydantic import ValidationError
-from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from pydantic import BaseModel, ValidationError
 from vllm.entrypoints.serve.exception_handling.handlers.validation import clean_loc_for_param
 from vllm.exceptions import VLLMValidationError
 
-GenerationRequest = CompletionRequest | ChatCompletionRequest
-MODELS: dict[str, type[GenerationRequest]] = {
-    "/v1/completions": CompletionRequest,
-    "/v1/chat/completions": ChatCompletionRequest,
-}
 MAX_DEPTH = 64  # JSON nesting; tool schemas and content parts need far less, recursion limits far more
 BYTES_PER_TOKEN = 64  # a token of JSON-escaped text or of a token-id list, generously
 BODY_SLACK = 1 << 20  # the other fields: tools, schemas, options
@@ -33,10 +26,11 @@ BODY_SLACK = 1 << 20  # the other fields: tools, schemas, options
 
 @dataclass(frozen=True)
 class Parsed:
-    """The request as vLLM will read it, and the JSON it came from (for key-name checks only)."""
+    """The request as vLLM will read it, the JSON it came from (for key-name checks only), and its API."""
 
-    request: GenerationRequest
+    request: BaseModel
     raw: dict[str, Any]
+    api: Api
 
 
 def parse(route: str, raw: bytes) -> Parsed:
@@ -57,15 +51,16 @@ def parse(route: str, raw: bytes) -> Parsed:
     if body.get("structured_outputs") is not None and not isinstance(body["structured_outputs"], dict):
         # found by fuzzing: vLLM 0.32's validator calls .get on it (AttributeError → 500)
         raise Refusal(400, "structured_outputs must be an object", "structured_outputs")
-    model = MODELS[route]
+    api = api_for(route)
+    model = api.model
     # vLLM's "before" validators edit messages in place (reasoning_content → reasoning): no key
     # name that matters to the policy changes, so the raw body need not be copied. They also read
     # the raw JSON ("false" is truthy there): the canonical form must pass them too, and it is
     # what vLLM will read, so it is what the policy reads.
-    return Parsed(validate(model, canonical(validate(model, body))), body)
+    return Parsed(validate(model, canonical(validate(model, body))), body, api)
 
 
-def validate(model: type[GenerationRequest], body: dict[str, Any]) -> GenerationRequest:
+def validate(model: type[BaseModel], body: dict[str, Any]) -> BaseModel:
     """What FastAPI does with the body of vLLM's route (``validate_python(..., from_attributes=True)``),
     with vLLM's refusals as 400s."""
     try:
@@ -91,7 +86,7 @@ def validation_message(exc: ValidationError) -> tuple[str, str | None]:
     return f"{param or 'body'}: {first['msg']}{more}", param
 
 
-def canonical(request: GenerationRequest) -> dict[str, Any]:
+def canonical(request: BaseModel) -> dict[str, Any]:
     """The JSON vLLM is sent: the fields the client set (or the gateway decided), coerced; fields
     vLLM's model does not know are dropped, since vLLM ignores them."""
     return request.model_dump(mode="json", exclude_unset=True, exclude=set(request.model_extra or ()))

@@ -9,8 +9,9 @@ import warnings
 
 import pytest
 from antidistill.server.gateway.admission import admit
+from antidistill.server.gateway.apis import api_for
 from antidistill.server.gateway.errors import Refusal
-from antidistill.server.gateway.request import MODELS, canonical, max_body_bytes, parse
+from antidistill.server.gateway.request import canonical, max_body_bytes, parse
 from antidistill.server.tiers import Tier
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -189,7 +190,7 @@ def test_forwarded_request_is_what_was_decided(case, tier):
         assert err.status in (400, 403, 429), err.message
         return
     forwarded = json.loads(json.dumps(admitted.body()))
-    model = MODELS[route]
+    model = api_for(route).model
     assert set(forwarded) <= set(model.model_fields), set(forwarded) - set(model.model_fields)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

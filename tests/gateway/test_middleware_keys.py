@@ -151,8 +151,8 @@ def test_routes_outside_the_allow_list_are_404(gw, method):
     paths = [
         "/tokenize",
         "/detokenize",
-        "/v1/responses",
-        "/v1/messages",
+        "/v1/responses/resp_x/input_items",
+        "/v1/messages/batches",
         "/v1/embeddings",
         "/v1/audio/transcriptions",
         "/invocations",

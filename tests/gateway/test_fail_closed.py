@@ -251,3 +251,89 @@ def test_shared_prefix_is_held_once_and_stays_exact(coupled):
         assert ids == reference(models, LAMBDA, prompt, 24), "rows reading shared blocks match the reference"
     bound = 160 + 8 * (16 + 8 + 24)  # the prefix once, then per row its last prefix block, suffix and output
     assert 0 < peak <= bound, f"proxy KV peaked at {peak} tokens, bound {bound} (8 private copies: {8 * 192})"
+
+
+def long_question(models, tokens: int) -> str:
+    """A question of about ``tokens`` tokens: with 64 tokens of output it outgrows the 200-token pool."""
+    words = [f"Alice adds {i} apples." for i in range(200)]
+    return next(
+        " ".join(words[:n]) for n in range(1, 200) if len(models.tokenizer(" ".join(words[:n]))["input_ids"]) >= tokens
+    )
+
+
+ROUTES = {
+    "responses": lambda srv, text, stream: {
+        "model": srv.model,
+        "input": text,
+        "max_output_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    },
+    "messages": lambda srv, text, stream: {
+        "model": srv.model,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "stream": stream,
+    },
+}
+
+
+def sse_events(text: str) -> list[tuple[str | None, dict]]:
+    """A stream's (event name, JSON data) pairs, in order."""
+    out = []
+    for block in text.split("\n\n"):
+        lines = block.split("\n")
+        name = next((line[7:] for line in lines if line.startswith("event: ")), None)
+        data = next((line[6:] for line in lines if line.startswith("data: ")), None)
+        if data is not None:
+            out.append((name, json.loads(data)))
+    return out
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("api", ["responses", "messages"])
+def test_a_budget_failure_on_responses_and_messages_ends_in_the_apis_own_error(faulty, api, stream):
+    """A row that outgrows the proxy's pool: refused before its first token (a 503 in the API's own
+    shape), or, once streaming, by the API's own error event with nothing after it; what came before
+    is the protected text, never raw."""
+    models = faulty.models
+    text = long_question(models, 150)
+    res = httpx.post(
+        f"{faulty.base}/v1/chat/completions",
+        json={
+            "model": faulty.model,
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": 1,
+            "return_token_ids": True,
+        },
+        headers=faulty.auth("guarded"),
+        timeout=120,
+    )
+    prompt = tuple(res.json()["prompt_token_ids"])
+    assert 150 < len(prompt) < POOL_TOKENS < len(prompt) + MAX_TOKENS, len(prompt)
+    res = httpx.post(
+        f"{faulty.base}/v1/{api}", json=ROUTES[api](faulty, text, stream), headers=faulty.auth("guarded"), timeout=300
+    )
+    protected = models.tokenizer.decode(reference(models, LAMBDA, prompt), skip_special_tokens=True)
+    if not stream:
+        assert res.status_code == 503 and "retry-after" in res.headers, res.text
+        error = res.json()["error"] if api == "responses" else res.json()
+        if api == "messages":
+            assert error["type"] == "error" and error["error"]["type"] == "overloaded_error"
+            error = error["error"]
+        assert "KV cache was full" in error["message"]
+        return
+    assert res.status_code == 200, res.text
+    events = sse_events(res.text)
+    name, last = events[-1]
+    assert name == "error" and last["type"] == "error", "the stream ends with the API's error event"
+    message = last["message"] if api == "responses" else last["error"]["message"]
+    assert "KV cache was full" in message
+    if api == "responses":
+        assert last["sequence_number"] == events[-2][1]["sequence_number"] + 1
+        sent = "".join(e["delta"] for n, e in events if e.get("type") == "response.output_text.delta")
+    else:
+        sent = "".join(e["delta"].get("text") or "" for n, e in events if e.get("type") == "content_block_delta")
+    assert sent and protected.startswith(sent.rstrip("\ufffd")), "what was sent before the refusal was protected"

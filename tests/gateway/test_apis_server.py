@@ -15,7 +15,7 @@ from antidistill.benchmarks.tiny.reference import LOGPROB_NOISE, ReferenceSample
 from antidistill.benchmarks.tiny.serving import EPSILONS
 from antidistill.proxy_worker.core.gradient_file import read_delta_scale
 
-from tests.helpers import Server, audit_until, engine_fixture, tiny_server
+from tests.helpers import Server, audit_lines, audit_until, engine_fixture, tiny_server
 
 TIERS = {
     "free": {"lambda": 3.0, "max_lambda": 6.0, "max_tokens": 64},
@@ -218,3 +218,32 @@ def test_audit_names_each_api(served):
     assert {"responses", "messages"} <= seen, seen
     answered = [x for x in lines if x["api"] == "responses" and x["status"] == 200]
     assert all(x["completion_tokens"] >= 1 and not x["completion_estimated"] for x in answered), answered
+
+
+@pytest.mark.parametrize("api", ["responses", "messages"])
+def test_a_stream_dropped_early_is_charged_its_whole_budget(served, api):
+    """The harvester's first move against a token budget: read a few events, then hang up before
+    the usage event. These streams carry no running count, so the drop is charged the output limit."""
+    budget = 48
+    if api == "responses":
+        body = {
+            "model": served.model,
+            "input": QUESTION,
+            "max_output_tokens": budget,
+            "stream": True,
+            "ignore_eos": True,
+        }
+    else:
+        messages = [{"role": "user", "content": QUESTION}]
+        body = {"model": served.model, "messages": messages, "max_tokens": budget, "stream": True}
+    before = len(audit_lines(served))
+    with httpx.stream("POST", f"{served.base}/v1/{api}", json=body, headers=served.auth("free"), timeout=60) as res:
+        assert res.status_code == 200
+        deltas = 0
+        for line in res.iter_lines():
+            deltas += line.startswith("data:") and "delta" in line
+            if deltas >= 3:
+                break
+    lines = audit_until(served, lambda lines: len(lines) > before)[before:]
+    [line] = [x for x in lines if x["api"] == api]
+    assert line["completion_estimated"] is True and line["completion_tokens"] == budget, line

@@ -15,7 +15,7 @@ from antidistill.benchmarks.tiny.reference import LOGPROB_NOISE, ReferenceSample
 from antidistill.benchmarks.tiny.serving import EPSILONS
 from antidistill.proxy_worker.core.gradient_file import read_delta_scale
 
-from tests.helpers import Server, audit_lines, audit_until, engine_fixture, tiny_server
+from tests.helpers import Server, audit_lines, audit_until, engine_fixture, scrape, tiny_server, total
 
 TIERS = {
     "free": {"lambda": 3.0, "max_lambda": 6.0, "max_tokens": 64},
@@ -211,13 +211,24 @@ def test_strength_requests_on_every_api(served):
         )
 
 
-def test_audit_names_each_api(served):
+def test_audit_and_metrics_name_each_api(served):
+    counted = {
+        api: total(scrape(served.base, served.metrics_key), "antidistill_requests_total", api=api)
+        for api in ("responses", "messages")
+    }
     openai_client(served, "free").responses.create(model=served.model, input="x", max_output_tokens=2)
+    anthropic_client(served, "free").messages.create(
+        model=served.model, messages=[{"role": "user", "content": "x"}], max_tokens=2
+    )
     lines = audit_until(served, lambda lines: any(x.get("api") == "responses" for x in lines))
     seen = {x["api"] for x in lines}
     assert {"responses", "messages"} <= seen, seen
     answered = [x for x in lines if x["api"] == "responses" and x["status"] == 200]
     assert all(x["completion_tokens"] >= 1 and not x["completion_estimated"] for x in answered), answered
+    after = scrape(served.base, served.metrics_key)
+    for api in ("responses", "messages"):
+        assert total(after, "antidistill_requests_total", api=api, tier="free", status="200") >= 1
+        assert total(after, "antidistill_requests_total", api=api) >= counted[api] + 1, api
 
 
 @pytest.mark.parametrize("api", ["responses", "messages"])

@@ -15,19 +15,27 @@ order (prepacked linears). vLLM's CPU images preload tcmalloc for this reason; w
 is preloaded we ask glibc (``GLIBC_TUNABLES``) to serve everything from its heap and keep up to
 1 GiB of freed memory for reuse.
 
-An operator's own setting of either variable always wins.
+Workers. vLLM binds each local CPU worker (data × pipeline × tensor parallel ranks on this host)
+to a NUMA node of its own and stops ("Not enough allowed NUMA nodes") when there are more workers
+than nodes. There we split the usable cores into one contiguous group per worker
+(``VLLM_CPU_OMP_THREADS_BIND``, vLLM's [DP, PP, TP] order), which is what vLLM asks the operator to do.
+
+An operator's own setting of any of these variables always wins.
 """
 
 from __future__ import annotations
 
 import ctypes
+import glob
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 RESERVED_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 SMALL_BOX_CPUS = 2
 """At most this many usable cores: reserve none for the scheduler (the case measured)."""
+
+BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 
 TUNABLES_ENV = "GLIBC_TUNABLES"
 KEEP_FREED = {"glibc.malloc.mmap_max": 0, "glibc.malloc.trim_threshold": 2**30}
@@ -61,9 +69,40 @@ def allocator_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {TUNABLES_ENV: ":".join(f"{k}={v}" for k, v in KEEP_FREED.items())}
 
 
-def engine_env(environ: Mapping[str, str], cpus: int) -> dict[str, str]:
-    """The variables to add for a CPU engine on ``cpus`` usable cores (empty: nothing to change)."""
-    return cores_env(environ, cpus) | allocator_env(environ)
+def numa_nodes() -> int:
+    """NUMA nodes of this host (1 where the kernel lists none)."""
+    return max(len(glob.glob("/sys/devices/system/node/node[0-9]*")), 1)
+
+
+def local_workers(tensor: int, pipeline: int, data_local: int) -> int:
+    """vLLM's CPU workers on this host: one per local (data, pipeline, tensor) rank."""
+    return max(tensor, 1) * max(pipeline, 1) * max(data_local, 1)
+
+
+class CoresError(ValueError):
+    """More CPU workers than usable cores: no binding can give each one a core."""
+
+
+def bind_env(environ: Mapping[str, str], cpus: Sequence[int], nodes: int, workers: int) -> dict[str, str]:
+    """One contiguous group of ``cpus`` per worker where vLLM's autobind (a NUMA node each) cannot
+    place ``workers``; nothing where it can, or where the operator set the binding."""
+    if BIND_ENV in environ or workers <= nodes:
+        return {}
+    if len(cpus) < workers:
+        raise CoresError(
+            f"{workers} vLLM CPU workers (data × pipeline × tensor parallel) need at least {workers} usable cores, "
+            f"this host has {len(cpus)}: lower the parallel sizes"
+        )
+    ordered, size = sorted(cpus), len(cpus) // workers
+    groups = [ordered[i * size : (i + 1) * size] for i in range(workers)]
+    return {BIND_ENV: "|".join(",".join(map(str, group)) for group in groups)}
+
+
+def engine_env(environ: Mapping[str, str], cpus: int, workers: int = 1, nodes: int = 1) -> dict[str, str]:
+    """The variables to add for a CPU engine on ``cpus`` usable cores running ``workers`` local
+    workers on ``nodes`` NUMA nodes (empty: nothing to change)."""
+    bound = bind_env(environ, sorted(os.sched_getaffinity(0))[:cpus], nodes, workers) if workers > 1 else {}
+    return cores_env(environ, cpus) | allocator_env(environ) | bound
 
 
 def apply_engine_env(added: Mapping[str, str]) -> list[str]:
@@ -71,6 +110,11 @@ def apply_engine_env(added: Mapping[str, str]) -> list[str]:
     allocator, into this process's glibc now (forked children inherit it); returns a line each."""
     os.environ.update(added)
     lines = []
+    if BIND_ENV in added:
+        lines.append(
+            f"{added[BIND_ENV].count('|') + 1} CPU workers on {numa_nodes()} NUMA node(s): cores split as "
+            f"{BIND_ENV}={added[BIND_ENV]} (set {BIND_ENV} to choose otherwise)"
+        )
     if RESERVED_ENV in added:
         lines.append(
             f"{usable_cpus()} usable CPU cores: the model worker gets all of them "

@@ -38,7 +38,15 @@ from antidistill.server.gateway.metrics_key import MetricsKeyError, resolve_metr
 from antidistill.server.gateway.metrics_key import startup_line as metrics_line
 from antidistill.server.gateway.tier_checks import EngineLimits
 from antidistill.server.gateway.trusted_gateway import GatewaySecretError, resolve_secret, startup_line
-from antidistill.server.startup.cpu_platform import apply_engine_env, engine_env, on_cpu, usable_cpus
+from antidistill.server.startup.cpu_platform import (
+    CoresError,
+    apply_engine_env,
+    engine_env,
+    local_workers,
+    numa_nodes,
+    on_cpu,
+    usable_cpus,
+)
 from antidistill.server.startup.flags import DEFAULT_PROXY_TOKENS, parse_gradient, serve_parser
 from antidistill.server.startup.metrics_dir import fresh_metrics_dir
 from antidistill.server.startup.preflight import (
@@ -292,7 +300,13 @@ def serve(argv: Sequence[str]) -> None:
     for line in lines:
         print(f"antidistill: {line}", file=sys.stderr, flush=True)
     if on_cpu():  # last, so a start-up error stays one line; before vLLM starts its processes
-        for line in apply_engine_env(engine_env(os.environ, usable_cpus())):
+        data_local = args.data_parallel_size_local or args.data_parallel_size
+        workers = local_workers(args.tensor_parallel_size, args.pipeline_parallel_size, data_local)
+        try:
+            added = engine_env(os.environ, usable_cpus(), workers, numa_nodes())
+        except CoresError as exc:
+            raise StartupError(str(exc)) from None
+        for line in apply_engine_env(added):
             print(f"antidistill: {line}", file=sys.stderr, flush=True)
     uvloop.run(run_server(args))
     from antidistill.server.gateway.lifecycle import stopped_without_signal

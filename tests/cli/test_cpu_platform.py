@@ -6,7 +6,16 @@ from __future__ import annotations
 import os
 
 import pytest
-from antidistill.server.startup.cpu_platform import RESERVED_ENV, TUNABLES_ENV, apply_engine_env, engine_env
+from antidistill.server.startup.cpu_platform import (
+    BIND_ENV,
+    RESERVED_ENV,
+    TUNABLES_ENV,
+    CoresError,
+    apply_engine_env,
+    bind_env,
+    engine_env,
+    local_workers,
+)
 
 
 def test_a_two_core_box_reserves_no_core_and_keeps_freed_memory():
@@ -38,3 +47,15 @@ def test_applying_exports_for_the_engine_and_says_so(monkeypatch):
     lines = apply_engine_env(engine_env({}, 2))
     assert os.environ[RESERVED_ENV] == "0" and os.environ[TUNABLES_ENV].startswith("glibc.malloc.mmap_max=0")
     assert len(lines) == 2 and RESERVED_ENV in lines[0] and TUNABLES_ENV in lines[1]
+
+
+def test_more_workers_than_numa_nodes_get_the_cores_split_between_them():
+    """vLLM's autobind gives each local worker a NUMA node and stops when there are fewer nodes."""
+    assert bind_env({}, [0, 1], nodes=1, workers=2) == {BIND_ENV: "0|1"}
+    assert bind_env({}, [4, 5, 6, 7, 0, 1, 2, 3], nodes=1, workers=4) == {BIND_ENV: "0,1|2,3|4,5|6,7"}
+    assert bind_env({}, [0, 1, 2], nodes=1, workers=2) == {BIND_ENV: "0|1"}, "a spare core is left to the scheduler"
+    assert bind_env({}, [0, 1, 2, 3], nodes=2, workers=2) == {}, "a node each: vLLM's own binding"
+    assert bind_env({BIND_ENV: "nobind"}, [0, 1], nodes=1, workers=2) == {}, "the operator's choice wins"
+    assert local_workers(2, 1, 1) == 2 and local_workers(1, 2, 2) == 4
+    with pytest.raises(CoresError, match="need at least 4 usable cores"):
+        bind_env({}, [0, 1], nodes=1, workers=4)

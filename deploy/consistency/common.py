@@ -43,7 +43,7 @@ def project_version() -> str:
 
 def vllm_parser() -> argparse.ArgumentParser:
     try:
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from antidistill.server.startup.vllm_cli import make_arg_parser
         from vllm.utils.argparse_utils import FlexibleArgumentParser
     except ImportError as exc:  # pragma: no cover - depends on the environment
         sys.exit(f"check_consistency: vLLM is not importable ({exc}); run it with the project venv (make venv)")

@@ -270,9 +270,8 @@ def serve(argv: Sequence[str]) -> None:
 
     fresh_metrics_dir()  # the CLI set it already; a caller of main() that bypassed the CLI gets one here
     import uvloop
+    from antidistill.server.startup.vllm_cli import cli_env_setup, make_arg_parser, validate_parsed_serve_args
     from vllm.entrypoints.launchers.api_server.entry import run_server
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     cli_env_setup()

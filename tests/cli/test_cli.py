@@ -254,7 +254,7 @@ def restored_environ():
 
 
 def vllm_args(models, *extra: str):
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from antidistill.server.startup.vllm_cli import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     argv = ["--model", str(models.teacher), "--max-model-len", "256", *extra]

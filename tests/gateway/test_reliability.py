@@ -158,8 +158,8 @@ def test_per_request_seed_is_refused_on_cpu(srv):
 
 def fuzz_schema() -> dict:
     """vLLM's published OpenAPI schema (built from its real app, no engine), cut to the two routes."""
+    from antidistill.server.startup.vllm_cli import make_arg_parser
     from vllm.entrypoints.launchers.app import build_app
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     args = make_arg_parser(FlexibleArgumentParser()).parse_args([])

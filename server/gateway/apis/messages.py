@@ -1,9 +1,11 @@
-"""Anthropic's Messages API (``POST /v1/messages``), as vLLM 0.32 reads it.
+"""Anthropic's Messages API (``POST /v1/messages``), as vLLM 0.32 reads it (0.33's changes: docs/vllm-compat.md).
 
 vLLM serves a Messages request by converting it to a chat completion request
 (``AnthropicServingMessages.to_chat_completion_request``) and running that: the policy reads that
 same conversion, so it decides on what the engine runs; the fields it sets (``vllm_xargs``,
-``cache_salt``, ``watermarking``) are carried by the conversion unchanged. ``max_tokens`` is
+``cache_salt``, ``watermarking``) are carried by the conversion unchanged. (vLLM 0.33 resolves
+``thinking: disabled`` to an effort by probing the chat template; the view keeps the default, and no
+decision here reads it.) ``max_tokens`` is
 required, so a tier's cap is only ever checked, never written.
 
 Its stream carries no running count: content deltas are a lower bound while it runs, the final

@@ -1,4 +1,4 @@
-"""OpenAI's Responses API (``POST /v1/responses``), as vLLM 0.32 reads it.
+"""OpenAI's Responses API (``POST /v1/responses``), as vLLM 0.32 reads it (0.33's changes: docs/vllm-compat.md).
 
 Its only logprobs are the sampled tokens' (``top_logprobs`` with ``include`` of
 ``message.output_text.logprobs``). Its stream carries no running count: the delta events are a

@@ -1,0 +1,15 @@
+"""vLLM's `vllm serve` argument parser and start-up hooks, wherever the installed release keeps them:
+0.33 moved them from ``entrypoints.launchers.cli_args`` / ``entrypoints.serve.utils.api_utils`` to
+``entrypoints.common`` (docs/vllm-compat.md). Everything of ours that builds vLLM's parser imports it
+from here, so the next move is one edit."""
+
+from __future__ import annotations
+
+try:  # vLLM ≥ 0.33
+    from vllm.entrypoints.common.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.common.startup import cli_env_setup
+except ImportError:  # vLLM 0.32
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+
+__all__ = ["cli_env_setup", "make_arg_parser", "validate_parsed_serve_args"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +20,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the process that started it dies, so a test run
+    killed before its teardown takes its servers with it (they drain and stop their engines)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @contextmanager
@@ -36,7 +48,11 @@ def server_process(
     """As ``running_server``, also yielding the process (fault tests signal it and read its exit status)."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, *args], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, *args],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
         base = f"http://127.0.0.1:{port}"
         try:

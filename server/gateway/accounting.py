@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -142,6 +143,7 @@ class Accounting:
             "refused": failure is not None and watch.refuse,
             "unprotected_tokens": unprotected,
             "latency_ms": round(1000 * (time.monotonic() - ex.start), 1),
+            "pid": os.getpid(),  # which API server (--api-server-count) answered
         }
         if self.audit_text:
             line["prompt"] = ex.prompt_text

@@ -98,6 +98,17 @@ def bind_env(environ: Mapping[str, str], cpus: Sequence[int], nodes: int, worker
     return {BIND_ENV: "|".join(",".join(map(str, group)) for group in groups)}
 
 
+def pipeline_eager_problem(pipeline: int, eager: bool) -> str | None:
+    """vLLM 0.32's CPU backend dies at the first request under pipeline parallelism in eager mode
+    (its later stage asserts on intermediate tensors it never allocated); plain vLLM does the same."""
+    if pipeline > 1 and eager:
+        return (
+            f"--pipeline-parallel-size {pipeline} with --enforce-eager stops vLLM's CPU engine at the first request "
+            "(AssertionError in sync_and_gather_intermediate_tensors, plain vLLM 0.32 too): add --no-enforce-eager"
+        )
+    return None
+
+
 def engine_env(environ: Mapping[str, str], cpus: int, workers: int = 1, nodes: int = 1) -> dict[str, str]:
     """The variables to add for a CPU engine on ``cpus`` usable cores running ``workers`` local
     workers on ``nodes`` NUMA nodes (empty: nothing to change)."""

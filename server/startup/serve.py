@@ -45,6 +45,7 @@ from antidistill.server.startup.cpu_platform import (
     local_workers,
     numa_nodes,
     on_cpu,
+    pipeline_eager_problem,
     usable_cpus,
 )
 from antidistill.server.startup.flags import DEFAULT_PROXY_TOKENS, parse_gradient, serve_parser
@@ -270,7 +271,12 @@ def serve(argv: Sequence[str]) -> None:
 
     fresh_metrics_dir()  # the CLI set it already; a caller of main() that bypassed the CLI gets one here
     import uvloop
-    from antidistill.server.startup.vllm_cli import cli_env_setup, make_arg_parser, validate_parsed_serve_args
+    from antidistill.server.startup.vllm_cli import (
+        cli_env_setup,
+        make_arg_parser,
+        run_multi_api_server,
+        validate_parsed_serve_args,
+    )
     from vllm.entrypoints.launchers.api_server.entry import run_server
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -299,6 +305,9 @@ def serve(argv: Sequence[str]) -> None:
     for line in lines:
         print(f"antidistill: {line}", file=sys.stderr, flush=True)
     if on_cpu():  # last, so a start-up error stays one line; before vLLM starts its processes
+        problem = pipeline_eager_problem(args.pipeline_parallel_size, args.enforce_eager)
+        if problem is not None:
+            raise StartupError(problem)
         data_local = args.data_parallel_size_local or args.data_parallel_size
         workers = local_workers(args.tensor_parallel_size, args.pipeline_parallel_size, data_local)
         try:
@@ -307,6 +316,9 @@ def serve(argv: Sequence[str]) -> None:
             raise StartupError(str(exc)) from None
         for line in apply_engine_env(added):
             print(f"antidistill: {line}", file=sys.stderr, flush=True)
+    if (args.api_server_count or 1) > 1:  # vLLM's own launcher: N API-server processes, one port, each with the gateway
+        run_multi_api_server(args)
+        return
     uvloop.run(run_server(args))
     from antidistill.server.gateway.lifecycle import stopped_without_signal
 

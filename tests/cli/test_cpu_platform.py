@@ -15,6 +15,7 @@ from antidistill.server.startup.cpu_platform import (
     bind_env,
     engine_env,
     local_workers,
+    pipeline_eager_problem,
 )
 
 
@@ -59,3 +60,8 @@ def test_more_workers_than_numa_nodes_get_the_cores_split_between_them():
     assert local_workers(2, 1, 1) == 2 and local_workers(1, 2, 2) == 4
     with pytest.raises(CoresError, match="need at least 4 usable cores"):
         bind_env({}, [0, 1], nodes=1, workers=4)
+
+
+def test_eager_pipeline_parallel_is_stopped_at_start_up_with_the_fix():
+    assert "--no-enforce-eager" in pipeline_eager_problem(2, True)
+    assert pipeline_eager_problem(2, False) is None and pipeline_eager_problem(1, True) is None

@@ -10,6 +10,7 @@ teacher (server/gateway/tier_checks.py, shared with the gateway's tiers reload):
 from __future__ import annotations
 
 import json
+from argparse import Namespace
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -159,3 +160,24 @@ def check_teacher_args(vllm_args: Sequence[str]) -> None:
             check_teacher(model)
         except CheckpointError as exc:
             raise StartupError(str(exc)) from None
+
+
+def remote_workers_problem(args: Namespace) -> str | None:
+    """Flags that put vLLM workers (and so the sampling rank) where this gateway cannot read their
+    refusals: the failure ledger is this host's shared memory, so a row the worker withholds would
+    reach the client as a 200 of noise instead of a 503. Refused until the ledger crosses hosts."""
+    dp, dp_local = args.data_parallel_size, args.data_parallel_size_local
+    found = [
+        (args.distributed_executor_backend == "ray", "--distributed-executor-backend ray"),
+        (args.headless, "--headless"),
+        ((args.nnodes or 1) > 1, f"--nnodes {args.nnodes}"),
+        (dp_local is not None and dp_local < dp, f"--data-parallel-size-local {dp_local} of {dp}"),
+    ]
+    flag = next((flag for hit, flag in found if hit), None)
+    if flag is None:
+        return None
+    return (
+        f"{flag}: vLLM workers on other hosts cannot report a protection failure to this gateway (its failure "
+        "ledger is this host's shared memory), so fail closed could not hold; not supported yet "
+        "(docs/serving.md: More than one worker or API server)"
+    )

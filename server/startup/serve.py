@@ -58,6 +58,7 @@ from antidistill.server.startup.preflight import (
     check_tiers,
     describe_tiers,
     profile_scales,
+    remote_workers_problem,
 )
 from antidistill.server.tiers import TiersError, load_tiers
 
@@ -299,6 +300,8 @@ def serve(argv: Sequence[str]) -> None:
     args.logits_processors = with_our_processor(args.logits_processors or [], processor_for(engine_config(args)))
     args.middleware = [*(args.middleware or []), MIDDLEWARE]
     validate_parsed_serve_args(args)
+    if (problem := remote_workers_problem(args)) is not None:
+        raise StartupError(problem)
     lines = describe_tiers(tiers)
     if (shut := metrics_line(metrics_key)) is not None:  # one line: /metrics stays shut
         lines.append(shut)

@@ -27,7 +27,7 @@ from antidistill.server.cli import COMMANDS, main
 from antidistill.server.gateway.config import GatewayConfig
 from antidistill.server.startup import serve as serve_module
 from antidistill.server.startup.flags import serve_parser
-from antidistill.server.startup.preflight import StartupError
+from antidistill.server.startup.preflight import StartupError, remote_workers_problem
 from antidistill.server.startup.serve import RUNNER_ENV, engine_config, processor_for, with_our_processor
 
 
@@ -418,3 +418,23 @@ def test_embedded_default_adds_only_the_vllm_flags_not_given():
         **{k: v for k, v in EMBEDDED_VLLM_DEFAULTS.items() if k not in ("--host", "--port")},
     }
     assert with_vllm_defaults([], "/t")[-1] == "--enforce-eager"
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--distributed-executor-backend", "ray"),
+        ("--headless",),
+        ("--nnodes", "2"),
+        ("--data-parallel-size", "2", "--data-parallel-size-local", "1"),
+    ],
+)
+def test_workers_on_other_hosts_stop_startup(models, flags):
+    """The failure ledger is this host's shared memory: a worker elsewhere could not make the gateway refuse."""
+    problem = remote_workers_problem(vllm_args(models, *flags))
+    assert problem is not None and flags[0] in problem and "fail closed" in problem
+
+
+def test_local_parallel_workers_start(models):
+    for flags in ((), ("--tensor-parallel-size", "2"), ("--data-parallel-size", "2"), ("--api-server-count", "2")):
+        assert remote_workers_problem(vllm_args(models, *flags)) is None, flags

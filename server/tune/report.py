@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PLOT_SIZE = (1200, 500)  # pixels of tune.png
+PLOT_SIZE = (1650, 500)  # pixels of tune.png
 PLOT_DPI = 100
 
 
@@ -63,21 +63,25 @@ def recommend(points: Sequence[dict[str, Any]], tolerances: Sequence[Tolerance] 
 
 
 def plot(points: Sequence[dict[str, Any]], tiers: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Teacher NLL and degenerate rate (left) and accuracy (right) against strength, the tiers'
-    strengths marked; ``PLOT_SIZE`` pixels."""
+    """Against strength, side by side: teacher NLL and degenerate rate, accuracy (the quality cost),
+    and the protection dose (what it buys), the tiers' strengths marked; ``PLOT_SIZE`` pixels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(PLOT_SIZE[0] / PLOT_DPI, PLOT_SIZE[1] / PLOT_DPI), dpi=PLOT_DPI)
+    size = (PLOT_SIZE[0] / PLOT_DPI, PLOT_SIZE[1] / PLOT_DPI)
+    fig, (left, right, dose) = plt.subplots(1, 3, figsize=size, dpi=PLOT_DPI)
     for profile in dict.fromkeys(p["profile"] for p in points):
         sweep = sorted((p for p in points if p["profile"] == profile), key=lambda p: p["strength"])
         xs = [p["strength"] for p in sweep]
         left.plot(xs, [p["teacher_nll"] for p in sweep], "o-", label=f"{profile}: teacher NLL / token")
         left.plot(xs, [p["degenerate_rate"] for p in sweep], "s--", label=f"{profile}: degenerate share")
         right.plot(xs, [p["accuracy"] for p in sweep], "o-", label=f"{profile}: {sweep[0]['accuracy_kind']}")
-    for ax in (left, right):
+        doses = [(x, p["dose"]) for x, p in zip(xs, sweep, strict=True) if p.get("dose") is not None]
+        dose.plot([x for x, _ in doses], [d for _, d in doses], "o-", label=f"{profile}: dose")
+    dose.axhline(0.0, color="black", linewidth=0.5)
+    for ax in (left, right, dose):
         for t in tiers:
             ax.axvline(t["strength"], color="grey", linestyle=":", linewidth=1)
             ax.text(t["strength"], ax.get_ylim()[1], f" {t['tier']}", rotation=90, va="top", fontsize=8, color="grey")
@@ -86,6 +90,7 @@ def plot(points: Sequence[dict[str, Any]], tiers: Sequence[dict[str, Any]], path
         ax.legend(fontsize=8)
     left.set_title("trace quality")
     right.set_title("accuracy")
+    dose.set_title("protection dose (mean Δ of the traces' tokens / s)")
     right.set_ylim(-0.02, 1.02)
     fig.tight_layout()
     fig.savefig(path, dpi=PLOT_DPI)
@@ -107,20 +112,24 @@ def markdown(report: dict[str, Any], plot_name: str) -> str:
         "",
         f"![strength sweep]({plot_name})",
         "",
-        "| profile | strength | λ | accuracy | teacher NLL / token | degenerate | mean tokens | proxy share of time |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| profile | strength | λ | accuracy | teacher NLL / token | degenerate | mean tokens | dose "
+        "| proxy share of time |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for p in report["points"]:
         lines.append(
             f"| {p['profile']} | {p['strength']:g} | {p['lambda']:.4g} | {p['accuracy']:.3f} | {p['teacher_nll']:.3f} "
-            f"| {p['degenerate_rate']:.3f} | {p['mean_tokens']:.1f} | {p['proxy_share']:.2f} |"
+            f"| {p['degenerate_rate']:.3f} | {p['mean_tokens']:.1f} | {_dose(p)} | {p['proxy_share']:.2f} |"
         )
     kinds = sorted({p["accuracy_kind"] for p in report["points"]})
     lines += [
         "",
         f"Accuracy is {' / '.join(kinds)}. Teacher NLL is the unprotected teacher's mean negative log-likelihood "
         "of the emitted tokens (higher: stranger text); degenerate: looping (≥ half the 4-grams repeat) or, with "
-        "reference answers, no final answer. Proxy share: 1 − (time per token at strength 0) / (time per token).",
+        "reference answers, no final answer. Dose: the mean Δ of the completions' own tokens along the full g, "
+        "over the Δ scale: to first order, how fast training on these traces raises the proxy's held-out loss "
+        "(what antidistillation buys; strength 0 is plain sampling at this temperature). "
+        "Proxy share: 1 − (time per token at strength 0) / (time per token).",
         "",
         "## Recommendation",
         "",
@@ -149,3 +158,7 @@ def markdown(report: dict[str, Any], plot_name: str) -> str:
             lines.append(f"- **{out['profile']} strength {out['strength']:g}:** {text}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _dose(point: dict[str, Any]) -> str:
+    return "–" if point.get("dose") is None else f"{point['dose']:.3f}"

@@ -12,6 +12,9 @@ the same sampling seed, so strengths differ only by what λ·Δ does. Per streng
   answers, agreement with the strength-0 answer (or text);
 - trace quality (core/trace_quality.py): the unprotected teacher's NLL per emitted token, the
   degenerate-output rate, the mean length;
+- the protection dose (proxy_worker/tools/dose.py): the mean full-g Δ of the completions' own tokens
+  in strength units, the first-order rise of the proxy's held-out loss per unit of training on them
+  (strength 0 at the operator's temperature is the reference);
 - the proxy's share of the time per generated token (wall clock, against strength 0 in this run);
 - side-by-side samples for the same prompts.
 
@@ -38,6 +41,7 @@ from antidistill.proxy_worker.core.answers import extract_answer, is_correct
 from antidistill.proxy_worker.core.strength import lambda_for
 from antidistill.proxy_worker.core.trace_quality import trace_quality
 from antidistill.proxy_worker.runtime.offline import OfflineEngine, TraceRequest
+from antidistill.proxy_worker.tools.traces import TokenizedTrace
 from antidistill.server.startup.flags import DEFAULT_PROXY_TOKENS, add_proxy_flags
 from antidistill.server.tune.inputs import (
     Profile,
@@ -109,6 +113,7 @@ def summarize(point: dict[str, Any], baseline: dict[str, Any], prompts: Sequence
         "accuracy": sum(hits) / len(hits),
         "accuracy_kind": "answers" if with_answers else "agreement with strength 0",
         **quality.as_dict(),
+        "dose": point.get("dose"),
         "proxy_share": max(0.0, 1 - base_per_token / per_token) if point["strength"] > 0 else 0.0,
         "seconds": round(point["seconds"], 3),
         "tokens": tokens,
@@ -189,6 +194,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
                 (kept / f"{profile.name}-{b:.6g}.json").write_text(json.dumps(point))
                 raw[(profile.name, b)] = point
                 log.info("strength %g on %s: %.0f s", b, profile.name, point["seconds"])
+    add_doses(raw, todo, prompts, args.proxy, kept)
     points = [summarize(raw[(p.name, b)], raw[(p.name, 0.0)], prompts) for p, b in raw_keys(todo)]
     samples = [
         {
@@ -223,6 +229,31 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
     tune_report.plot(points, tiers, out / "tune.png")
     (out / "tune.md").write_text(tune_report.markdown(report, "tune.png") + "\n")
     return report
+
+
+def add_doses(
+    raw: dict[tuple[str, float], dict[str, Any]],
+    todo: Sequence[tuple[Profile, float]],
+    prompts: Sequence[Prompt],
+    proxy: str,
+    kept: Path,
+) -> None:
+    """The protection dose of each point's completions, computed once and kept with the point."""
+    from antidistill.proxy_worker.tools.dose import DoseMeter
+
+    meters: dict[str, DoseMeter] = {}
+    for profile, b in todo:
+        point = raw[(profile.name, b)]
+        if "dose" in point:
+            continue
+        if profile.name not in meters:
+            meters[profile.name] = DoseMeter.from_files(proxy, profile.gradient, profile.scale)
+        traces = [
+            TokenizedTrace([*p.ids, *c["token_ids"]], len(p.ids))
+            for p, c in zip(prompts, point["completions"], strict=True)
+        ]
+        point["dose"] = meters[profile.name].mean_dose(traces)
+        (kept / f"{profile.name}-{b:.6g}.json").write_text(json.dumps(point))
 
 
 def raw_keys(todo: Sequence[tuple[Profile, float]]) -> list[tuple[Profile, float]]:

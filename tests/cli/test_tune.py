@@ -170,3 +170,25 @@ def test_a_gradient_without_a_scale_is_one_line(tuned, tmp_path, capsys):
     assert cli_main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert "stores no Δ scale" in err and "antidistill gradient --add-scale" in err and "\n" not in err
+
+
+def test_the_dose_column_is_the_traces_likelihood_slope_along_g(tuned):
+    """Each strength's dose, recomputed from its kept completions with HF proxies at θ ± εg: the mean,
+    over traces, of d/dε log p(completion) per token, over s. Protection raises it above strength 0."""
+    scale = read_delta_scale(tuned.models.gradients["math"])
+    theta, grad = tuned.models.theta_and_grad("math")
+    sampler = ReferenceSampler(tuned.models.teacher, tuned.models.proxy, theta, grad, EPSILONS["math"])
+    rows = {p["strength"]: p for p in json.loads((tuned.out / "tune.json").read_text())["points"]}
+    tok = tuned.models.tokenizer
+    for b in (0.0, *STRENGTHS):
+        slopes = []
+        for prompt, done in zip(PROMPTS, point_file(tuned, b)["completions"], strict=True):
+            ids = [*tok(prompt)["input_ids"], *done["token_ids"]]
+            start = len(ids) - len(done["token_ids"])
+            with torch.no_grad():
+                logs = [torch.log_softmax(m(torch.tensor([ids])).logits[0].double(), -1) for m in sampler.proxies]
+            plus, minus = (sum(float(lp[t - 1, ids[t]]) for t in range(start, len(ids))) for lp in logs)
+            slopes.append((plus - minus) / (2 * sampler.epsilon) / len(done["token_ids"]) / scale)
+        assert rows[b]["dose"] == pytest.approx(sum(slopes) / len(slopes), rel=2e-2, abs=1e-4), b
+    assert rows[STRENGTHS[1]]["dose"] > rows[0.0]["dose"]
+    assert "| dose |" in (tuned.out / "tune.md").read_text()

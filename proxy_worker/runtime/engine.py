@@ -35,6 +35,9 @@ class StepResult:
     failed: dict[int, RowFailure] = field(default_factory=dict)
     prefill_tokens: int = 0
     decode_tokens: int = 0
+    # position → the Δ (0-d, on the device) of the token the row sampled since its last step: the
+    # previous step's Δ at the one token that was appended, i.e. the Δ that token was served with
+    sampled: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,15 @@ class ProxyEngine:
             need += max(-(-tokens // self.cache.block_size) - held, 0)
         return max(need - self.cache.free_blocks, 0)
 
+    def served_delta(self, index: int) -> torch.Tensor | None:
+        """The Δ row ``index``'s newest token was sampled with: its last step's Δ at that token, 0-d
+        on the device (None: not exactly one new token since that step, or that step had no Δ)."""
+        row = self.cache.rows.get(index)
+        if row is None or row.last_delta is None or row.length != row.computed + 1:
+            return None
+        token = row.tokens(row.computed, row.length)[0]
+        return row.last_delta[token] if 0 <= token < self.cfg.vocab_size else None
+
     def add(self, index: int, prompt: Sequence[int], output: Sequence[int] = (), salt: str | None = None) -> None:
         """Track a row. ``output`` may be a live list that grows; it is read at step time. The row
         shares cached prefix blocks only with rows of the same ``salt`` (its tenant's)."""
@@ -166,6 +178,8 @@ class ProxyEngine:
                     Reason.VOCABULARY, f"token id {unknown} is outside the proxy's vocabulary of {self.cfg.vocab_size}"
                 )
             else:
+                if (served := self.served_delta(index)) is not None:
+                    result.sampled[pos] = served
                 try:
                     self.cache.reserve(row, row.length)
                 except ProxyBudgetExceeded as exc:

@@ -8,17 +8,27 @@ sets to a fresh directory before anything starts and removes on exit). Every nam
 The share of step time spent in the proxy is exported as two counters whose ratio is the share:
 ``rate(antidistill_proxy_seconds_total[1m]) / rate(antidistill_engine_step_seconds_total[1m])``,
 where a step's time is the interval between consecutive processor calls while protected rows exist.
+
+The dose served: each sampled protected token's full-g Δ (the Δ it was served with, read at the next
+step, once the token is known) over the profile's Δ scale, per tier — the live counterpart of
+``antidistill tune``'s dose (proxy_worker/tools/dose.py). The mean dose is
+``delta(antidistill_sampled_delta_sum[5m]) / increase(antidistill_sampled_tokens_total[5m])``; near 0
+on a λ > 0 tier, its strength buys nothing there. (The sum is a gauge: Δ can be negative, which a
+counter, and a histogram's ``_sum``, cannot carry. Under tensor parallelism every rank counts the
+same tokens: the mean is unchanged, the totals are per rank.)
 """
 
 from __future__ import annotations
 
 import time
 
+import torch
 from antidistill.proxy_worker.runtime.engine import KVUsage, StepResult
 from prometheus_client import Counter, Gauge, Histogram
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+DOSE_FLUSH_STEPS = 32  # steps between two device→host copies of the served Δ values
 
 PROXY_STEP = Histogram(
     "antidistill_proxy_step_seconds",
@@ -53,6 +63,45 @@ KV_CAPACITY = Gauge(
     ["profile"],
     multiprocess_mode="livesum",
 )
+
+
+SAMPLED_DELTA = Gauge(
+    "antidistill_sampled_delta_sum",
+    "Sum over sampled protected tokens of the full-g Δ each was served with, over the profile's Δ scale.",
+    ["tier", "profile"],
+    multiprocess_mode="sum",
+)
+SAMPLED_TOKENS = Counter(
+    "antidistill_sampled_tokens", "Sampled protected tokens in antidistill_sampled_delta_sum.", ["tier", "profile"]
+)
+
+
+class DoseBuffer:
+    """Served Δ values kept on the device and observed every ``DOSE_FLUSH_STEPS`` steps (or when no
+    protected row is left): one device→host copy per flush, none in a step."""
+
+    def __init__(self) -> None:
+        self.labels: list[tuple[str, str, float]] = []  # (tier, profile, Δ scale) per value
+        self.values: list[torch.Tensor] = []
+        self.steps = 0
+
+    def add(self, tier: str, profile: str, scale: float, value: torch.Tensor) -> None:
+        self.labels.append((tier or "none", profile, scale))
+        self.values.append(value)
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps >= DOSE_FLUSH_STEPS:
+            self.flush()
+
+    def flush(self) -> None:
+        self.steps = 0
+        if not self.values:
+            return
+        for (tier, profile, scale), value in zip(self.labels, torch.stack(self.values).tolist(), strict=True):
+            SAMPLED_DELTA.labels(tier, profile).inc(value / scale)
+            SAMPLED_TOKENS.labels(tier, profile).inc()
+        self.labels, self.values = [], []
 
 
 class StepClock:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from antidistill.proxy_worker.core.config import load_config
 from antidistill.proxy_worker.core.delta import PermutationControl, add_scaled
-from antidistill.proxy_worker.core.gradient_file import load_gradient
+from antidistill.proxy_worker.core.gradient_file import load_gradient, read_delta_scale
 from antidistill.proxy_worker.core.model import StackedProxy
 from antidistill.proxy_worker.core.weights import load_proxy_state, parse_dtype, stack_perturbed
 from antidistill.proxy_worker.runtime import metrics
@@ -89,11 +89,15 @@ class Protection:
         engines: dict[str, ProxyEngine],
         control: PermutationControl | None,
         ledger: FailureLedger | None = None,
+        scales: Mapping[str, float | None] | None = None,
     ) -> None:
+        """``scales``: each profile's Δ scale, for the dose metric (a profile without one reports none)."""
         self.settings = settings
         self.engines = engines
         self.control = control
         self.ledger = ledger
+        self.scales = dict(scales or {})
+        self.doses = metrics.DoseBuffer()
         self.rows: RowMap[_Row] = RowMap(on_drop=self._release)
         self.clock = metrics.StepClock()
         for name, engine in engines.items():
@@ -138,7 +142,8 @@ class Protection:
         control = None
         if "permutation" in settings.allowed_modes:
             control = PermutationControl(cfg.vocab_size, settings.permutation_seed)
-        return cls(settings, engines, control, ledger)
+        scales = {name: read_delta_scale(spec.gradient) for name, spec in settings.profiles.items()}
+        return cls(settings, engines, control, ledger, scales)
 
     def add(self, index: int, args: RequestArgs, prompt: Sequence[int], output: Sequence[int]) -> None:
         """A request enters row ``index`` (replacing any previous occupant)."""
@@ -161,6 +166,8 @@ class Protection:
 
     def remove(self, index: int) -> None:
         self.rows.remove(index)
+        if not self.rows:  # idle until the next request: what was served is observed now
+            self.doses.flush()
 
     def move(self, src: int, dst: int) -> None:
         """One-way move (the row at ``dst`` is dropped); the proxy KV moves with the row."""
@@ -176,9 +183,10 @@ class Protection:
             self.engines[profile].swap(a, b)
 
     def _release(self, index: int, row: _Row) -> None:
-        """A row left the table: its proxy KV is freed."""
+        """A row left the table: its last token's served Δ is counted, its proxy KV is freed."""
         if row.args.protected:
             engine = self.engines[row.args.profile]
+            self._count_served(row, row.args.profile, engine.served_delta(index))
             engine.remove(index)
             metrics.record_kv(row.args.profile, engine.kv)
 
@@ -191,7 +199,9 @@ class Protection:
         """
         self.clock.tick(protected=bool(self.rows))
         if not self.rows:
+            self.doses.flush()
             return logits
+        self.doses.step()
         start = time.perf_counter()
         if logits_rows is None:
             logits_rows = {i: i for i in self.rows if i < len(logits)}
@@ -229,10 +239,18 @@ class Protection:
             delta[picked] = self.control.apply(delta[picked], keys)
         lambdas = on_device([r.args.lam for r in rows], torch.float32, logits.device)
         target = on_device([logits_rows[i] for i in indices], torch.long, logits.device)
+        for pos, value in result.sampled.items():
+            self._count_served(rows[pos], profile, value)
         metrics.record_profile_step(profile, result, len(indices), time.perf_counter() - start)
         metrics.record_kv(profile, engine.kv)
         add_scaled(logits, target, lambdas, delta.to(logits.device))  # last: a retry adds once
         return result.failed
+
+    def _count_served(self, row: _Row, profile: str, value: torch.Tensor | None) -> None:
+        """One sampled token's served Δ, for the dose metric (a profile without a Δ scale has none)."""
+        scale = self.scales.get(profile)
+        if value is not None and scale and row.refused is None:
+            self.doses.add(row.args.tier, profile, scale, value)
 
     def _isolate(
         self, logits: torch.Tensor, engine: ProxyEngine, indices: list[int], logits_rows: Mapping[int, int]

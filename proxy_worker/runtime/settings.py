@@ -26,11 +26,19 @@ PROCESSOR_PATH = "antidistill.proxy_worker.runtime.vllm_v1:AntidistillationLogit
 PROCESSOR_PATH_V2 = "antidistill.proxy_worker.runtime.vllm_v2:AntidistillationLogitsProcessorV2"
 Mode = Literal["ad", "permutation"]
 OnFailure = Literal["refuse", "degrade"]
-REQUEST_KEYS = ("ad_lambda", "ad_profile", "ad_mode", "ad_ticket", "ad_on_failure", "ad_salt")
+REQUEST_KEYS = ("ad_lambda", "ad_profile", "ad_mode", "ad_ticket", "ad_on_failure", "ad_salt", "ad_tier")
 # what an absent key means (ad_profile "": the settings' default profile)
-REQUEST_DEFAULTS = {"ad_profile": "", "ad_mode": "ad", "ad_ticket": None, "ad_on_failure": "refuse", "ad_salt": None}
+REQUEST_DEFAULTS = {
+    "ad_profile": "",
+    "ad_mode": "ad",
+    "ad_ticket": None,
+    "ad_on_failure": "refuse",
+    "ad_salt": None,
+    "ad_tier": "",
+}
 MAX_TICKET = 2**63 - 1
 MAX_SALT = 128  # characters of ``ad_salt`` (the gateway's are 41)
+MAX_TIER = 64  # characters of ``ad_tier``: a metrics label, so bounded
 
 
 class SettingsError(ValueError):
@@ -150,7 +158,8 @@ class RequestArgs:
     teacher, ``degrade`` serves it with Δ = 0 while the failure is transient, for a bounded number
     of steps (``protection.DEGRADE_STEPS``); both are recorded in the ledger. ``salt`` (set by the
     gateway: a keyed digest of the account) scopes the proxy's prefix cache to one tenant, so a
-    request never reuses, or learns the presence of, another tenant's proxy KV.
+    request never reuses, or learns the presence of, another tenant's proxy KV. ``tier`` (set by
+    the gateway) labels the worker's dose metric; it changes nothing about the step.
     """
 
     lam: float = 0.0
@@ -159,6 +168,7 @@ class RequestArgs:
     ticket: int | None = None
     on_failure: OnFailure = "refuse"
     salt: str | None = None
+    tier: str = ""
 
     @property
     def protected(self) -> bool:
@@ -168,7 +178,7 @@ class RequestArgs:
         """The ``vllm_xargs`` that ``parse_request_args`` reads back as these arguments: the one
         writer of REQUEST_KEYS (the gateway, the offline engine). Defaults are left out, so a
         request at λ = 0 carries ``ad_lambda`` alone."""
-        values = (self.profile, self.mode, self.ticket, self.on_failure, self.salt)
+        values = (self.profile, self.mode, self.ticket, self.on_failure, self.salt, self.tier)
         named = zip(REQUEST_KEYS[1:], values, strict=True)
         return {"ad_lambda": self.lam, **{key: v for key, v in named if v != REQUEST_DEFAULTS[key]}}
 
@@ -203,7 +213,10 @@ def parse_request_args(extra_args: Mapping[str, Any] | None, settings: Processor
         raise ValueError(
             f"vllm_xargs.ad_salt: must be a non-empty string of at most {MAX_SALT} characters, got {shown}"
         )
-    return RequestArgs(float(lam), profile, mode, ticket_of(args), on_failure, salt)
+    tier = args.get("ad_tier", "")
+    if not isinstance(tier, str) or len(tier) > MAX_TIER:
+        raise ValueError(f"vllm_xargs.ad_tier: must be a string of at most {MAX_TIER} characters")
+    return RequestArgs(float(lam), profile, mode, ticket_of(args), on_failure, salt, tier)
 
 
 def ticket_of(extra_args: Mapping[str, Any] | None) -> int | None:

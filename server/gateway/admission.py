@@ -124,7 +124,8 @@ def admit(
     if forced != view.watermarking:
         update["watermarking"] = forced
     on_failure = tier.on_protection_failure if protected else "refuse"  # λ = 0: nothing can fail
-    args = RequestArgs(decision.lam, decision.profile or "", on_failure=on_failure, salt=salt)
+    tier_label = tier_name if protected else ""  # the worker's dose metric; λ = 0 has none
+    args = RequestArgs(decision.lam, decision.profile or "", on_failure=on_failure, salt=salt, tier=tier_label)
     update["vllm_xargs"] = args.to_xargs()
     admitted = req.model_copy(update=update)
     prompts = api.prompt_tokens(view)

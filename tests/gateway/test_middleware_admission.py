@@ -214,7 +214,7 @@ def test_a_client_lambda_inside_the_range_is_used(gw, fields, headers, lam):
     res = gw.post("free", completion(**fields), headers=headers)
     assert res.status_code == 200 and res.headers["x-antidistillation-lambda"] == f"{lam:g}", res.text
     (got,) = gw.fake.generated()
-    assert got.xargs["ad_lambda"] == lam and set(got.xargs) == {"ad_lambda", "ad_ticket", "ad_salt"}
+    assert got.xargs["ad_lambda"] == lam and set(got.xargs) == {"ad_lambda", "ad_ticket", "ad_salt", "ad_tier"}
 
 
 @pytest.mark.parametrize(
@@ -281,7 +281,8 @@ def test_the_forwarded_body_carries_the_decided_lambda_a_ticket_and_the_tenant_s
     first, second, mine, theirs, streamed, internal = gw.fake.generated()
     for got in (first, second):
         assert got.body["max_tokens"] == 64, "the tier's cap where the client set none"
-        assert got.xargs["ad_lambda"] == 3.0 and set(got.xargs) == {"ad_lambda", "ad_ticket", "ad_salt"}
+        assert got.xargs["ad_lambda"] == 3.0 and set(got.xargs) == {"ad_lambda", "ad_ticket", "ad_salt", "ad_tier"}
+        assert got.xargs["ad_tier"] == "free", "the worker's dose metric is labelled with the tier"
         assert isinstance(got.ticket, int) and 0 < got.ticket <= MAX_TICKET
         assert got.body["cache_salt"] == got.xargs["ad_salt"] and got.body["cache_salt"].startswith("t")
         assert got.header(b"content-length") == [str(len(got.raw)).encode()]

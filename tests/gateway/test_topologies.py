@@ -96,5 +96,8 @@ def test_every_topology_serves_the_reference_and_fails_closed(topology):
     metrics = scrape(srv.base, srv.metrics_key)  # one /metrics for all API servers and workers
     assert total(metrics, "antidistill_requests_total", tier="guarded", status="503") >= len(faulty), name
     assert total(metrics, "antidistill_protection_failures_total", reason="non_finite") >= len(faulty), name
+    sampled = total(metrics, "antidistill_sampled_tokens_total", tier="guarded")
+    dose = total(metrics, "antidistill_sampled_delta_sum", tier="guarded") / max(sampled, 1)
+    assert sampled > 0 and dose > 0, (name, sampled, dose)  # λ = 3 raises the served tokens' Δ above 0
     if name == "api2":  # the kernel spreads connections over both API servers: each refuses, none serves raw
         assert len({line["pid"] for line in lines}) == 2, lines

@@ -8,6 +8,7 @@ import torch
 from antidistill.benchmarks.tiny.models import save_tiny, train_tokenizer
 from antidistill.benchmarks.tiny.serving import build_models
 from antidistill.proxy_worker.core.delta import finite_difference
+from antidistill.proxy_worker.core.gradient_file import read_delta_scale
 from antidistill.proxy_worker.core.plan import build_plan
 from antidistill.proxy_worker.runtime.protection import Protection
 from antidistill.proxy_worker.runtime.settings import (
@@ -111,7 +112,7 @@ def test_request_args_round_trip_through_vllm_xargs(models):
     settings = parse_settings(models.settings(), "test")
     cases = [
         RequestArgs(0.0, "math"),
-        RequestArgs(1.5, "math", "permutation", ticket=7, on_failure="degrade", salt="t" + "a" * 40),
+        RequestArgs(1.5, "math", "permutation", ticket=7, on_failure="degrade", salt="t" + "a" * 40, tier="free"),
         RequestArgs(2.0, "math", ticket=2**63 - 1),
     ]
     for args in cases:
@@ -161,3 +162,47 @@ def test_bad_settings_and_mismatched_proxy_stop_startup(models, tmp_path):
     )
     with pytest.raises(VocabularyMismatch, match="token id"):
         Protection.from_settings(parse_settings(models.settings(), "test"), teacher_tokenizer=str(teacher))
+
+
+def dose_sample(name: str, tier: str, profile: str) -> float:
+    metric = {"sum": "antidistill_sampled_delta_sum", "count": "antidistill_sampled_tokens_total"}[name]
+    return REGISTRY.get_sample_value(metric, {"tier": tier, "profile": profile}) or 0.0
+
+
+def test_the_dose_served_is_each_sampled_tokens_delta_over_the_scale(models, protection):
+    """Each token a protected row samples is counted once, with the Δ it was served with (the previous
+    step's, at that token) over the profile's Δ scale — the last one when the row leaves; rows swapped
+    between steps keep their own."""
+    scale = read_delta_scale(models.gradients["math"])
+    outputs: dict[int, list[int]] = {0: [], 1: []}
+    prompts = {0: [5, 6, 7], 1: [8, 9, 10, 11]}
+    protection.add(0, RequestArgs(2.0, "math", tier="free"), prompts[0], outputs[0])
+    protection.add(1, RequestArgs(2.0, "math", tier="pro"), prompts[1], outputs[1])
+    before = {t: (dose_sample("sum", t, "math"), dose_sample("count", t, "math")) for t in ("free", "pro")}
+    served = {"free": [], "pro": []}
+    tiers = {0: "free", 1: "pro"}
+
+    def last_served() -> None:  # the Δ each row's newest token was sampled with
+        for row, tier in tiers.items():
+            history = prompts[row] + outputs[row][:-1]
+            served[tier].append(float(fresh(protection, "math", history)[outputs[row][-1]]) / scale)
+
+    for step in range(4):
+        logits = torch.zeros(2, 320)
+        if step:
+            last_served()
+        protection.apply(logits)
+        for row in (0, 1):
+            outputs[row].append(int(torch.argmax(logits[row])) % 300 + 5)
+        if step == 1:
+            protection.swap(0, 1)
+            tiers = {0: "pro", 1: "free"}
+            outputs = {0: outputs[1], 1: outputs[0]}
+            prompts = {0: prompts[1], 1: prompts[0]}
+    last_served()
+    protection.remove(0)
+    protection.remove(1)  # no protected row left: the buffer is observed
+    for tier in ("free", "pro"):
+        total, count = (dose_sample(n, tier, "math") - b for n, b in zip(("sum", "count"), before[tier], strict=True))
+        assert count == len(served[tier]) == 4, (tier, count)
+        assert total == pytest.approx(sum(served[tier]), rel=1e-3, abs=1e-4), tier

@@ -43,7 +43,10 @@ def _descends_from(pid: int, ancestor: int) -> bool:
     while pid > 1:
         if pid == ancestor:
             return True
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:  # it exited while we looked
+            return False
         pid = int(stat.rsplit(")", 1)[1].split()[1])
     return False
 

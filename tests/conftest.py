@@ -7,6 +7,8 @@ tests that take minutes on their own."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer):
         return made[key]
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def logging_enabled() -> Iterator[None]:
+    """vLLM's ``suppress_logging`` (around building its parser's DeviceConfig) disables INFO logging
+    and never turns it back on if the build raises (a CUDA wheel on a machine without a GPU): one such
+    test would silence every later test's audit lines."""
+    yield
+    logging.disable(logging.NOTSET)

@@ -14,7 +14,7 @@ import pytest
 from antidistill.benchmarks.tiny.reference import ReferenceSampler
 from antidistill.benchmarks.tiny.serving import EPSILONS
 
-from tests.helpers import Server, audit_lines, audit_until, engine_fixture, scrape, tiny_server, total
+from tests.helpers import Server, audit_until, engine_fixture, scrape, tiny_server, total
 
 TIERS = {"guarded": {"lambda": 3.0, "min_lambda": 3.0}}
 NAN_TOKEN = 300
@@ -87,7 +87,8 @@ def test_every_topology_serves_the_reference_and_fails_closed(topology):
     busy = asyncio.run(batch(srv, [body(srv, p, stream=i % 2 == 1) for i, p in enumerate(cases)]))
     for (status, ids), want in zip(busy, expected, strict=True):
         assert status == 200 and ids == want, (name, ids, want)
-    audited = len(audit_lines(srv))
+    # a request's audit line is written just after its response: wait for these seven first
+    audited = len(audit_until(srv, lambda lines: len(lines) >= 1 + len(cases)))
     faulty = [body(srv, [NAN_TOKEN, *cases[i % len(cases)]], stream=i % 2 == 1) for i in range(12)]
     refused = asyncio.run(batch(srv, faulty))
     assert all(status == 503 and ids == [] for status, ids in refused), (name, refused)

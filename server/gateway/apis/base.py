@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from antidistill.server.gateway.errors import KINDS, error_body
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from antidistill.server.gateway.apis.responses import Owner
 
 
 @dataclass
@@ -67,7 +70,7 @@ class Api:
         conversion); updates are applied to ``request`` itself."""
         return request
 
-    def checks(self, request: BaseModel, raw: dict[str, Any], protected: bool, owner: Any) -> dict[str, Any]:
+    def checks(self, request: BaseModel, raw: dict[str, Any], protected: bool, owner: Owner) -> dict[str, Any]:
         """Route-specific refusals (raise Refusal) and the fields the gateway sets; none by default."""
         return {}
 

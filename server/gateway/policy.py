@@ -162,14 +162,25 @@ def decide(
     ask = _requested_lambda(tier_name, tier, xargs, header, strength_header, scale)
     floor = max(tier.min_lambda, escalated or 0.0)
     ceiling = max(tier.max_lambda, floor)
-    if ask is None:
+    asked = None if ask is None else ask.lam if ask.strength is None else snap_to_bounds(ask.lam, floor, ceiling)
+    if asked is None:
         lam = max(tier.lambda_, floor)
-    elif floor <= ask.lam <= ceiling:
-        lam = ask.lam
+    elif floor <= asked <= ceiling:
+        lam = asked
     else:
         param = "ad_lambda" if ask.strength is None else "ad_strength"
         raise Refusal(403, _out_of_range(tier_name, tier, ask, floor, ceiling, scale), param)
     return Decision(lam, tier.profile)
+
+
+def snap_to_bounds(lam: float, floor: float, ceiling: float, rel: float = AGREE_REL_TOL) -> float:
+    """A λ converted from a strength (b / s) that lands within rounding of a bound given in λ is that
+    bound: asking for exactly the tier's ceiling in strength units must not be refused by one ulp.
+    Only ever moves a value onto a bound, never past it."""
+    for bound in (floor, ceiling):
+        if math.isclose(lam, bound, rel_tol=rel, abs_tol=0.0):
+            return bound
+    return lam
 
 
 def watermarking(tier: Tier, requested: bool | None) -> bool | None:

@@ -140,3 +140,15 @@ def test_watermark_defaults_to_allow_and_is_validated(tmp_path):
     path.write_text("tiers: {free: {lambda: 0.001, watermark: sometimes}}")
     with pytest.raises(TiersError, match=r"tiers\.free\.watermark"):
         load_tiers(path)
+
+
+def test_a_strength_at_a_lambda_tiers_bound_is_served_at_the_bound():
+    """On a tier written in λ, ``max_lambda·s`` asked as a strength can convert back a rounding step
+    above max_lambda; it is served at the bound. Anything really outside is still refused."""
+    tier = Tier.model_validate({"lambda": 0.05, "min_lambda": 0.02, "max_lambda": 0.1})
+    scale = 3.0
+    assert 0.1 * scale / scale > 0.1, "the case: a strength at the ceiling lands above it"
+    for bound in (0.02, 0.1):
+        assert decide("pro", tier, {"ad_strength": bound * scale}, None, scale=scale).lam == bound
+    assert refused("pro", tier, {"ad_strength": 0.1 * scale * 1.001}, None, scale=scale).status == 403
+    assert refused("pro", tier, {"ad_lambda": 0.1 * 1.0000001}, None).status == 403, "λ asks are exact"

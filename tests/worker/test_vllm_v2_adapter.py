@@ -4,115 +4,28 @@ replaced here by CPU tensors with the same attributes (``.gpu``, ``.np``)."""
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from antidistill.benchmarks.tiny.serving import EPSILONS, build_models
-from antidistill.proxy_worker.core.config import load_config
-from antidistill.proxy_worker.core.delta import finite_difference
-from antidistill.proxy_worker.core.model import StackedProxy
-from antidistill.proxy_worker.core.plan import build_plan
-from antidistill.proxy_worker.core.weights import perturbed_copies, stack_copies
 from antidistill.proxy_worker.runtime.vllm_v2 import SPEC_DECODE_REFUSED, AntidistillationLogitsProcessorV2
-from vllm import SamplingParams
-from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 
-MAX_REQS, MAX_LEN, VOCAB, PROXY_VOCAB = 8, 64, 400, 320
+from tests.worker import v2_runner
+from tests.worker.v2_runner import (
+    VOCAB,
+    assert_steps,
+    commit,
+    context,
+    params,
+    protected_as,
+)
 
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return build_models(tmp_path_factory.mktemp("v2-models"))
-
-
-def buffer(shape):
-    t = torch.zeros(shape, dtype=torch.int64)
-    return SimpleNamespace(gpu=t, cpu=t, np=t.numpy())
-
-
-@pytest.fixture()
-def make_runner(models, monkeypatch):
-    """Factory: a processor built the way the V2 runner builds it, plus the buffers the runner owns."""
-
-    def make(speculative_config=None, **overrides):
-        settings = models.settings(**overrides)
-        cfg = SimpleNamespace(
-            additional_config={"antidistillation": settings},
-            model_config=SimpleNamespace(
-                tokenizer=str(models.teacher), get_vocab_size=lambda: VOCAB, max_model_len=MAX_LEN
-            ),
-            cache_config=SimpleNamespace(block_size=16, num_gpu_blocks_override=None),
-            scheduler_config=SimpleNamespace(
-                max_num_seqs=MAX_REQS, max_num_batched_tokens=256, long_prefill_token_threshold=0
-            ),
-            speculative_config=speculative_config,
-        )
-        monkeypatch.setenv("ANTIDISTILL_CONFIG", json.dumps({"antidistillation": settings}))
-        state = LogitsProcRequestState(
-            device=torch.device("cpu"),
-            max_num_reqs=MAX_REQS,
-            vocab_size=VOCAB,
-            all_token_ids=buffer((MAX_REQS, MAX_LEN)),
-            prompt_len=buffer(MAX_REQS),
-            prefill_len=buffer(MAX_REQS),
-            total_len=buffer(MAX_REQS),
-        )
-        return AntidistillationLogitsProcessorV2(cfg, state), state
-
-    return make
-
-
-@pytest.fixture()
-def runner(make_runner):
-    return make_runner()
-
-
-def reference_delta(models, profile, tokens):
-    cfg = load_config(models.proxy)
-    theta, grad = models.theta_and_grad(profile)
-    eps = EPSILONS[profile]
-    model = StackedProxy(cfg, stack_copies(perturbed_copies(theta, grad, (eps, -eps)), cfg, torch.float32))
-    return finite_difference(model.logits(build_plan([tokens], [0])), eps)[0]
-
-
-def context(slots, histories):
-    """The step layout the V2 runner passes: batch position → slot, and each row's newest token."""
-    lengths = [len(histories[s]) for s in slots]
-    return LogitsContext(
-        expanded_idx_mapping=torch.tensor(slots),
-        idx_mapping=torch.tensor(slots),
-        idx_mapping_np=np.array(slots),
-        expanded_local_pos=torch.zeros(len(slots), dtype=torch.long),
-        input_ids=torch.tensor([histories[s][-1] for s in slots]),
-        pos=torch.tensor([n - 1 for n in lengths]),
-        seq_lens_upper_bound_np=np.array(lengths),
-    )
-
-
-def commit(state, slot, tokens):
-    """What the runner does: committed tokens on device (all but the newest, which is in input_ids)."""
-    state.all_token_ids.gpu[slot, : len(tokens) - 1] = torch.tensor(tokens[:-1])
-
-
-def params(lam, profile="math", **extra):
-    return SamplingParams(extra_args={"ad_lambda": lam, "ad_profile": profile, **extra})
-
-
-LOGIT_ROUNDOFF = 1e-5
-"""How far a cached pass's fp32 logits may sit from a full pass's (≈ 1 ulp at |logit| ≈ 64): Δ is a
-difference of two logits over 2ε, so λ·Δ may differ by about λ · 2 · this / (2ε)."""
-
-
-def protected_as(models, out_row, base_row, lam, profile, tokens, atol=None):
-    """``out_row`` is ``base_row + λ·Δ(tokens)``, up to fp32 round-off of cached vs full passes
-    amplified by λ/ε (λ·Δ itself is of order 1–20 here, so an unprotected row is far outside it)."""
-    expected = base_row.clone()
-    expected[:PROXY_VOCAB] += lam * reference_delta(models, profile, tokens)
-    atol = lam * LOGIT_ROUNDOFF / EPSILONS[profile] if atol is None else atol
-    return torch.allclose(out_row, expected, atol=atol, rtol=1e-3)
+# the V2 runner fixtures (tests/worker/v2_runner.py): the same tiny models and processor factory
+make_runner = v2_runner.make_runner
+models = v2_runner.models
+runner = v2_runner.runner
 
 
 def spy_steps(proc):
@@ -137,20 +50,7 @@ def test_v2_adapter_follows_slots_through_reordered_steps(runner, models):
     assert proc.add_request(5, params(0.0)) is False, "λ = 0 declines the row"
     assert proc.add_request(0, params(1.0, "code")) is True
     lams = {2: (2.0, "math"), 0: (1.0, "code")}
-    rng = torch.Generator().manual_seed(0)
-    for step, order in enumerate([[2, 5, 0], [0, 2, 5], [5, 0, 2]]):
-        for s in histories:
-            commit(state, s, histories[s])
-        logits = torch.randn(len(order), VOCAB, generator=rng)
-        base = logits.clone()
-        out = proc.apply(logits, context(order, histories))
-        for row, slot in enumerate(order):
-            if slot in lams:
-                assert protected_as(models, out[row], base[row], *lams[slot], histories[slot]), (step, slot)
-            else:
-                assert torch.equal(out[row], base[row])
-        for s in histories:
-            histories[s].append(100 + step)
+    assert_steps(models, proc, state, histories, lams, [[2, 5, 0], [0, 2, 5], [5, 0, 2]])
 
 
 def test_v2_absent_slot_keeps_its_proxy_state_and_is_not_reprefilled(runner, models):

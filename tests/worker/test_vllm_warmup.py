@@ -16,11 +16,19 @@ from vllm import SamplingParams
 from vllm.v1.worker.gpu.input_batch import InputBatch, InputBuffers
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 
-from tests.worker import test_vllm_v2_adapter as v2
-from tests.worker.test_vllm_v2_adapter import MAX_REQS, VOCAB, commit, context, params, protected_as
+from tests.worker import v2_runner
+from tests.worker.v2_runner import (
+    MAX_REQS,
+    VOCAB,
+    assert_steps,
+    commit,
+    context,
+    params,
+)
 
-models = v2.models  # the adapter tests' fixtures: the same tiny teacher, proxy and processor
-make_runner = v2.make_runner
+# the V2 runner fixtures (tests/worker/v2_runner.py): the same tiny models and processor factory
+make_runner = v2_runner.make_runner
+models = v2_runner.models
 
 WARMUP_PARAMS = {
     "sampler": SamplingParams.for_sampler_warmup,
@@ -89,17 +97,4 @@ def test_v2_requests_after_warmup_get_their_delta(make_runner, models):
     assert proc.add_request(1, SamplingParams()) is False
     lams = {0: (2.0, "math"), 3: (1.0, "code")}
     histories = {0: [5, 6, 7, 8], 3: [9, 10, 11], 1: [12, 13], 6: [0, 1, 2, 3, 4, 5]}
-    rng = torch.Generator().manual_seed(0)
-    for step, order in enumerate([[0, 1, 3, 6], [6, 3, 0, 1]]):
-        for slot in histories:
-            commit(state, slot, histories[slot])
-        logits = torch.randn(len(order), VOCAB, generator=rng)
-        base = logits.clone()
-        out = proc.apply(logits, context(order, histories))
-        for row, slot in enumerate(order):
-            if slot in lams:
-                assert protected_as(models, out[row], base[row], *lams[slot], histories[slot]), (step, slot)
-            else:
-                assert torch.equal(out[row], base[row]), (step, slot)
-        for slot in histories:
-            histories[slot].append(100 + step)
+    assert_steps(models, proc, state, histories, lams, [[0, 1, 3, 6], [6, 3, 0, 1]])

@@ -108,25 +108,45 @@ class Api:
         raise NotImplementedError
 
 
+class TypedEvents(Api):
+    """An API whose stream is typed JSON events (``{"type": ...}``) that carry no running count:
+    events are passed on unchanged, ``take`` reads each, and ``PREAMBLE`` types carry no output."""
+
+    PREAMBLE: ClassVar[tuple[str, ...]]
+
+    def count_event(self, count: StreamCount, event: bytes, hide_usage: bool, running_usage: bool) -> bytes | None:
+        data = sse_data(event)
+        if data is None:
+            return event
+        if not isinstance(data, dict):
+            count.unreadable = True
+            return event
+        count.output = count.output or data.get("type") not in self.PREAMBLE
+        self.take(count, data)
+        return event
+
+    def take(self, count: StreamCount, data: dict[str, Any]) -> None:
+        """What one event says of the output's size."""
+        raise NotImplementedError
+
+
 def kind(status: int) -> str:
     """The OpenAI error type of an HTTP status."""
     return KINDS.get(status, "error")
 
 
-def sse_data(event: bytes) -> tuple[str | None, Any]:
-    """An SSE event's name and its JSON data (``...`` where it has data that is not JSON; None: no data)."""
-    name, data = None, None
+def sse_data(event: bytes) -> Any:
+    """An SSE event's JSON data (``...`` where its data is not JSON; None: it has no data)."""
+    data = None
     for line in event.split(b"\n"):
-        if line.startswith(b"event:"):
-            name = line[6:].strip().decode("utf-8", "replace")
-        elif line.startswith(b"data:"):
+        if line.startswith(b"data:"):
             data = (data or b"") + line[5:].lstrip(b" ")
     if data is None:
-        return name, None
+        return None
     try:
-        return name, json.loads(data)
+        return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return name, ...
+        return ...
 
 
 def estimate_tokens(value: Any) -> int:

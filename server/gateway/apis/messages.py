@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from antidistill.server.gateway.apis.base import Api, Limits, StreamCount, kind, sse_data
+from antidistill.server.gateway.apis.base import Limits, StreamCount, TypedEvents, kind
 from antidistill.server.gateway.apis.openai import ChatCompletions
 from antidistill.server.gateway.errors import Refusal
 from pydantic import BaseModel
@@ -32,11 +32,12 @@ def anthropic_kind(status: int) -> str:
     return "overloaded_error" if status == 503 else "api_error" if status >= 500 else kind(status)
 
 
-class Messages(Api):
+class Messages(TypedEvents):
     route = "/v1/messages"
     name = "messages"
     model = AnthropicMessagesRequest
     limits = Limits(("max_tokens",), None)
+    PREAMBLE = ("message_start", "ping")
 
     def view(self, request: BaseModel) -> BaseModel:
         try:
@@ -57,15 +58,8 @@ class Messages(Api):
     def stream_end(self, count: StreamCount, status: int, message: str) -> bytes:
         return b"event: error\ndata: " + self.error_body(status, message) + b"\n\n"
 
-    def count_event(self, count: StreamCount, event: bytes, hide_usage: bool, running_usage: bool) -> bytes | None:
-        _, data = sse_data(event)
-        if data is None:
-            return event
-        if not isinstance(data, dict):
-            count.unreadable = True
-            return event
+    def take(self, count: StreamCount, data: dict[str, Any]) -> None:
         what = data.get("type")
-        count.output = count.output or what not in ("message_start", "ping")
         if what == "content_block_delta":
             count.completion += 1  # at least one token each
         elif what == "message_start":
@@ -75,4 +69,3 @@ class Messages(Api):
                 count.prompt = usage["input_tokens"]
         elif what == "message_delta":
             count.set_usage(data.get("usage"), final=True)
-        return event

@@ -21,7 +21,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from antidistill.server.gateway.apis.base import Api, Limits, StreamCount, count, estimate_tokens, kind, sse_data
+from antidistill.server.gateway.apis.base import Limits, StreamCount, TypedEvents, count, estimate_tokens, kind
 from antidistill.server.gateway.errors import Refusal
 from pydantic import BaseModel
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
@@ -29,7 +29,6 @@ from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 PROCESS_KEY = secrets.token_bytes(32)  # without a tenant key: ids are only ever read back by this process's store
 TAG_HEX, RANDOM_HEX = 16, 32
 FINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")
-PREAMBLE = ("response.created", "response.in_progress")  # carry no model output
 
 
 @dataclass(frozen=True)
@@ -61,11 +60,12 @@ def not_found(response_id: str, param: str | None = None) -> Refusal:
     return Refusal(404, f"Response with id '{response_id[:80]}' not found.", param)
 
 
-class Responses(Api):
+class Responses(TypedEvents):
     route = "/v1/responses"
     name = "responses"
     model = ResponsesRequest
     limits = Limits(("max_output_tokens",), "max_output_tokens")
+    PREAMBLE = ("response.created", "response.in_progress")
 
     def checks(self, request: BaseModel, raw: dict[str, Any], protected: bool, owner: Owner) -> dict[str, Any]:
         if "request_id" in raw:
@@ -93,19 +93,11 @@ class Responses(Api):
         event["sequence_number"] = count.sequence + 1
         return f"event: error\ndata: {json.dumps(event)}\n\n".encode()
 
-    def count_event(self, count: StreamCount, event: bytes, hide_usage: bool, running_usage: bool) -> bytes | None:
-        _, data = sse_data(event)
-        if data is None:
-            return event
-        if not isinstance(data, dict):
-            count.unreadable = True
-            return event
+    def take(self, count: StreamCount, data: dict[str, Any]) -> None:
         if isinstance(data.get("sequence_number"), int):
             count.sequence = max(count.sequence, data["sequence_number"])
         what = data.get("type")
-        count.output = count.output or what not in PREAMBLE
         if isinstance(what, str) and what.endswith(".delta"):
             count.completion += 1  # at least one token each
         elif what in FINAL_EVENTS and isinstance(data.get("response"), dict):
             count.set_usage(data["response"].get("usage"), final=True)
-        return event

@@ -22,15 +22,16 @@ def fill_kv(engine: ProxyEngine, seed: int) -> None:
     """Seeded random keys/values in every slot, the copies ε apart: generated in fp32 layer by layer,
     so engines of any dtype built with the same seed hold the same (rounded) state."""
     store = engine.cache.store
-    device = store.k.device
-    for layer in range(store.k.shape[0]):
-        for which, tensor in enumerate((store.k, store.v)):
-            gen = torch.Generator(device=device).manual_seed(seed + 2 * layer + which)
-            shape = tensor[layer, 0].shape
-            base = torch.randn(shape, generator=gen, device=device)
-            step = torch.randn(shape, generator=gen, device=device)
-            tensor[layer, 0].copy_(base + EPSILON * step)
-            tensor[layer, 1].copy_(base - EPSILON * step)
+    for layer in range(len(store.k)):
+        for which, tensor in enumerate((store.k[layer], store.v[layer])):
+            gen = torch.Generator(device=tensor.device).manual_seed(seed + 2 * layer + which)
+            base = torch.randn(tensor.shape[1:], generator=gen, device=tensor.device)
+            step = torch.randn(tensor.shape[1:], generator=gen, device=tensor.device)
+            if tensor.shape[0] == 1:  # a layer both copies share (a restricted Δ mode)
+                tensor[0].copy_(base)
+            else:
+                tensor[0].copy_(base + EPSILON * step)
+                tensor[1].copy_(base - EPSILON * step)
             del base, step
 
 
@@ -75,7 +76,7 @@ def forward_fn(
 ) -> Callable[[], torch.Tensor]:
     """The forward of one decode step over a prebuilt plan (zero KV): device work only, no host
     planning, as a teacher's step or a captured graph runs it. Two copies return Δ, one the logits."""
-    cache = ProxyKVCache(model.cfg, model.copies, model.dtype, batch * (context + BLOCK), BLOCK, device)
+    cache = ProxyKVCache(model.cfg, model.layer_copies, model.dtype, batch * (context + BLOCK), BLOCK, device)
     for r in range(batch):
         cache.add(r, [0] * (context + 1))
         cache.reserve(cache.rows[r], context + 1)

@@ -6,6 +6,7 @@ other, over batch × context, with the bytes, FLOPs and roofline each step impli
     python -m antidistill.benchmarks.proxy_step --shared-prefix 1000 --batches 32 --contexts 1024   # prefix sharing
     python -m antidistill.benchmarks.proxy_step --attention reference flex --out proxy_step-flex-cpu.json
     python -m antidistill.benchmarks.proxy_step --gemm matmul packed   # prepacked linears beside plain matmuls
+    python -m antidistill.benchmarks.proxy_step --shape qwen2.5-1.5b --delta-modes head last:4   # Δ modes' cost
 
 Every row already holds ``context`` cached tokens (random KV: values do not change the cost) and
 each step adds one token per row: plan + forward + log-softmax (Δ for two copies). All modes run
@@ -13,7 +14,8 @@ side by side in one process, so the ratios are meaningful on a noisy machine. ``
 names the attention paths of the two-copy batched pass (the first is the table's "batched";
 each further one adds its own column, its ratio to the first, and its first-call time, which
 for "flex" includes compiling a new shape bucket); ``--gemm`` does the same for the layout of the
-linear weights (``matmul``: plain, the default; ``packed``: prepacked for oneDNN, CPU fp32).
+linear weights (``matmul``: plain, the default; ``packed``: prepacked for oneDNN, CPU fp32), and
+``--delta-modes`` for restricted Δ modes (core/delta_mode.py: the shared trunk runs once).
 
 ``--shared-prefix P`` instead runs whole engine steps (cache bookkeeping, plan, forward, Δ) over
 rows of ``context`` prompt tokens, once with distinct prompts and once with the first P tokens
@@ -38,6 +40,7 @@ from antidistill.benchmarks.report import write_json
 from antidistill.benchmarks.timing import copy_bandwidth, first_call_seconds, median_seconds
 from antidistill.proxy_worker.core.config import ProxyConfig, parse_config
 from antidistill.proxy_worker.core.delta import finite_difference
+from antidistill.proxy_worker.core.delta_mode import DeltaMode
 from antidistill.proxy_worker.core.model import StackedProxy
 from antidistill.proxy_worker.core.packed_linear import GEMM_PATHS
 from antidistill.proxy_worker.core.plan import ATTENTION_PATHS, AttentionPath, build_plan
@@ -92,6 +95,17 @@ def random_params(cfg: ProxyConfig, copies: int, dtype: torch.dtype, device: str
     return {k: v.to(device) for k, v in stack_copies([state] * copies, cfg, dtype).items()}
 
 
+def mode_params(cfg: ProxyConfig, mode: DeltaMode, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    """Random θ ± εg for a Δ mode, built as the server builds it: the layers the mode's g leaves alone
+    are held once (``stack_perturbed``), so the pass runs them once."""
+    from antidistill.proxy_worker.core.weights import expected_shapes, gradient_shapes, stack_perturbed
+
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(s, generator=gen) * 0.02 for k, s in expected_shapes(cfg).items()}
+    direction = {k: torch.randn(s, generator=gen) for k, s in gradient_shapes(cfg, mode).items()}
+    return stack_perturbed(state, direction, (1e-3, -1e-3), cfg, dtype, device)
+
+
 def matmul_params(cfg: ProxyConfig) -> int:
     """Parameters read by matmuls per step (embedding rows are gathered, the LM head is read whole)."""
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
@@ -125,7 +139,7 @@ def decode_fn(
     built from the block tables every step, as the engine does."""
     caches = []
     for model in models:
-        cache = ProxyKVCache(model.cfg, model.copies, model.dtype, batch * (context + 16), 16, device)
+        cache = ProxyKVCache(model.cfg, model.layer_copies, model.dtype, batch * (context + 16), 16, device)
         for r in range(batch):
             cache.add(r, [0] * (context + 1))
             cache.reserve(cache.rows[r], context + 1)
@@ -213,6 +227,14 @@ def run(args: argparse.Namespace) -> dict:
     # further variants of the batched pass: (its models, attention path, the baseline it is a ratio to)
     variants = {path: ([two], path, base) for path in others}
     variants |= {f"gemm_{g}": ([StackedProxy(cfg, params, args.device, g)], base, base_gemm) for g in other_gemms}
+    variants |= {
+        f"mode_{str(m).replace(':', '')}": (
+            [StackedProxy(cfg, mode_params(cfg, m, dtype, args.device), args.device)],
+            base,
+            base,
+        )
+        for m in args.delta_modes
+    }
     modes |= {f"two_batched_{v}": (models, path) for v, (models, path, _) in variants.items()}
     ratio = {v: f"{v}_over_{baseline}" for v, (_, _, baseline) in variants.items()}
     points = []
@@ -296,6 +318,13 @@ def main() -> None:
             default=[choices[0]],
             help=f"{what} of the batched pass, side by side (the first is the baseline)",
         )
+    ap.add_argument(
+        "--delta-modes",
+        type=DeltaMode.parse,
+        nargs="+",
+        default=[],
+        help="restricted Δ modes (head, last:K) of the batched pass, side by side with the full mode's",
+    )
     ap.add_argument("--shared-prefix", type=int, default=0, help="engine steps with/without this many shared tokens")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()

@@ -1,4 +1,7 @@
-"""The gradient file g: safetensors with exactly the proxy's parameter names, plus metadata.
+"""The gradient file g: safetensors with exactly the parameter names its Δ mode covers, plus metadata.
+
+The metadata says the mode (``delta_mode``; a file without it is ``full``, written before modes
+existed) and the file's tensors must be exactly that mode's (``weights.gradient_shapes``).
 
 A gradient that does not belong to the proxy (another architecture, a missing or extra tensor, a
 wrong shape, NaN/inf) must stop start-up with a message naming the first mismatch: serving with
@@ -12,12 +15,13 @@ from pathlib import Path
 
 import torch
 from antidistill.proxy_worker.core.config import ProxyConfig
+from antidistill.proxy_worker.core.delta_mode import DeltaMode
 from antidistill.proxy_worker.core.strength import check_scale
 from antidistill.proxy_worker.core.weights import (
     WeightsError,
     check_shapes,
     check_tensors,
-    expected_shapes,
+    gradient_shapes,
     read_safetensors,
 )
 from safetensors import safe_open
@@ -25,6 +29,7 @@ from safetensors.torch import save_file
 
 CONFIG_HASH_KEY = "proxy_config_hash"
 DELTA_SCALE_KEY = "delta_scale"  # core/strength.py: what turns a tier's strength into λ
+DELTA_MODE_KEY = "delta_mode"  # core/delta_mode.py: which parameters g covers
 
 
 def save_gradient(path: str | Path, grad: Mapping[str, torch.Tensor], metadata: Mapping[str, object]) -> None:
@@ -55,26 +60,36 @@ def read_delta_scale(path: str | Path) -> float | None:
         raise WeightsError(message) from None
 
 
-def check_gradient_header(path: str | Path, cfg: ProxyConfig) -> None:
-    """Names, shapes and config hash of g without reading its values (fast pre-flight check)."""
+def check_gradient_header(path: str | Path, cfg: ProxyConfig, mode: DeltaMode | None = None) -> DeltaMode:
+    """Names, shapes, config hash and Δ mode of g without reading its values (fast pre-flight
+    check); returns the file's mode. ``mode``: the one the profile names, which the file must have."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"gradient {path}: file not found")
     try:
         with safe_open(str(path), framework="pt") as f:
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-            stored_hash = (f.metadata() or {}).get(CONFIG_HASH_KEY)
+            meta = f.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise WeightsError(f"gradient {path}: cannot read safetensors ({exc})") from None
+    stored_hash = meta.get(CONFIG_HASH_KEY)
     if stored_hash is not None and stored_hash != cfg.digest:
         raise WeightsError(f"gradient {path}: computed for proxy config {stored_hash}, but this proxy is {cfg.digest}")
-    check_shapes(shapes, expected_shapes(cfg), f"gradient {path}")
+    try:
+        found = DeltaMode.parse(meta.get(DELTA_MODE_KEY))
+        expected = gradient_shapes(cfg, found)
+    except ValueError as exc:
+        raise WeightsError(f"gradient {path}: {exc}") from None
+    if mode is not None and mode != found:
+        raise WeightsError(f"gradient {path}: written for Δ mode {found}, but its profile names {mode}")
+    check_shapes(shapes, expected, f"gradient {path}")
+    return found
 
 
-def load_gradient(path: str | Path, cfg: ProxyConfig) -> dict[str, torch.Tensor]:
-    """Read g and check it against the proxy config (the header first, then every value is finite);
-    raises WeightsError naming the problem."""
-    check_gradient_header(path, cfg)
+def load_gradient(path: str | Path, cfg: ProxyConfig, mode: DeltaMode | None = None) -> dict[str, torch.Tensor]:
+    """Read g and check it against the proxy config and ``mode`` (the header first, then every value
+    is finite); raises WeightsError naming the problem."""
+    found = check_gradient_header(path, cfg, mode)
     grad = read_safetensors([path])
-    check_tensors(grad, expected_shapes(cfg), f"gradient {path}")
+    check_tensors(grad, gradient_shapes(cfg, found), f"gradient {path}")
     return {k: v.to(torch.float32) for k, v in grad.items()}

@@ -1,6 +1,10 @@
 """A minimal decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3) with a leading *copy*
 dimension: C weight sets (θ+εg and θ−εg) run in ONE pass as batched matmuls.
 
+A tensor held once (copy dimension 1: the layers a restricted Δ mode's g leaves alone) broadcasts
+against the others, so the residual stream has one copy until the first layer whose weights differ
+and two from there on: the shared trunk runs once (core/delta_mode.py).
+
 ``transformer_forward`` is a pure function of the parameters, so the same code serves the
 two-copy serving pass, the exact JVP (``torch.func.jvp`` over one copy) and the gradient tool.
 """
@@ -26,15 +30,17 @@ Output = Literal["last", "all"] | torch.Tensor
 
 @dataclass
 class KVStore:
-    """Paged key/value storage for every layer and copy: ``k[layer]`` is [C, kv_heads, slots, head_dim]."""
+    """Paged key/value storage for every layer and copy: ``k[layer]`` is [C_layer, kv_heads, slots,
+    head_dim], with C_layer the copies that layer's weights have (1 for a shared trunk layer)."""
 
-    k: torch.Tensor
-    v: torch.Tensor
+    k: Sequence[torch.Tensor]
+    v: Sequence[torch.Tensor]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF's RMSNorm: normalise in fp32, cast back, then scale. ``weight`` broadcasts over copies."""
-    xf = x.float()
+    """HF's RMSNorm: normalise in fp32 (fp64 stays fp64: ground-truth runs), cast back, then scale.
+    ``weight`` broadcasts over copies."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 
@@ -90,7 +96,7 @@ def group_attention(
     qb = q[:, group.query_index].view(c, b, smax, hkv, g, d).permute(0, 3, 1, 4, 2, 5)
     scores = torch.matmul(qb.reshape(c, hkv, b, g * smax, d), kb.transpose(-1, -2)).mul_(scale)
     scores = scores.view(c, hkv, b, g, smax, tmax).masked_fill_(~group.mask[None, None, :, None], float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
     del scores
     out = torch.matmul(probs.view(c, hkv, b, g * smax, tmax), vb)
     out = out.view(c, hkv, b, g, smax, d).permute(0, 2, 4, 1, 3, 5).reshape(c, b, smax, hq * d)
@@ -173,7 +179,7 @@ def transformer_forward(
     embed = params["embed"]
     dtype = embed.dtype
     x = embed[:, plan.tokens]
-    c, n, _ = x.shape
+    n = x.shape[1]
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     cos, sin = rope.lookup(plan.positions, dtype)
     eps, scale = cfg.rms_norm_eps, d**-0.5
@@ -181,6 +187,7 @@ def transformer_forward(
         p = f"layers.{layer}."
         h = rms_norm(x, params[p + "attn_norm"][:, None, :], eps)
         qkv = project(params, linears, p + "qkv", h)
+        c = qkv.shape[0]  # this layer's copies: 1 in a shared trunk, else 2
         q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
         q, k, v = q.view(c, n, hq, d), k.view(c, n, hkv, d), v.view(c, n, hkv, d)
         if cfg.qk_norm:
@@ -230,7 +237,16 @@ class StackedProxy:
 
     @property
     def copies(self) -> int:
-        return self.params["embed"].shape[0]
+        """Copies of the output (the logits): 2 for a θ ± εg pair, whichever layers differ."""
+        return self._copies_of("lm_head")
+
+    @property
+    def layer_copies(self) -> list[int]:
+        """Copies of each layer's weights, hence of its KV (1: shared by both perturbed copies)."""
+        return [self._copies_of(f"layers.{layer}.qkv") for layer in range(self.cfg.num_layers)]
+
+    def _copies_of(self, name: str) -> int:
+        return len(self.linears[name].weights) if name in self.linears else self.params[name].shape[0]
 
     @property
     def dtype(self) -> torch.dtype:

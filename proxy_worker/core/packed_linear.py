@@ -50,8 +50,9 @@ class PackedLinear:
         self.biases = [None] * len(self.weights) if bias is None else [b.contiguous() for b in bias]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [C or 1, N, in]: one shared input (a trunk's single copy) broadcasts to every copy."""
         outs = [
-            torch.ops.mkldnn._linear_pointwise(x[c], w, b, "none", [], "")
+            torch.ops.mkldnn._linear_pointwise(x[c if x.shape[0] > 1 else 0], w, b, "none", [], "")
             for c, (w, b) in enumerate(zip(self.weights, self.biases, strict=True))
         ]
         return torch.stack(outs)

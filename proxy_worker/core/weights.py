@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import torch
 from antidistill.proxy_worker.core.config import ProxyConfig
+from antidistill.proxy_worker.core.delta_mode import DeltaMode
 from safetensors import SafetensorError, safe_open
 
 Params = dict[str, torch.Tensor]
@@ -146,10 +147,41 @@ def perturbed_copies(
     return copies
 
 
-def fused_layout(cfg: ProxyConfig, qkv_bias: bool) -> dict[str, list[str]]:
-    """Fused tensor name → the HF tensors concatenated along dim 0 to form it (q/k/v, gate/up)."""
+def gradient_shapes(cfg: ProxyConfig, mode: DeltaMode) -> dict[str, tuple[int, ...]]:
+    """The tensors (HF naming) a gradient file of ``mode`` holds: every parameter for ``full``, else
+    those the mode covers, with the output head always untied (``delta_mode.py``)."""
+    shapes = expected_shapes(cfg)
+    if not mode.restricted:
+        return shapes
+    mode.first_perturbed_layer(cfg.num_layers)  # a mode the proxy is too shallow for is an error here
+    kept = {name: shape for name, shape in shapes.items() if mode.covers(name, cfg.num_layers)}
+    return kept | {"lm_head.weight": (cfg.vocab_size, cfg.hidden_size)}
+
+
+def with_untied_head(theta: Mapping[str, torch.Tensor], cfg: ProxyConfig) -> dict[str, torch.Tensor]:
+    """θ with an explicit ``lm_head.weight``: a tied proxy's head becomes its own copy of the embedding,
+    so a restricted mode's g can move the head without moving the trunk's input embedding."""
+    out = dict(theta)
+    if "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def padded_direction(
+    theta: Mapping[str, torch.Tensor], grad: Mapping[str, torch.Tensor], cfg: ProxyConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(θ, g) with the same names: a restricted mode's g gets zeros where it has no tensor, and a tied
+    θ an untied head where g has one, so a one-copy JVP (``delta.exact_delta``) runs along any mode's g."""
+    if "lm_head.weight" in grad:
+        theta = with_untied_head(theta, cfg)
+    return dict(theta), {k: grad[k] if k in grad else torch.zeros_like(v) for k, v in theta.items()}
+
+
+def fused_layout(cfg: ProxyConfig, qkv_bias: bool, separate_head: bool | None = None) -> dict[str, list[str]]:
+    """Fused tensor name → the HF tensors concatenated along dim 0 to form it (q/k/v, gate/up).
+    ``separate_head`` (default: the config's untied head) gives the head its own entry."""
     layout = {"embed": ["model.embed_tokens.weight"], "norm": ["model.norm.weight"]}
-    if not cfg.tie_word_embeddings:
+    if separate_head if separate_head is not None else not cfg.tie_word_embeddings:
         layout["lm_head"] = ["lm_head.weight"]
     for n in range(cfg.num_layers):
         p, a, m = f"model.layers.{n}.", f"model.layers.{n}.self_attn.", f"model.layers.{n}.mlp."
@@ -173,12 +205,13 @@ def _gather(state: Mapping[str, torch.Tensor], parts: Sequence[str]) -> torch.Te
 
 
 def _layout_for(state: Mapping[str, torch.Tensor], cfg: ProxyConfig) -> dict[str, list[str]]:
-    return fused_layout(cfg, "model.layers.0.self_attn.q_proj.bias" in state)
+    return fused_layout(cfg, "model.layers.0.self_attn.q_proj.bias" in state, "lm_head.weight" in state)
 
 
-def _tie(stacked: Params, cfg: ProxyConfig) -> Params:
-    """Tied embeddings stay one tensor (``lm_head`` aliases ``embed``), as in the HF model."""
-    if cfg.tie_word_embeddings:
+def _tie(stacked: Params) -> Params:
+    """Tied embeddings stay one tensor (``lm_head`` aliases ``embed``), as in the HF model, unless
+    the head was untied (``with_untied_head``)."""
+    if "lm_head" not in stacked:
         stacked["lm_head"] = stacked["embed"]
     return stacked
 
@@ -189,7 +222,7 @@ def stack_copies(copies: Sequence[Mapping[str, torch.Tensor]], cfg: ProxyConfig,
     Differentiable, so the gradient tool runs the forward pass on it with θ as autograd leaves.
     """
     layout = _layout_for(copies[0], cfg)
-    return _tie({k: torch.stack([_gather(c, parts) for c in copies]).to(dtype) for k, parts in layout.items()}, cfg)
+    return _tie({k: torch.stack([_gather(c, parts) for c in copies]).to(dtype) for k, parts in layout.items()})
 
 
 def stack_perturbed(
@@ -200,13 +233,26 @@ def stack_perturbed(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
 ) -> Params:
-    """θ + s·direction for each scale, formed in fp32, cast to ``dtype``, stacked, moved to ``device``.
+    """θ + s·direction for each scale, formed in fp32 (or fp64 for fp64), cast to ``dtype``, stacked,
+    moved to ``device``.
 
     Built one fused tensor at a time: peak host memory is θ and g plus one tensor's copies, instead of
     whole fp32 copies of the model (≈ 3× less for a 3B proxy), and the device only ever holds the result.
+    A tensor ``direction`` lacks (a restricted Δ mode's g) is the same in every copy, so it is held
+    once (copy dimension 1) and the forward pass broadcasts it; a head it has is untied.
     """
+    if "lm_head.weight" in direction:
+        theta = with_untied_head(theta, cfg)
+    wide = torch.promote_types(dtype, torch.float32)  # fp64 copies (ground-truth runs) are formed in fp64
     out: Params = {}
     for key, parts in _layout_for(theta, cfg).items():
-        base, step = _gather(theta, parts).float(), _gather(direction, parts).float()
+        base = _gather(theta, parts).to(wide)
+        covered = [name in direction for name in parts]
+        if not any(covered):
+            out[key] = base.to(dtype)[None].to(device)
+            continue
+        if not all(covered):
+            raise WeightsError(f"gradient covers only part of the fused tensor {key!r} ({parts})")
+        step = _gather(direction, parts).to(wide)
         out[key] = torch.stack([(base + s * step).to(dtype) for s in scales]).to(device)
-    return _tie(out, cfg)
+    return _tie(out)

@@ -9,7 +9,8 @@ Full blocks are shared the way vLLM's prefix cache shares them: each is named by
 content digest (parent digest + its token ids), registered as soon as a row reserves it, and
 reference-counted; a row that is added (or must recompute its prefix) takes the longest chain of
 registered blocks, leaving at least its last token to compute. A block is freed with its last
-reference. Both perturbed copies use one block table (the store has a copy dimension).
+reference. Both perturbed copies use one block table (each layer's store has a copy dimension: 2,
+or 1 for a layer both copies share under a restricted Δ mode).
 
 Sharing is scoped to a tenant: a row's chain starts from a root derived from its request's salt
 (``chain_root``; the gateway salts each account's requests), so rows of different tenants never
@@ -95,7 +96,7 @@ class ProxyKVCache:
     def __init__(
         self,
         cfg: ProxyConfig,
-        copies: int,
+        copies: int | Sequence[int],
         dtype: torch.dtype,
         token_budget: int,
         block_size: int = 16,
@@ -105,10 +106,17 @@ class ProxyKVCache:
             raise ValueError(f"proxy token budget {token_budget} is below one block ({block_size})")
         self.block_size = block_size
         self.num_blocks = token_budget // block_size
-        shape = (cfg.num_layers, copies, cfg.num_kv_heads, self.num_blocks * block_size, cfg.head_dim)
-        self.store = KVStore(
-            torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
-        )
+        per_layer = [copies] * cfg.num_layers if isinstance(copies, int) else list(copies)
+        if len(per_layer) != cfg.num_layers:
+            raise ValueError(f"{len(per_layer)} layer copy counts for a proxy of {cfg.num_layers} layers")
+        slots = self.num_blocks * block_size
+
+        def layers() -> list[torch.Tensor]:
+            return [
+                torch.zeros(c, cfg.num_kv_heads, slots, cfg.head_dim, dtype=dtype, device=device) for c in per_layer
+            ]
+
+        self.store = KVStore(layers(), layers())
         self._free = list(range(self.num_blocks - 1, -1, -1))
         self.refs = [0] * self.num_blocks
         self.written = [False] * self.num_blocks
@@ -134,7 +142,7 @@ class ProxyKVCache:
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.store.k.numel() * self.store.k.element_size()
+        return sum(t.numel() * t.element_size() for t in (*self.store.k, *self.store.v))
 
     def add(self, index: int, prompt: Sequence[int], output: Sequence[int] = (), salt: str | None = None) -> None:
         """Start a row that shares blocks only with rows of the same ``salt``; an occupied index is

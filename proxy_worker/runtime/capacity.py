@@ -19,6 +19,7 @@ are smaller than the teacher's, so the proxy shares at least what the teacher sh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,12 +124,13 @@ def from_vllm_config(vllm_config: Any, token_budget: int) -> Capacity:
     return Capacity(max(token_budget, blocks * cache.block_size + headroom), blocks, cache.block_size, headroom)
 
 
-def describe(capacity: Capacity, proxy_bytes_per_token: int, teacher_bytes_per_token: int | None, profiles: int) -> str:
-    """One line for the start-up log of a coupled plan (``plan``'s): both capacities and what each costs."""
+def describe(capacity: Capacity, proxy_bytes_per_token: Sequence[int], teacher_bytes_per_token: int | None) -> str:
+    """One line for the start-up log of a coupled plan (``plan``'s): both capacities and what each costs.
+    ``proxy_bytes_per_token``: one entry per profile (a restricted Δ mode holds its shared layers once)."""
     gib = 2**30
     proxy = (
-        f"proxy {capacity.proxy_tokens:,} tokens per profile × {profiles} "
-        f"({capacity.proxy_tokens * proxy_bytes_per_token * profiles / gib:.2f} GiB)"
+        f"proxy {capacity.proxy_tokens:,} tokens per profile × {len(proxy_bytes_per_token)} "
+        f"({capacity.proxy_tokens * sum(proxy_bytes_per_token) / gib:.2f} GiB)"
     )
     cost = ""
     if teacher_bytes_per_token is not None:

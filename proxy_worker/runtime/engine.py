@@ -1,6 +1,7 @@
 """One proxy step: the newest tokens of the protected rows → their Δ rows.
 
-The engine owns the two-copy proxy (θ+εg, θ−εg) and its KV cache. Callers (the vLLM adapters)
+The engine owns the two-copy proxy (θ+εg, θ−εg; under a restricted Δ mode the layers g leaves alone
+are held and run once) and its KV cache. Callers (the vLLM adapters)
 tell it about rows coming and going and ask for Δ of the rows that need it; rows that are not
 asked about cost nothing.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 from antidistill.proxy_worker.core.config import ProxyConfig, load_config
 from antidistill.proxy_worker.core.delta import finite_difference, zero_non_finite_
+from antidistill.proxy_worker.core.delta_mode import DeltaMode
 from antidistill.proxy_worker.core.gradient_file import load_gradient
 from antidistill.proxy_worker.core.model import StackedProxy
 from antidistill.proxy_worker.core.plan import AttentionPath, build_plan
@@ -63,14 +65,14 @@ class ProxyEngine:
         KV in place (compiled FlexAttention, the same Δ within rounding); "auto" reads it in place
         for big decode groups only (``plan.FLEX_MIN_KEYS``)."""
         if model.copies != 2:
-            raise ValueError("the engine needs exactly two copies: θ+εg and θ−εg")
+            raise ValueError("the engine needs exactly two output copies: θ+εg and θ−εg")
         if not epsilon > 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon}")
         self.model = model
         self.epsilon = epsilon
         self.max_pass_tokens = max_pass_tokens
         self.attention = attention
-        self.cache = ProxyKVCache(model.cfg, 2, model.dtype, token_budget, block_size, model.device)
+        self.cache = ProxyKVCache(model.cfg, model.layer_copies, model.dtype, token_budget, block_size, model.device)
         self._interrupted = False
 
     @classmethod
@@ -83,11 +85,13 @@ class ProxyEngine:
         token_budget: int = 16384,
         device: torch.device | str = "cpu",
         attention: AttentionPath = "reference",
+        mode: DeltaMode | None = None,
     ) -> ProxyEngine:
-        """Load θ and g, validate them against each other, and build θ ± εg (fp32, then cast)."""
+        """Load θ and g, validate them against each other (and g's Δ mode against ``mode``, if
+        given), and build θ ± εg (fp32, then cast; a restricted mode's shared layers once)."""
         cfg = load_config(proxy_dir)
         theta = load_proxy_state(proxy_dir, cfg)
-        grad = load_gradient(gradient_path, cfg)
+        grad = load_gradient(gradient_path, cfg, mode)
         params = stack_perturbed(theta, grad, (epsilon, -epsilon), cfg, parse_dtype(dtype), device)
         return cls(StackedProxy(cfg, params, device), epsilon, token_budget, attention=attention)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from antidistill.proxy_worker.core.config import load_config
 from antidistill.proxy_worker.core.delta import PermutationControl, add_scaled
-from antidistill.proxy_worker.core.gradient_file import load_gradient, read_delta_scale
+from antidistill.proxy_worker.core.gradient_file import check_gradient_header, load_gradient, read_delta_scale
 from antidistill.proxy_worker.core.model import StackedProxy
 from antidistill.proxy_worker.core.weights import load_proxy_state, parse_dtype, stack_perturbed
 from antidistill.proxy_worker.runtime import metrics
@@ -125,14 +125,18 @@ class Protection:
         engines = {}
         for name, spec in settings.profiles.items():
             eps = spec.epsilon or settings.epsilon
-            params = stack_perturbed(theta, load_gradient(spec.gradient, cfg), (eps, -eps), cfg, dtype, device)
+            mode = check_gradient_header(spec.gradient, cfg, spec.mode)
+            grad = load_gradient(spec.gradient, cfg, mode)
+            params = stack_perturbed(theta, grad, (eps, -eps), cfg, dtype, device)
             model = StackedProxy(cfg, params, device)
             engines[name] = engine = ProxyEngine(
                 model, eps, token_budget or settings.token_budget, attention=settings.proxy_attention
             )
             log.info(
-                "antidistillation profile %r (ε=%g): proxy copies %.1f MiB + KV cache %.1f MiB (%d tokens) on %s",
+                "antidistillation profile %r (Δ mode %s, ε=%g): proxy copies %.1f MiB + KV cache %.1f MiB "
+                "(%d tokens) on %s",
                 name,
+                mode,
                 eps,
                 model.parameter_bytes / 2**20,
                 engine.kv.nbytes / 2**20,

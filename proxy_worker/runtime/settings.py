@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from antidistill.proxy_worker.core.delta_mode import DeltaMode
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_VAR = "ANTIDISTILL_CONFIG"
@@ -52,6 +53,19 @@ class ProfileSpec(BaseModel):
 
     gradient: str
     epsilon: float | None = Field(None, gt=0)
+    delta_mode: str | None = Field(
+        None, description="the Δ mode g was written for (full, head, last:K); default: the gradient file's"
+    )
+
+    @field_validator("delta_mode")
+    @classmethod
+    def _mode(cls, value: str | None) -> str | None:
+        return None if value is None else str(DeltaMode.parse(value))
+
+    @property
+    def mode(self) -> DeltaMode | None:
+        """The Δ mode the profile names (None: take the gradient file's)."""
+        return None if self.delta_mode is None else DeltaMode.parse(self.delta_mode)
 
 
 class ProcessorSettings(BaseModel):

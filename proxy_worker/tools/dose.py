@@ -19,7 +19,7 @@ from antidistill.proxy_worker.core.delta import exact_delta
 from antidistill.proxy_worker.core.gradient_file import load_gradient
 from antidistill.proxy_worker.core.plan import build_plan
 from antidistill.proxy_worker.core.rope import RotaryTable
-from antidistill.proxy_worker.core.weights import load_proxy_state, stack_copies
+from antidistill.proxy_worker.core.weights import load_proxy_state, padded_direction, stack_copies
 from antidistill.proxy_worker.tools.traces import TokenizedTrace
 
 
@@ -41,8 +41,9 @@ class DoseMeter:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.cfg, self.scale = cfg, scale
+        theta, direction = padded_direction(theta, grad, cfg)  # any Δ mode's g
         self.params = stack_copies([theta], cfg, dtype)
-        self.direction = stack_copies([grad], cfg, dtype)
+        self.direction = stack_copies([direction], cfg, dtype)
         self.rope = RotaryTable(cfg)
 
     @classmethod

@@ -2,6 +2,7 @@
 
     antidistill gradient --proxy DIR --traces holdout.jsonl --out grad.safetensors
     antidistill gradient --proxy DIR --traces holdout.jsonl --out grad.safetensors --add-scale   # an older g
+    antidistill gradient --proxy DIR --traces holdout.jsonl --out head.safetensors --mode head
 
 ℓ is the proxy's completion-only NLL (prompt tokens masked). Traces are weighted EQUALLY, as in the
 official code: ℓ = mean over traces of (mean NLL over that trace's completion tokens), so a long
@@ -29,8 +30,10 @@ import torch
 import torch.nn.functional as F
 from antidistill.proxy_worker.core.config import ProxyConfig, load_config
 from antidistill.proxy_worker.core.delta import delta_scale, exact_delta
+from antidistill.proxy_worker.core.delta_mode import FULL, DeltaMode
 from antidistill.proxy_worker.core.gradient_file import (
     CONFIG_HASH_KEY,
+    DELTA_MODE_KEY,
     DELTA_SCALE_KEY,
     load_gradient,
     read_metadata,
@@ -39,7 +42,13 @@ from antidistill.proxy_worker.core.gradient_file import (
 from antidistill.proxy_worker.core.model import transformer_forward
 from antidistill.proxy_worker.core.plan import build_plan
 from antidistill.proxy_worker.core.rope import RotaryTable
-from antidistill.proxy_worker.core.weights import load_proxy_state, stack_copies
+from antidistill.proxy_worker.core.weights import (
+    gradient_shapes,
+    load_proxy_state,
+    padded_direction,
+    stack_copies,
+    with_untied_head,
+)
 from antidistill.proxy_worker.tools.traces import TokenizedTrace, read_traces, tokenize_trace
 from tqdm import tqdm
 
@@ -89,9 +98,15 @@ def compute_gradient(
     traces: Sequence[TokenizedTrace],
     batch_tokens: int = 2048,
     progress: bool = False,
+    mode: DeltaMode = FULL,
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """(g with the same names as ``theta``, mean loss ℓ) in fp32."""
-    leaves = {k: v.detach().to(torch.float32).clone().requires_grad_(True) for k, v in theta.items()}
+    """(g, mean loss ℓ) in fp32: g has the names ``theta`` has for ``full``, else the ones ``mode``
+    covers (``weights.gradient_shapes``), with a tied proxy's head as its own, untied parameter: the
+    gradient of ℓ with respect to the head alone, not the tied tensor's two uses together."""
+    if mode.restricted:
+        theta = with_untied_head(theta, cfg)
+    covered = set(gradient_shapes(cfg, mode))
+    leaves = {k: v.detach().to(torch.float32).clone().requires_grad_(k in covered) for k, v in theta.items()}
     rope = RotaryTable(cfg)
     total = 0.0
     bar = tqdm(total=len(traces), unit="trace", disable=not progress, desc="gradient")
@@ -102,7 +117,7 @@ def compute_gradient(
         total += float(losses.detach().sum())
         bar.update(len(batch))
     bar.close()
-    grad = {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in leaves.items()}
+    grad = {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in leaves.items() if k in covered}
     return {k: g.detach() for k, g in grad.items()}, total / len(traces)
 
 
@@ -139,9 +154,11 @@ def measure_delta_scale(
     dtype: torch.dtype = torch.float32,
 ) -> float:
     """The Δ scale s of g (core/strength.py): exact Δ (forward-mode JVP, in ``dtype``) at completion
-    positions of the first ``max_traces`` traces, one trace at a time to bound memory."""
+    positions of the first ``max_traces`` traces, one trace at a time to bound memory. A restricted
+    mode's g is the full direction with zeros on the parameters it leaves alone."""
+    theta, direction_full = padded_direction(theta, grad, cfg)
     params = stack_copies([theta], cfg, dtype)
-    direction = stack_copies([grad], cfg, dtype)
+    direction = stack_copies([direction_full], cfg, dtype)
     rope = RotaryTable(cfg)
     deltas = []
     for trace in traces[:max_traces]:
@@ -179,10 +196,12 @@ def build_gradient_file(
     batch_tokens: int = 2048,
     max_trace_tokens: int = 4096,
     progress: bool = False,
+    mode: DeltaMode = FULL,
 ) -> BuiltGradient:
     """The one way a gradient file is made: load θ, tokenize the traces (a JSONL file or its
-    records), compute g, and save it with the proxy's config hash, so the server can tell whose g
-    it is. ``tokenizer``: a tokenizer or a directory (default: the proxy directory)."""
+    records), compute g (restricted to ``mode``), and save it with the proxy's config hash and the
+    mode, so the server can tell whose g it is and which layers to run twice. ``tokenizer``: a
+    tokenizer or a directory (default: the proxy directory)."""
     cfg = load_config(proxy_dir)
     theta = load_proxy_state(proxy_dir, cfg)
     if tokenizer is None or isinstance(tokenizer, str | Path):
@@ -191,9 +210,10 @@ def build_gradient_file(
         tokenizer = AutoTokenizer.from_pretrained(tokenizer or proxy_dir)
     records = read_traces(traces) if isinstance(traces, str | Path) else list(traces)
     tokenized = tokenize_all(tokenizer, records, max_trace_tokens)
-    grad, loss = compute_gradient(cfg, theta, tokenized, batch_tokens, progress=progress)
+    grad, loss = compute_gradient(cfg, theta, tokenized, batch_tokens, progress=progress, mode=mode)
     meta: dict[str, object] = {
         CONFIG_HASH_KEY: cfg.digest,
+        DELTA_MODE_KEY: str(mode),
         "num_traces": len(tokenized),
         "num_tokens": sum(t.completion_tokens for t in tokenized),
         "mean_loss": f"{loss:.6f}",
@@ -242,6 +262,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch-tokens", type=int, default=2048, help="tokens per forward/backward pass")
     ap.add_argument("--max-trace-tokens", type=int, default=4096, help="truncate longer traces")
     ap.add_argument(
+        "--mode",
+        type=DeltaMode.parse,
+        default=FULL,
+        help="Δ mode: full (every parameter, the default), head (the untied output head), or last:K "
+        "(the last K blocks, the final norm and the head); see docs/serving.md",
+    )
+    ap.add_argument(
         "--add-scale",
         action="store_true",
         help="only measure the Δ scale of the existing --out gradient on --traces and store it in its metadata",
@@ -264,10 +291,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_tokens=args.batch_tokens,
         max_trace_tokens=args.max_trace_tokens,
         progress=sys.stderr.isatty(),
+        mode=args.mode,
     )
     log.info(
-        "wrote %s: %d traces, %d completion tokens, mean loss %.4f, |g| %.4g, Δ scale %s, %.0f s",
+        "wrote %s (Δ mode %s): %d traces, %d completion tokens, mean loss %.4f, |g| %.4g, Δ scale %s, %.0f s",
         built.path,
+        built.metadata[DELTA_MODE_KEY],
         built.metadata["num_traces"],
         built.metadata["num_tokens"],
         built.mean_loss,

@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from antidistill.proxy_worker.core.config import ProxyConfig
+from antidistill.proxy_worker.core.delta_mode import DeltaMode
 from antidistill.proxy_worker.runtime import capacity
 from antidistill.server.startup.cpu_platform import on_cpu
 
@@ -43,9 +45,9 @@ def teacher_kv_bytes_per_token(cfg: dict[str, Any], dtype: str) -> int:
     return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * DTYPE_BYTES.get(dtype, 2)
 
 
-def proxy_kv_bytes_per_token(cfg: ProxyConfig, dtype: str) -> int:
-    """Keys and values of both perturbed copies."""
-    return 2 * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * DTYPE_BYTES[dtype]
+def proxy_kv_bytes_per_token(cfg: ProxyConfig, dtype: str, mode: DeltaMode) -> int:
+    """Keys and values of every layer's copies: both perturbed copies, or one in a layer ``mode`` shares."""
+    return 2 * sum(mode.layer_copies(cfg.num_layers)) * cfg.num_kv_heads * cfg.head_dim * DTYPE_BYTES[dtype]
 
 
 def max_model_len(args: argparse.Namespace, teacher: dict[str, Any] | None) -> int:
@@ -81,8 +83,9 @@ def plan_capacity(args: argparse.Namespace, proxy_tokens: int | None, default_pr
 
 
 def describe_plan(
-    plan: capacity.Capacity, args: argparse.Namespace, proxy: ProxyConfig, proxy_dtype: str, profiles: int
+    plan: capacity.Capacity, args: argparse.Namespace, proxy: ProxyConfig, proxy_dtype: str, modes: Sequence[DeltaMode]
 ) -> str:
+    """The plan's start-up line; ``modes``: each profile's Δ mode (what its proxy pool holds per token)."""
     teacher = _teacher_config(args.model)
     per_token = None if teacher is None else teacher_kv_bytes_per_token(teacher, args.dtype)
-    return capacity.describe(plan, proxy_kv_bytes_per_token(proxy, proxy_dtype), per_token, profiles)
+    return capacity.describe(plan, [proxy_kv_bytes_per_token(proxy, proxy_dtype, m) for m in modes], per_token)

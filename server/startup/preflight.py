@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from antidistill.proxy_worker.core.config import ProxyConfig, ProxyConfigError, load_config
+from antidistill.proxy_worker.core.delta_mode import DeltaMode
 from antidistill.proxy_worker.core.gradient_file import check_gradient_header, read_delta_scale
 from antidistill.proxy_worker.core.strength import ProfileScales
 from antidistill.proxy_worker.core.weights import (
@@ -102,6 +103,14 @@ def check_checkpoints(proxy: str, gradients: dict[str, str]) -> None:
         for path in gradients.values():
             check_gradient_header(path, cfg)
     except (ProxyConfigError, WeightsError, CheckpointError) as exc:
+        raise StartupError(str(exc)) from None
+
+
+def profile_modes(settings: ProcessorSettings, cfg: ProxyConfig) -> list[DeltaMode]:
+    """Each profile's Δ mode, as its gradient file states it (checked by ``check_checkpoints``)."""
+    try:
+        return [check_gradient_header(spec.gradient, cfg, spec.mode) for spec in settings.profiles.values()]
+    except WeightsError as exc:
         raise StartupError(str(exc)) from None
 
 

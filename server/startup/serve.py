@@ -57,6 +57,7 @@ from antidistill.server.startup.preflight import (
     check_teacher_args,
     check_tiers,
     describe_tiers,
+    profile_modes,
     profile_scales,
     remote_workers_problem,
 )
@@ -140,8 +141,9 @@ def couple_capacity(
     except CapacityError as exc:
         raise StartupError(str(exc)) from None
     args.num_gpu_blocks_override = plan.teacher_blocks
+    proxy = load_config(ours.proxy)
     print(
-        "antidistill: " + describe_plan(plan, args, load_config(ours.proxy), ours.proxy_dtype, len(settings.profiles)),
+        "antidistill: " + describe_plan(plan, args, proxy, ours.proxy_dtype, profile_modes(settings, proxy)),
         file=sys.stderr,
         flush=True,
     )

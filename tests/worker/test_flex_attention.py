@@ -262,7 +262,7 @@ def test_delta_of_one_pass_matches_reference(model: StackedProxy) -> None:
     reference, flex = plans("mixed", model.cfg.sliding_window)
     kv = ProxyEngine(model, 0.1, STORE_BLOCKS * BS, block_size=BS).cache.store
     gen = torch.Generator().manual_seed(4)
-    for t in (kv.k, kv.v):
+    for t in (*kv.k, *kv.v):
         t.copy_(torch.randn(t.shape, generator=gen))
     ref = finite_difference(model.logits(reference, kv), 0.1)
     got = finite_difference(model.logits(flex, kv), 0.1)

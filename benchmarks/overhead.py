@@ -12,9 +12,15 @@ Two workloads at each concurrency C:
   budgets log-uniform 16–160, EOS on, max(2C, 8) requests. The official style runs them in
   arrival order, C at a time, each batch until its longest row stops; only the tokens a request
   asked for (through its EOS, within its budget) count.
-Greedy; rounds alternate the order of the three servers. Both servers get the same vLLM flags; this
+Greedy. Per point (workload, concurrency): one warm-up round through every target first (recorded
+as ``warmup`` in the JSON, never in a median: the first round runs on a cold prefix cache), then
+``--rounds`` ≥ 3 measured rounds, each in a rotated order of the targets (``benchmarks/rounds.py``).
+Each figure is printed as its median with the spread [min–max over the measured rounds]; each ratio
+as the ratio of the medians with [min–max of the per-round ratios]. The official style runs once
+per point (no spread). Our servers are ``VARIANTS``: one ``antidistill serve`` per entry, each
+serving a λ = 0 and a λ > 0 tier; all servers get the same vLLM flags; this
 process takes on the CPU settings ``antidistill serve`` would add (``server/startup/cpu_platform.py``: thread
-placement, allocator), so both servers and the official style (on every usable core) run with them.
+placement, allocator), so every server and the official style (on every usable core) run with them.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import tempfile
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +38,18 @@ import yaml
 from antidistill.benchmarks.launch import free_port, running_server
 from antidistill.benchmarks.load import LoadConfig, run_load, summarize
 from antidistill.benchmarks.report import write_json
+from antidistill.benchmarks.rounds import (
+    MIN_ROUNDS,
+    SPREAD,
+    Rounds,
+    check_rounds,
+    format_spread,
+    measure_rounds,
+    ratio,
+    summary,
+)
 from antidistill.benchmarks.workload import benchmark_gradient, chat_token_ids, mixed_requests, questions
+from antidistill.proxy_worker.core.delta_mode import FULL, DeltaMode
 from antidistill.proxy_worker.core.plan import ATTENTION_PATHS, AttentionPath
 from antidistill.server.embedded.model import prepare_half_proxy, prepare_smollm2
 from antidistill.server.startup.cpu_platform import (
@@ -60,16 +77,54 @@ def parameter_count(model_dir: Path) -> int:
     return total
 
 
+BASE = "ours"
+TIERS = {"lambda_0": "clean", "lambda_pos": "protected"}
+"""Target name of each tier our servers serve → its tier in tiers.yaml (λ = 0, and ``--lambda``)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ``antidistill serve`` process of the run: its name and the flags it adds after the shared
+    ones (``--proxy``, ``--gradient bench=…``, ``--tiers``, the vLLM flags). Every variant serves the
+    tiers in ``tiers`` and gets a row per tier and point; a variant's target is the tier's name
+    (``lambda_pos``) for ``BASE`` and ``lambda_pos@NAME`` for the others. A row per Δ mode is one
+    more entry in ``VARIANTS`` with the mode's flags."""
+
+    name: str
+    serve_args: tuple[str, ...] = ()
+    tiers: tuple[str, ...] = tuple(TIERS)
+    mode: DeltaMode = FULL  # the Δ mode of its gradient (core/delta_mode.py)
+
+    def target(self, tier: str) -> str:
+        return tier if self.name == BASE else f"{tier}@{self.name}"
+
+    def targets(self) -> dict[str, str]:
+        """Target name → tier name."""
+        return {self.target(t): t for t in self.tiers}
+
+
+VARIANTS: tuple[Variant, ...] = (Variant(BASE),)
+
+
+def mode_variants(modes: Sequence[DeltaMode]) -> tuple[Variant, ...]:
+    """``VARIANTS`` plus one server per restricted Δ mode, measured on λ > 0 (at λ = 0 no mode runs)."""
+    return VARIANTS + tuple(Variant(str(m).replace(":", ""), tiers=("lambda_pos",), mode=m) for m in modes)
+
+
 def start_servers(
     stack: ExitStack,
     teacher: Path,
     proxy: Path,
-    grad: Path,
+    grads: Mapping[DeltaMode, Path],
     lam: float,
     tmp: Path,
     attention: AttentionPath = "reference",
-) -> dict:
-    """Plain vLLM and our server, both up for the whole run (same vLLM flags)."""
+    variants: Sequence[Variant] = VARIANTS,
+) -> dict[str, tuple[str, str]]:
+    """Plain vLLM and one server per variant, all up for the whole run (same vLLM flags) →
+    target name → (base URL, API key); ``vanilla`` first."""
+    if len({v.name for v in variants}) != len(variants):
+        raise ValueError(f"variant names repeat: {[v.name for v in variants]}")
     common = [
         "--model",
         str(teacher),
@@ -92,7 +147,7 @@ def start_servers(
         keys[tier], digest = new_key()
         entries.append({"sha256": digest, "tier": tier})
     (tmp / "tiers.yaml").write_text(yaml.safe_dump({"tiers": tiers, "keys": entries}))
-    vanilla_port, ours_port = free_port(), free_port()
+    vanilla_port = free_port()
     vanilla = stack.enter_context(
         running_server(
             ["-m", "vllm.entrypoints.openai.api_server", *common, "--port", str(vanilla_port)],
@@ -101,32 +156,38 @@ def start_servers(
             vanilla_port,
         )
     )
-    ours = stack.enter_context(
-        running_server(
-            [
-                "-m",
-                "antidistill.server",
-                "serve",
-                "--proxy",
-                str(proxy),
-                "--gradient",
-                f"bench={grad}",
-                "--tiers",
-                str(tmp / "tiers.yaml"),
-                "--audit-log",
-                str(tmp / "audit.jsonl"),
-                "--proxy-attention",
-                attention,
-                *common,
-                "--port",
-                str(ours_port),
-            ],
-            env,
-            tmp / "ours.log",
-            ours_port,
+    targets = {"vanilla": (vanilla, "")}
+    for i, variant in enumerate(variants):
+        stem = "ours" if variant.name == BASE else f"ours-{i}"
+        port = free_port()
+        base = stack.enter_context(
+            running_server(
+                [
+                    "-m",
+                    "antidistill.server",
+                    "serve",
+                    "--proxy",
+                    str(proxy),
+                    "--gradient",
+                    f"bench={grads[variant.mode]}",
+                    "--tiers",
+                    str(tmp / "tiers.yaml"),
+                    "--audit-log",
+                    str(tmp / f"{stem}-audit.jsonl"),
+                    "--proxy-attention",
+                    attention,
+                    *common,
+                    *variant.serve_args,
+                    "--port",
+                    str(port),
+                ],
+                env,
+                tmp / f"{stem}.log",
+                port,
+            )
         )
-    )
-    return {"vanilla": (vanilla, ""), "lambda_0": (ours, keys["clean"]), "lambda_pos": (ours, keys["protected"])}
+        targets.update({target: (base, keys[TIERS[tier]]) for target, tier in variant.targets().items()})
+    return targets
 
 
 @dataclass(frozen=True)
@@ -199,71 +260,158 @@ def official_tokens_per_second(
     return out
 
 
-def main() -> None:
+def scaled(stats: dict, factor: float) -> dict:
+    """A ratio's summary times ``factor`` (share of the bound, over the official style)."""
+    return {
+        "value": stats["value"] * factor,
+        "min": stats["min"] * factor,
+        "max": stats["max"] * factor,
+        "rounds": [x * factor for x in stats["rounds"]],
+    }
+
+
+def point_row(
+    load: Workload,
+    measured: dict[str, Rounds],
+    bound: float,
+    official: float,
+    targets: dict[str, str],
+    order: list[list[str]] | None = None,
+) -> dict:
+    """The JSON row of one point. ``measured``: target → its rounds (``vanilla`` among them);
+    ``targets``: our targets → tier. Per target: tok/s median with its spread (warm-up apart), the
+    ratio to vanilla, and for λ > 0 targets the share of the roofline bound and the ratio to the
+    official style (one run, so its spread is ours alone). The flat keys are the medians and ratios
+    of the medians as the rows had them before rounds had spreads (diffable with older JSON)."""
+    vanilla = measured["vanilla"].measured
+    per_target: dict[str, dict] = {"vanilla": {"tok_s": summary(measured["vanilla"])}}
+    for target, tier in targets.items():
+        entry = {"tok_s": summary(measured[target]), "over_vanilla": ratio(measured[target].measured, vanilla)}
+        if tier == "lambda_pos":
+            entry["of_bound"] = scaled(entry["over_vanilla"], 1 / bound)
+            entry["over_official"] = ratio(measured[target].measured, [official] * len(vanilla))
+        per_target[target] = entry
+    row = dict(
+        workload=load.name,
+        concurrency=load.concurrency,
+        requests=len(load.prompts),
+        requested_tokens=sum(load.budgets),
+        **{f"{t}_tok_s": e["tok_s"]["median"] for t, e in per_target.items()},
+        official_style_tok_s=official,
+    )
+    for target, entry in per_target.items():
+        if target == "vanilla":
+            continue
+        row[f"{target}_over_vanilla"] = entry["over_vanilla"]["value"]
+        if "of_bound" in entry:
+            suffix = target.removeprefix("lambda_pos")
+            row[f"share_of_bound{suffix}"] = entry["of_bound"]["value"]
+            row[f"{target}_over_official"] = entry["over_official"]["value"]
+    row["targets"] = per_target
+    if order is not None:
+        row["round_order"] = order
+    return row
+
+
+HEADER = (
+    f"{'workload':<8} {'conc':>4} {'target':<16} {'tok/s [min–max]':<23}  {'/ vanilla [min–max]':<20}"
+    f"  {'of bound':<17}  / official"
+)
+"""The table's header; ``row_lines`` prints under it."""
+
+
+def row_lines(row: dict) -> list[str]:
+    """The printed lines of one point: a line per target, median [min–max] beside each figure."""
+    head = f"{row['workload']:<8} {row['concurrency']:>4}"
+    lines = []
+    for target, entry in row["targets"].items():
+        line = f"{head} {target:<16} {format_spread(entry['tok_s'])}"
+        if "over_vanilla" in entry:
+            line += f"  {format_spread(entry['over_vanilla'], 6, 3)}"
+        if "of_bound" in entry:
+            line += f"  {format_spread(entry['of_bound'], 5, 2)}  {format_spread(entry['over_official'], 5, 2)}"
+        lines.append(line.rstrip())
+    lines.append(f"{head} {'official':<16} {row['official_style_tok_s']:>7.1f} (one run)")
+    return lines
+
+
+def samples_json(measured: dict[str, dict[str, Rounds]]) -> dict[str, list[float]]:
+    """The measured rounds by ``workload/concurrency/target`` (the key format older results used);
+    the warm-up rounds are not among them (``warmup_json``)."""
+    return {f"{p}/{t}": list(r.measured) for p, by in measured.items() for t, r in by.items()}
+
+
+def warmup_json(measured: dict[str, dict[str, Rounds]]) -> dict[str, float | None]:
+    """The warm-up round of every ``workload/concurrency/target``: recorded, in no median."""
+    return {f"{p}/{t}": r.warmup for p, by in measured.items() for t, r in by.items()}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lambda", dest="lam", type=float, default=0.002)
     ap.add_argument("--epsilon", type=float, default=1e-3)
     ap.add_argument("--max-tokens", type=int, default=64, help="output tokens per request of the equal workload")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=MIN_ROUNDS,
+        help=f"measured rounds per point (≥ {MIN_ROUNDS}), after one warm-up round per target that is not counted",
+    )
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--workloads", nargs="+", choices=("equal", "mixed"), default=["equal", "mixed"])
     ap.add_argument("--proxy-attention", choices=ATTENTION_PATHS, default="reference", help="our server's")
+    ap.add_argument(
+        "--delta-modes",
+        type=DeltaMode.parse,
+        nargs="+",
+        default=[],
+        help="restricted Δ modes (head, last:K): one more server each, a λ > 0 row each beside the full mode's",
+    )
     ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    try:
+        check_rounds(args.rounds)
+    except ValueError as exc:
+        ap.error(str(exc))
+    return args
 
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    variants = mode_variants(args.delta_modes)
     added = engine_env(os.environ, usable_cpus())
     for line in apply_engine_env(added):
         print(line, flush=True)
     teacher = prepare_smollm2()
     proxy = prepare_half_proxy(teacher)
-    grad = benchmark_gradient(proxy)
+    grads = {v.mode: benchmark_gradient(proxy, mode=v.mode) for v in variants}
+    grad = grads[FULL]
     T, P = parameter_count(teacher), parameter_count(proxy)
     bound = T / (T + 2 * P)
-    loads = [workload(w, c, args.max_tokens) for w in args.workloads for c in args.concurrency]
-    samples: dict[str, list[float]] = {}
+    loads = {f"{w}/{c}": workload(w, c, args.max_tokens) for w in args.workloads for c in args.concurrency}
+    ours = {t: tier for v in variants for t, tier in v.targets().items()}
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        targets = start_servers(stack, teacher, proxy, grad, args.lam, Path(tmp), args.proxy_attention)
-        names = list(targets)
-        http_tokens_per_second(*targets["vanilla"], workload("equal", 1, 4))  # warm-up
-        for load in loads:
-            for r in range(args.rounds):
-                for name in names[r % 3 :] + names[: r % 3]:
-                    tps = http_tokens_per_second(*targets[name], load)
-                    samples.setdefault(f"{load.name}/{load.concurrency}/{name}", []).append(tps)
-                    print(
-                        f"{load.name:<6} concurrency {load.concurrency:>3} round {r} {name:<10} {tps:8.1f} tok/s",
-                        flush=True,
-                    )
-    official = official_tokens_per_second(teacher, proxy, grad, args.lam, args.epsilon, loads)
-    rows = []
+        servers = start_servers(stack, teacher, proxy, grads, args.lam, Path(tmp), args.proxy_attention, variants)
+        measured, orders = measure_rounds(
+            loads,
+            list(servers),
+            args.rounds,
+            lambda target, load: http_tokens_per_second(*servers[target], load),
+            lambda line: print(line, flush=True),
+        )
+    official = official_tokens_per_second(teacher, proxy, grad, args.lam, args.epsilon, list(loads.values()))
     print(f"\nroofline bound T/(T+2P) = {T / 1e6:.0f}M / ({T / 1e6:.0f}M + 2×{P / 1e6:.0f}M) = {bound:.3f}")
     print(
-        f"{'workload':<8} {'conc':>4} {'vanilla':>8} {'λ=0':>8} {'λ>0':>8} {'official':>8} {'λ0/van':>7} "
-        f"{'λ>0/van':>8} {'of bound':>8} {'λ>0/off':>8}"
+        f"tok/s: median [min–max] of {args.rounds} measured rounds (one warm-up round per target before, "
+        "not counted); ratios: of the medians [min–max of the per-round ratios]; official: one run"
     )
-    for load in loads:
-        key = f"{load.name}/{load.concurrency}"
-        med = {n: statistics.median(samples[f"{key}/{n}"]) for n in ("vanilla", "lambda_0", "lambda_pos")}
-        off = official[load.name, load.concurrency]
-        row = dict(
-            workload=load.name,
-            concurrency=load.concurrency,
-            requests=len(load.prompts),
-            requested_tokens=sum(load.budgets),
-            **{f"{k}_tok_s": v for k, v in med.items()},
-            official_style_tok_s=off,
-            lambda_0_over_vanilla=med["lambda_0"] / med["vanilla"],
-            lambda_pos_over_vanilla=med["lambda_pos"] / med["vanilla"],
-            share_of_bound=med["lambda_pos"] / med["vanilla"] / bound,
-            lambda_pos_over_official=med["lambda_pos"] / off,
-        )
+    print(HEADER)
+    rows = []
+    for label, load in loads.items():
+        row = point_row(load, measured[label], bound, official[load.name, load.concurrency], ours, orders[label])
         rows.append(row)
-        print(
-            f"{load.name:<8} {load.concurrency:>4} {med['vanilla']:>8.1f} {med['lambda_0']:>8.1f} "
-            f"{med['lambda_pos']:>8.1f} {off:>8.1f} {row['lambda_0_over_vanilla']:>7.3f} "
-            f"{row['lambda_pos_over_vanilla']:>8.3f} {row['share_of_bound']:>8.2f} "
-            f"{row['lambda_pos_over_official']:>8.2f}"
-        )
+        for line in row_lines(row):
+            print(line)
     write_json(
         args.out,
         dict(
@@ -276,7 +424,16 @@ def main() -> None:
             proxy_attention=args.proxy_attention,
             usable_cpus=usable_cpus(),
             cpu_env={k: os.environ.get(k) for k in (RESERVED_ENV, TUNABLES_ENV, "LD_PRELOAD")},
-            samples=samples,
+            rounds=args.rounds,
+            warmup_rounds=1,
+            spread=SPREAD,
+            official_style_runs=1,
+            variants=[
+                {"name": v.name, "serve_args": list(v.serve_args), "targets": v.targets(), "delta_mode": str(v.mode)}
+                for v in variants
+            ],
+            samples=samples_json(measured),
+            warmup=warmup_json(measured),
             rows=rows,
         ),
     )

@@ -9,6 +9,7 @@ import math
 import random
 from pathlib import Path
 
+from antidistill.proxy_worker.core.delta_mode import FULL, DeltaMode
 from antidistill.server.embedded.model import DEFAULT_CACHE
 
 MIXED_BUDGETS = (16, 160)
@@ -55,12 +56,13 @@ def chat_token_ids(teacher: Path, texts: list[str]) -> list[list[int]]:
     return out
 
 
-def benchmark_gradient(proxy: Path, traces: int = 16) -> Path:
-    """A cached gradient for the proxy from gsm_symbolic worked solutions."""
+def benchmark_gradient(proxy: Path, traces: int = 16, mode: DeltaMode = FULL) -> Path:
+    """A cached gradient for the proxy from gsm_symbolic worked solutions (restricted to ``mode``)."""
     import reasoning_gym
     from antidistill.proxy_worker.tools.gradient import build_gradient_file
 
-    out = DEFAULT_CACHE / f"{proxy.name}-bench-grad.safetensors"
+    tag = "" if mode == FULL else "-" + str(mode).replace(":", "")
+    out = DEFAULT_CACHE / f"{proxy.name}-bench-grad{tag}.safetensors"
     if out.is_file():
         return out
     data = reasoning_gym.create_dataset("gsm_symbolic", size=traces, seed=1)
@@ -73,4 +75,4 @@ def benchmark_gradient(proxy: Path, traces: int = 16) -> Path:
         }
         for x in data
     ]
-    return build_gradient_file(proxy, records, out).path
+    return build_gradient_file(proxy, records, out, mode=mode).path

@@ -4,10 +4,12 @@
 
 Each run places its AD strengths by its own sweep (``0.5*budget``, ``budget``), so the runs are
 compared point by point at the same *fraction of their budget*, on the seeds every run has: the
-paired accuracy gap (temperature student at the same teacher accuracy minus the AD student) and the
-same pairing for the student's final NLL on clean held-out teacher traces (AD minus temperature:
+paired accuracy gap (temperature student at the point's mean teacher accuracy minus the AD student)
+and the teacher cost on the test split, both with the interval paired.py gives (a bootstrap over
+problems and seeds where per-problem correctness was recorded, else t over seeds), and the same
+pairing for the student's final NLL on clean held-out teacher traces (AD minus temperature:
 positive when the AD traces teach the student less of the teacher's distribution, the paper's
-mechanism).
+mechanism; t over seeds).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from antidistill.benchmarks.distillation.config import EvalConfig, budget_fraction, point_name, resolved_strength
+from antidistill.benchmarks.distillation.paired import estimate, paired_point
 from antidistill.benchmarks.distillation.run_dir import read_jsonl
 from antidistill.benchmarks.distillation.stats import paired_gaps, t_interval
 
@@ -76,10 +79,9 @@ def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         shared = [row for row in r["rows"] if row["seed"] in seeds]
         for fraction in fractions:
             b = points[fraction]
-            acc = paired_gaps(shared, "antidistillation", b)
+            acc = paired_point(shared, "antidistillation", b, r["cfg"].sampling.temperature)
             nll = paired_gaps(shared, "antidistillation", b, final_heldout_nll)
             proxy_nll = paired_gaps(shared, "antidistillation", b, partial(final_heldout_nll, model="proxy"))
-            teacher = [row["teacher_accuracy"] for row in ad_rows(shared, b)]
             out.append(
                 {
                     "run": r["dir"],
@@ -88,9 +90,11 @@ def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "b_budget": r["sweep"]["b_budget"],
                     "point": fraction,
                     "b": b,
-                    "seeds": sorted(acc),
-                    "teacher": sum(teacher) / len(teacher),
-                    "gap": interval(list(acc.values())),
+                    "seeds": sorted(acc["per_seed"]),
+                    "teacher": acc["teacher"],
+                    "gap": {k: acc[k] for k in ("mean", "half_width", "interval")},
+                    "teacher_cost": {k: acc["teacher_cost"][k] for k in ("mean", "half_width", "interval")},
+                    "bootstrap": acc["bootstrap"],
                     "heldout_nll_rise": interval([-v for v in nll.values()]),
                     "proxy_heldout_nll_rise": interval([-v for v in proxy_nll.values()]),
                 }
@@ -98,24 +102,27 @@ def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _pm(stat: dict[str, float | None], scale: float, digits: int) -> str:
+def _pm(stat: dict[str, Any], scale: float, digits: int) -> str:
+    """Mean ± t half-width, or mean [low, high] where a bootstrap interval was drawn."""
     if stat["mean"] is None:
         return "-"
+    if stat.get("interval"):
+        return estimate(stat, scale, digits)
     half = "" if stat["half_width"] is None else f" ± {scale * stat['half_width']:.{digits}f}"
     return f"{scale * stat['mean']:+.{digits}f}{half}"
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| proxy origin | Δ scale | budget b | point | b | seeds | teacher acc (%) | paired gap (pts) "
-        "| student held-out NLL rise | proxy held-out NLL rise |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| proxy origin | Δ scale | budget b | point | b | seeds | teacher acc (%) | teacher cost (pts) "
+        "| paired gap (pts) | student held-out NLL rise | proxy held-out NLL rise |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['origin']} | {r['scale']:.3g} | {r['b_budget']:g} | {r['point']} | {r['b']:g} | {len(r['seeds'])} "
-            f"| {100 * r['teacher']:.1f} | {_pm(r['gap'], 100, 1)} | {_pm(r['heldout_nll_rise'], 1, 3)} "
-            f"| {_pm(r['proxy_heldout_nll_rise'], 1, 3)} |"
+            f"| {100 * r['teacher']:.1f} | {_pm(r['teacher_cost'], 100, 1)} | {_pm(r['gap'], 100, 1)} "
+            f"| {_pm(r['heldout_nll_rise'], 1, 3)} | {_pm(r['proxy_heldout_nll_rise'], 1, 3)} |"
         )
     return "\n".join(lines)
 

@@ -158,6 +158,11 @@ class GridSpec(Strict):
     seeds: int = Field(1, ge=1, description="replicates of every point")
     key_points: list[str] = Field(default_factory=list, description="'mode@value' points with key_seeds")
     key_seeds: int = Field(3, ge=1)
+    verdict_point: str | None = Field(
+        None,
+        description="the AD key point the verdict is read at ('antidistillation@budget'), named before the run: "
+        "picking the best of several points after seeing them would read the luckiest one (None: no verdict)",
+    )
 
     @property
     def needs_sweep(self) -> bool:
@@ -173,6 +178,8 @@ class GridSpec(Strict):
             renamed |= {point_name(mode, v): point_name(mode, r) for v, r in zip(values, resolved, strict=True)}
             update[mode] = list(dict.fromkeys(resolved))
         update["key_points"] = list(dict.fromkeys(renamed.get(k, k) for k in self.key_points))
+        if self.verdict_point is not None:
+            update["verdict_point"] = renamed.get(self.verdict_point, self.verdict_point)
         return self.model_copy(update=update)
 
     def points(self) -> list[tuple[Mode, float, int]]:
@@ -195,6 +202,9 @@ class GridSpec(Strict):
         missing = [k for k in self.key_points if k not in names]
         if missing:
             raise ValueError(f"key point {missing[0]!r} is not on the grid ({', '.join(sorted(names))})")
+        verdict = self.verdict_point
+        if verdict is not None and (not verdict.startswith("antidistillation@") or verdict not in self.key_points):
+            raise ValueError(f"verdict_point {verdict!r} must be an antidistillation point among key_points")
         return self
 
 

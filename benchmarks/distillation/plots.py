@@ -69,14 +69,17 @@ def plot_tradeoff(
 
 
 def plot_paired_gaps(ax: Any, gaps: dict[str, dict[str, Any]]) -> None:
-    """Paired gap per key point with its 95% t interval, against zero and the target."""
+    """Paired gap per key point with the interval the verdict reads (paired.py: bootstrap over
+    problems and seeds, or t over seeds), against zero and the target."""
     keys = list(gaps)
     colors = ["tab:red" if k.startswith("antidistillation@") else "tab:gray" for k in keys]
+    methods = sorted({gaps[k]["interval"]["method"] for k in keys})
     for i, key in enumerate(keys):
+        mean, interval = gaps[key]["mean"], gaps[key]["interval"]
         ax.errorbar(
             [i],
-            [100 * gaps[key]["mean"]],
-            yerr=[100 * gaps[key]["half_width"]],
+            [100 * mean],
+            yerr=[[100 * (mean - interval["low"])], [100 * (interval["high"] - mean)]],
             color=colors[i],
             marker="s",
             capsize=4,
@@ -93,7 +96,7 @@ def plot_paired_gaps(ax: Any, gaps: dict[str, dict[str, Any]]) -> None:
     ax.set_xticks(range(len(keys)), keys, rotation=20, ha="right", fontsize=7)
     ax.set_xlim(-0.5, len(keys) - 0.5)
     ax.set_ylabel("temperature student − point's student (pts, same seed)")
-    ax.set_title("paired gaps at matched teacher accuracy (95% t)", fontsize=9)
+    ax.set_title(f"paired gaps at the mean teacher accuracy (95% {' / '.join(methods)})", fontsize=9)
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
 

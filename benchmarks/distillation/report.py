@@ -1,6 +1,7 @@
 """The report stage: a finished grid's registry, ``summary.json``, the figures (plots.py) and
-``summary.md`` — the per-point table, the verdict (verdict.py) and the readings beside it: Welch
-and paired differences at the key points, the sweep, trace quality, the mechanism, stage times."""
+``summary.md`` — the per-point table, the verdict at the config's verdict point (verdict.py) and the
+readings beside it: Welch and paired differences at the key points (paired.py), each with its
+teacher cost on the test split, the sweep, trace quality, the mechanism, stage times."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from antidistill.benchmarks.distillation.config import MODES, TEACHER_LOSS_ALLOWED, EvalConfig, point_name
+from antidistill.benchmarks.distillation.paired import estimate, paired_by_key
 from antidistill.benchmarks.distillation.plots import plot_mechanism, plot_tradeoff
 from antidistill.benchmarks.distillation.run_dir import RunDir, run_name, write_jsonl
 from antidistill.benchmarks.distillation.stats import (
     PointStat,
     aggregate,
     mechanism_by_point,
-    paired_by_key,
     trace_quality_by_point,
     welch_difference,
 )
@@ -73,9 +74,9 @@ def write_report(
     ``holdout``: the traces and completion tokens g was computed on (None: not recorded);
     ``quality``: ``trace_quality_by_point``; ``sweep``: the sweep stage's sweep.json, if it ran."""
     stats = aggregate(results)
-    paired = paired_by_key(results, cfg.grid.key_points)
-    unpaired = unpaired_verdict(stats, cfg.sampling.temperature)
-    decided = paired_verdict(paired, stats, cfg.sampling.temperature)
+    paired = paired_by_key(results, cfg.grid.key_points, cfg.sampling.temperature)
+    unpaired = unpaired_verdict(stats, cfg.sampling.temperature, cfg.grid.verdict_point)
+    decided = paired_verdict(paired, cfg.grid.verdict_point)
     v = {
         **unpaired,
         "unpaired_target_met": unpaired["target_met"],
@@ -108,23 +109,19 @@ def write_report(
         "",
         "![trade-off](tradeoff.png)",
         "",
-        f"Target met: **{v['target_met']}** ({verdict_line(decided)})",
+        f"Target met: **{v['target_met']}**; shown by the intervals: **{decided['target_shown']}** "
+        f"({verdict_line(decided)})",
         "",
         f"Unpaired reading (per-point means, ≥ {MIN_SEEDS} seeds): target met **{v['unpaired_target_met']}**.",
     ]
     ad = v.get("antidistillation")
     if ad:
         lines.append(
-            f"Best AD point within {100 * TEACHER_LOSS_ALLOWED:.0f} pts of teacher loss: b = {ad['value']:g}, "
-            f"student {100 * ad['student']:.1f}% vs temperature student "
-            f"{100 * ad['temperature_student_at_same_teacher']:.1f}% "
-            f"at the same teacher accuracy (gap {100 * ad['gap']:.1f} pts; target {100 * TARGET_GAP:.0f})."
+            f"At the verdict point b = {ad['value']:g}: student {100 * ad['student']:.1f}% vs temperature student "
+            f"{100 * ad['temperature_student_at_same_teacher']:.1f}% at the same teacher accuracy "
+            f"(gap {100 * ad['gap']:.1f} pts; target {100 * TARGET_GAP:.0f}, within "
+            f"{100 * TEACHER_LOSS_ALLOWED:.0f} pts of teacher loss)."
         )
-        if ad["seeds"] < MIN_SEEDS:
-            lines.append(
-                f"That point has {ad['seeds']} seed(s); the target counts only with ≥ {MIN_SEEDS}: "
-                f"add `antidistillation@{ad['value']:g}` to grid.key_points and rerun."
-            )
     baseline = point_name("temperature", cfg.sampling.temperature)
     differences = key_point_differences(results, cfg.grid.key_points, baseline)
     if differences:
@@ -133,8 +130,9 @@ def write_report(
     if paired_lines(paired):
         lines += [
             "",
-            "Paired gap at the key points: temperature student at the same teacher accuracy (same seed) "
-            "minus the point's student, 95% t interval over seeds:",
+            "Paired gap at the key points: temperature student at the point's mean teacher accuracy (same seed) "
+            "minus the point's student, and the point's teacher cost on the test split (temperature@"
+            f"{cfg.sampling.temperature:g} minus the point, same seed); {interval_note(paired)}:",
             "",
         ]
         lines += paired_lines(paired)
@@ -174,10 +172,22 @@ def key_point_differences(results: Sequence[dict[str, Any]], key_points: Sequenc
     return lines
 
 
+def interval_note(paired: dict[str, dict[str, Any]]) -> str:
+    """How the key points' intervals were drawn."""
+    boot = next((p["bootstrap"] for p in paired.values() if p["bootstrap"]), None)
+    if boot is None:
+        return "95% t intervals over seeds (no per-problem correctness recorded)"
+    return (
+        f"95% intervals by a paired bootstrap over {boot['problems']} test problems and the seeds "
+        f"({boot['replicates']} replicates)"
+    )
+
+
 def paired_lines(paired: dict[str, dict[str, Any]]) -> list[str]:
-    """One report line per key point with ≥ 2 paired seeds."""
+    """One report line per key point with ≥ 2 paired seeds: gap and teacher cost."""
     return [
-        f"- {key}: {100 * p['mean']:+.1f} ± {100 * p['half_width']:.1f} pts over {len(p['per_seed'])} paired seeds"
+        f"- {key}: {estimate(p)} pts over {len(p['per_seed'])} paired seeds, at teacher "
+        f"{_percent(p['teacher'])} (cost {estimate(p['teacher_cost'])} pts)"
         for key, p in paired.items()
         if p["mean"] is not None
     ]
@@ -187,11 +197,12 @@ def verdict_line(decided: dict[str, Any]) -> str:
     """The paired verdict in one clause."""
     if decided["point"] is None:
         return decided["reason"]
+    gap = {"mean": decided["gap"], "half_width": decided["half_width"], "interval": decided["interval"]}
     return (
-        f"{decided['point']}: paired gap {100 * decided['gap']:+.1f} ± {100 * decided['half_width']:.1f} pts over "
-        f"{decided['seeds']} seeds at teacher {100 * decided['teacher']:.1f}% "
-        f"(baseline {100 * decided['baseline_teacher']:.1f}%); "
-        f"needs ≥ {100 * TARGET_GAP:.0f} pts on ≥ {PAIRED_MIN_SEEDS} paired seeds"
+        f"verdict point {decided['point']}: paired gap {estimate(gap)} pts over {decided['seeds']} seeds at "
+        f"teacher {_percent(decided['teacher'])} (baseline {_percent(decided['baseline_teacher'])}, cost "
+        f"{estimate(decided['teacher_cost'])} pts on the test split); needs ≥ {100 * TARGET_GAP:.0f} pts on "
+        f"≥ {PAIRED_MIN_SEEDS} paired seeds within {100 * TEACHER_LOSS_ALLOWED:.0f} pts of teacher cost"
     )
 
 
@@ -282,6 +293,10 @@ def timing_lines(timings: dict[str, float], students_wall: float) -> list[str]:
     out += [f"| {k} | {v:.0f} |" for k, v in rows.items()]
     out.append(f"| **total** | **{sum(rows.values()):.0f}** |")
     return out
+
+
+def _percent(x: float | None) -> str:
+    return "?" if x is None else f"{100 * x:.1f}%"
 
 
 def _count(n: int | None) -> str:

@@ -31,7 +31,10 @@ TRACE_SEEDS = "common-random-numbers"
 sampled under another derivation are resampled rather than mixed with these."""
 TRACE_RECORD = "quality-v1"
 """What a run's ``traces/<run>.json`` holds (``quality-v1``: trace quality and samples); part of the
-fingerprint too, so runs recorded without them are resampled rather than reported without them."""
+fingerprint too, so runs recorded without them are resampled rather than reported without them.
+``teacher_correct`` (per test problem) was added later without a new tag: resampling every finished
+run for it would cost each its traces stage, so runs sampled before it lack it and the report reads
+their intervals over seeds only (bootstrap.py)."""
 SAMPLE_TRACES = 3  # traces kept per run for the report (the same distill problems at every point)
 
 Engine = Callable[[], OfflineEngine]  # the shared engine, started on first call
@@ -197,11 +200,13 @@ def make_traces(run: RunDir, engine: Engine, upstream: str) -> dict[str, Any]:
         ]
         write_jsonl(run.path("traces", f"{name}.jsonl"), rows)
         req = parts["request"]
+        teacher_correct = scoring.correctness([t for _, t in parts["test"]], problems["test"])
         meta = {
             "temperature": req.temperature,
             "lambda": req.lam,
             "ad_mode": req.mode,
-            "teacher_accuracy": scoring.accuracy([t for _, t in parts["test"]], problems["test"]),
+            "teacher_accuracy": sum(teacher_correct) / len(teacher_correct),
+            "teacher_correct": teacher_correct,
             "trace_accuracy": scoring.accuracy([r["completion"] for r in rows], problems["distill"]),
             "mean_trace_chars": sum(len(r["completion"]) for r in rows) / len(rows),
             "quality": trace_quality(

@@ -62,13 +62,28 @@ def _complete(
     return out
 
 
-def accuracy(completions: Sequence[str], problems: Sequence[Problem]) -> float:
+def correctness(completions: Sequence[str], problems: Sequence[Problem]) -> list[int]:
+    """1 or 0 per problem: kept in the registry so that intervals can resample the test problems."""
     if not problems:
         raise ValueError("no problems to score")
-    return sum(is_correct(c, p["answer"]) for c, p in zip(completions, problems, strict=True)) / len(problems)
+    return [int(is_correct(c, p["answer"])) for c, p in zip(completions, problems, strict=True)]
+
+
+def accuracy(completions: Sequence[str], problems: Sequence[Problem]) -> float:
+    scored = correctness(completions, problems)
+    return sum(scored) / len(scored)
+
+
+def model_correctness(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], max_new_tokens: int
+) -> list[int]:
+    """``correctness`` of the model's greedy completions."""
+    prompts = [prompt_of(p) for p in problems]
+    return correctness(greedy_completions(model, tokenizer, prompts, max_new_tokens), problems)
 
 
 def model_accuracy(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], max_new_tokens: int
 ) -> float:
-    return accuracy(greedy_completions(model, tokenizer, [prompt_of(p) for p in problems], max_new_tokens), problems)
+    scored = model_correctness(model, tokenizer, problems, max_new_tokens)
+    return sum(scored) / len(scored)

@@ -1,20 +1,23 @@
 """Statistics over a registry of grid runs (one row per mode, value and seed): per-point means with
-95% intervals, differences between points, paired gaps per seed, and the per-point means of the
-fine-tuning curves and trace quality. Intervals: over seeds, a 95% Student-t interval of the mean;
-a single-seed point gets the 95% Wilson interval of its test accuracy instead."""
+95% intervals, differences between points, paired gaps per seed read at the point's mean teacher
+accuracy, and the per-point means of the fine-tuning curves and trace quality. Intervals: over
+seeds, a 95% Student-t interval of the mean with the exact quantile (student_t.py); a single-seed
+point gets the 95% Wilson interval of its test accuracy instead. The resampling of problems and
+seeds is bootstrap.py's."""
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from antidistill.benchmarks.distillation.config import point_name
+from antidistill.benchmarks.distillation.student_t import t_critical
 
-# two-sided 95% Student-t quantiles by degrees of freedom (more seeds: normal approximation)
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+Cell = tuple[str, float, int]  # (mode, value, seed) of one grid run
+Cells = Mapping[Cell, tuple[float, float]]  # a grid run's (teacher accuracy, student metric)
 QUALITY_FIGURES = ("teacher_nll", "degenerate_rate", "mean_tokens")
 
 
@@ -38,7 +41,7 @@ def t_interval(values: Sequence[float]) -> tuple[float, float]:
     """Mean of ≥ 2 values and the half-width of its 95% Student-t interval."""
     mean = sum(values) / len(values)
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return mean, T95.get(len(values) - 1, 1.96) * sd / math.sqrt(len(values))
+    return mean, t_critical(len(values) - 1) * sd / math.sqrt(len(values))
 
 
 def mean_ci(values: Sequence[float], n_test: int) -> tuple[float, float]:
@@ -49,9 +52,10 @@ def mean_ci(values: Sequence[float], n_test: int) -> tuple[float, float]:
 
 
 def welch_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-    """mean(a) − mean(b) and the half-width of its 95% Welch interval (degrees of freedom rounded
-    down, so the interval errs wide). The seed-to-seed spread of students is what decides whether a
-    gap between two points is real, so the report states it for the key points."""
+    """mean(a) − mean(b) and the half-width of its 95% Welch interval (the exact t quantile at the
+    Welch–Satterthwaite degrees of freedom, fractional as they come). The seed-to-seed spread of
+    students is what decides whether a gap between two points is real, so the report states it for
+    the key points."""
     if len(a) < 2 or len(b) < 2:
         raise ValueError("a Welch interval needs at least two seeds on each side")
     ma, mb = sum(a) / len(a), sum(b) / len(b)
@@ -60,7 +64,7 @@ def welch_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, flo
     if va + vb == 0:
         return ma - mb, 0.0
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    return ma - mb, T95.get(max(int(df), 1), 1.96) * math.sqrt(va + vb)
+    return ma - mb, t_critical(df) * math.sqrt(va + vb)
 
 
 def interpolate(curve: Sequence[tuple[float, float]], x: float) -> float:
@@ -92,39 +96,73 @@ def student_accuracy(row: dict[str, Any]) -> float | None:
     return row["student_accuracy"]
 
 
+def weighted_mean(pairs: Sequence[tuple[float, float]]) -> float | None:
+    """Σ w·x / Σ w over (w, x) pairs; None when the weights sum to 0."""
+    total = sum(w for w, _ in pairs)
+    return sum(w * x for w, x in pairs) / total if total > 0 else None
+
+
+def matched_gaps(cells: Cells, mode: str, value: float, weights: Mapping[int, float] | None = None) -> dict[int, float]:
+    """Per seed of the point that has a temperature curve (and weight > 0): the temperature metric at
+    the point's MEAN teacher accuracy, read on that seed's own temperature curve whose knots sit at
+    each temperature point's mean teacher accuracy, minus the point's metric. Means are over the
+    point's paired seeds, weighted by ``weights`` (a bootstrap draw's seed counts; default 1 each).
+    Reading at a seed's own teacher accuracy would let the 1–3 points of teacher sampling noise of
+    one seed's test split into its gap; the mean keeps the pairing of the students (every mode at a
+    seed shares its random stream) without that noise."""
+    curve_seeds = {s for m, _, s in cells if m == "temperature"}
+    seeds = sorted(s for m, v, s in cells if m == mode and v == value and s in curve_seeds)
+    weight = {s: 1.0 if weights is None else float(weights.get(s, 0.0)) for s in seeds}
+    live = [s for s in seeds if weight[s] > 0]
+
+    def mean_teacher(m: str, v: float) -> float | None:
+        return weighted_mean([(weight[s], cells[m, v, s][0]) for s in live if (m, v, s) in cells])
+
+    x = mean_teacher(mode, value)
+    knots = {v: mean_teacher(m, v) for m, v, _ in cells if m == "temperature"}
+    out = {}
+    for s in live:
+        own = [(k, ("temperature", v, s)) for v, k in knots.items() if k is not None]
+        curve = [(k, cells[cell][1]) for k, cell in own if cell in cells]
+        out[s] = interpolate(curve, x) - cells[mode, value, s][1]
+    return out
+
+
+def registry_cells(
+    results: Sequence[dict[str, Any]], metric: Callable[[dict[str, Any]], float | None] = student_accuracy
+) -> dict[Cell, tuple[float, float]]:
+    """The registry's (teacher accuracy, metric) per grid run; rows whose metric is None are left out."""
+    return {
+        (r["mode"], r["value"], r["seed"]): (r["teacher_accuracy"], metric(r)) for r in results if metric(r) is not None
+    }
+
+
 def paired_gaps(
     results: Sequence[dict[str, Any]],
     mode: str,
     value: float,
     metric: Callable[[dict[str, Any]], float | None] = student_accuracy,
 ) -> dict[int, float]:
-    """Per seed: ``metric`` of the temperature student at this point's teacher accuracy (interpolated
-    on that seed's own temperature curve) minus this point's. Every mode at a seed draws the same
-    random stream (sampling.request_seed), so the seed-to-seed noise the two share cancels here,
+    """Per seed: ``metric`` of the temperature student at this point's mean teacher accuracy (on that
+    seed's own temperature curve: ``matched_gaps``) minus this point's. Every mode at a seed draws the
+    same random stream (sampling.request_seed), so the seed-to-seed noise the two share cancels here,
     where an unpaired (Welch) difference carries it twice. Seeds lacking a temperature curve, and
     rows whose metric is None, are left out."""
-    curves: dict[int, list[tuple[float, float]]] = {}
-    for r in results:
-        if r["mode"] == "temperature" and metric(r) is not None:
-            curves.setdefault(r["seed"], []).append((r["teacher_accuracy"], metric(r)))
+    return matched_gaps(registry_cells(results, metric), mode, value)
+
+
+def teacher_costs(
+    results: Sequence[dict[str, Any]], mode: str, value: float, base_temperature: float | None
+) -> dict[int, float]:
+    """Per seed: the teacher's test-split accuracy at temperature ``base_temperature`` minus at this
+    point (positive: the point costs the teacher accuracy), on the seeds both have. Paired because
+    both sample the same stream at a seed, so the cost is read without the seed's luck."""
+    teacher = {(r["mode"], r["value"], r["seed"]): r["teacher_accuracy"] for r in results}
     return {
-        r["seed"]: interpolate(curves[r["seed"]], r["teacher_accuracy"]) - metric(r)
-        for r in results
-        if r["mode"] == mode and r["value"] == value and r["seed"] in curves and metric(r) is not None
+        s: teacher["temperature", base_temperature, s] - teacher[m, v, s]
+        for m, v, s in teacher
+        if m == mode and v == value and ("temperature", base_temperature, s) in teacher
     }
-
-
-def paired_by_key(results: Sequence[dict[str, Any]], key_points: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """For each non-temperature key point: its per-seed paired gaps, their mean and 95% t half-width
-    (None under two paired seeds)."""
-    out = {}
-    for key in key_points:
-        mode, _, raw = key.partition("@")
-        if mode != "temperature":
-            gaps = paired_gaps(results, mode, float(raw))
-            mean, half = t_interval(list(gaps.values())) if len(gaps) >= 2 else (None, None)
-            out[key] = {"per_seed": gaps, "mean": mean, "half_width": half}
-    return out
 
 
 def mechanism_by_point(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, float]]]]:

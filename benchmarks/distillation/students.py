@@ -30,7 +30,8 @@ def distil(run: RunDir, mode: str, value: float, seed: int, out: Path) -> dict[s
     student, fit = fine_tune(
         student, data, spec.distill, tok.pad_token_id, train_seed, name, monitor, check.checkpoints
     )
-    acc = scoring.model_accuracy(student, tok, run.problems("test"), run.cfg.answer_tokens)
+    correct = scoring.model_correctness(student, tok, run.problems("test"), run.cfg.answer_tokens)
+    acc = sum(correct) / len(correct)
     mechanism = {"student": fit.get("curve")}
     if monitor is not None and check.proxy:
         mechanism["proxy"] = proxy_after_distillation(run, rows, train_seed, name)
@@ -41,7 +42,8 @@ def distil(run: RunDir, mode: str, value: float, seed: int, out: Path) -> dict[s
         "seed": seed,
         **meta,
         "student_accuracy": acc,
-        "n_test": len(run.problems("test")),
+        "student_correct": correct,
+        "n_test": len(correct),
         "n_traces": len(rows),
         "train_loss": fit["final_loss"],
         "mechanism": mechanism,

@@ -59,11 +59,14 @@ def test_runs_are_compared_at_the_same_budget_fraction_on_shared_seeds(tmp_path,
     assert by["student_prior", "budget"]["gap"]["mean"] == pytest.approx(0.55 - 0.555)
     assert by["student_base", "budget"]["gap"]["mean"] == pytest.approx(0.55 - 0.405)
     assert by["student_base", "budget"]["heldout_nll_rise"]["mean"] == pytest.approx(0.35 - 0.15)
-    assert by["student_prior", "0.5*budget"]["gap"] == {"mean": pytest.approx(0.0), "half_width": pytest.approx(0.0)}
+    assert by["student_prior", "0.5*budget"]["gap"]["mean"] == pytest.approx(0.0)
+    assert by["student_prior", "0.5*budget"]["gap"]["half_width"] == pytest.approx(0.0)
+    assert by["student_prior", "budget"]["gap"]["interval"]["method"] == "t"  # no per-problem correctness
+    assert by["student_base", "budget"]["teacher_cost"]["mean"] == pytest.approx(0.9 - 0.85)
     assert by["student_prior", "budget"]["proxy_heldout_nll_rise"] == {"mean": None, "half_width": None}
     compare.main([str(prior), str(oracle), "--json", str(tmp_path / "rows.json")])
     table = capsys.readouterr().out
-    assert "| student_base | 10 | 0.04 | budget | 0.04 | 2 | 85.0 | +14.5 ± " in table
+    assert "| student_base | 10 | 0.04 | budget | 0.04 | 2 | 85.0 | +5.0 ± 0.0 | +14.5 ± " in table
     assert json.loads((tmp_path / "rows.json").read_text())[3]["b"] == 0.04
 
 

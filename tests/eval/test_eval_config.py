@@ -68,7 +68,20 @@ def test_budget_fractions_resolve_to_b_values_and_rename_their_key_points():
     assert placed.antidistillation == [0.03, 0.06, 0.12]  # 0.25 × 0.12 merged with the explicit 0.03
     assert placed.permutation == [0.12]
     assert placed.key_points == ["antidistillation@0.12", "permutation@0.12", "temperature@0.8"]
+    assert grid.verdict_point == "antidistillation@budget" and placed.verdict_point == "antidistillation@0.12"
     assert not placed.needs_sweep and grid.resolve(0.0737).antidistillation[0] == 0.0184  # 3 significant
+
+
+def test_the_verdict_point_is_named_before_the_run_among_the_ad_key_points():
+    """Each packaged config names the one point its verdict is read at; a name that is not an AD key
+    point is refused at load time, not after the run."""
+    for path in CONFIG_DIR.glob("*.yaml"):
+        grid = load_eval_config(path.stem).grid
+        assert grid.verdict_point in grid.key_points and grid.verdict_point.startswith("antidistillation@")
+    raw = load_eval_config("micro").model_dump(mode="json", exclude_none=True)
+    for bad in ("permutation@2", "antidistillation@0.5*budget"):
+        with pytest.raises(ValueError, match="must be an antidistillation point among key_points"):
+            EvalConfig.model_validate({**raw, "grid": {**raw["grid"], "verdict_point": bad}})
 
 
 def test_budget_fractions_need_a_sweep_and_a_well_formed_name():
